@@ -1,0 +1,147 @@
+"""``distillery <command>``: each command is a thin call into a recipe.
+
+Configs are YAML files (``--config``) plus ``key=value`` overrides (``train.lr=3e-4``); the
+common flags (``--data``, ``--teacher``, ``--student``, ``--out``) are shorthands for fields.
+Problems with the user's input print one ``distillery: error: ...`` line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from distillery.errors import DistilleryError
+
+
+def _model_spec(value: str) -> dict[str, Any]:
+    """``--student``/``--model``: an existing folder, else a preset name."""
+    return {"path": value} if Path(value).exists() or "/" in value else {"preset": value}
+
+
+def _run_config(args: argparse.Namespace, command: str) -> Any:
+    from distillery.config import RunConfig, build_config, load_yaml
+
+    base: dict[str, Any] = {}
+    saved = Path(args.out) / "config.yaml" if args.out else None
+    if args.resume and saved is not None and saved.is_file():
+        base = load_yaml(saved)  # resume what was started; overrides may still change it
+    shorthands: dict[str, Any] = {}
+    if args.data:
+        shorthands["data"] = {"source": args.data}
+    if getattr(args, "teacher", None):
+        shorthands["teacher"] = args.teacher
+    if args.student:
+        shorthands["model"] = _model_spec(args.student)
+    if args.out:
+        shorthands["out"] = args.out
+    if command == "distill" and "objectives" not in base:
+        base.setdefault("objectives", [{"kind": "ce"}, {"kind": "forward_kl"}])
+    from distillery.config import _merge
+
+    _merge(base, load_yaml(Path(args.config)) if args.config else {})
+    _merge(base, shorthands)
+    cfg = build_config(RunConfig, None, args.overrides, base=base)
+    if command == "distill" and cfg.teacher is None:
+        raise DistilleryError("distill needs a teacher: --teacher DIR (an HF model folder)")
+    return cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from distillery.recipes.run import run
+
+    cfg = _run_config(args, args.command)
+    summary = run(
+        cfg, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
+        name=args.command,
+    )
+    if summary:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from distillery.recipes.evaluate import evaluate_folder
+
+    result = evaluate_folder(
+        Path(args.model),
+        teacher=Path(args.teacher) if args.teacher else None,
+        data=args.data or "bbc-news",
+        overrides=args.overrides,
+        out=Path(args.out) if args.out else None,
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from distillery.config import QuickstartConfig, build_config
+    from distillery.recipes.quickstart import quickstart
+
+    base: dict[str, Any] = {}
+    if args.out:
+        base["out"] = args.out
+    if args.data:
+        base["data"] = {"source": args.data}
+    cfg = build_config(QuickstartConfig, Path(args.config) if args.config else None,
+                       args.overrides, base=base)
+    quickstart(cfg, overwrite=args.overwrite)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distillery", description="Distil transformer language models into smaller students."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML config file")
+        p.add_argument("--data", help="'bbc-news', a text file/folder, .jsonl or .csv")
+        p.add_argument("--out", help="output folder")
+        p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+        p.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+    for name, text in (("train", "train a model on data"), ("distill", "distil a teacher")):
+        p = sub.add_parser(name, help=text)
+        common(p)
+        p.add_argument("--student", "--model", dest="student", help="preset name or model folder")
+        if name == "distill":
+            p.add_argument("--teacher", help="teacher model folder (HF format)")
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+        p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="evaluate a model folder (optionally against a teacher)")
+    p.add_argument("--model", "--student", dest="model", required=True, help="model folder")
+    p.add_argument("--teacher", help="teacher folder: adds agreement and KL")
+    p.add_argument("--data", help="'bbc-news', a text file/folder, .jsonl or .csv")
+    p.add_argument("--out", help="write the metrics to this JSON file")
+    p.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.seq_len=256")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quickstart", help="teacher → distilled student vs scratch, with a report")
+    common(p)
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DistilleryError as exc:
+        print(f"distillery: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distillery: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

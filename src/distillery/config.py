@@ -1,0 +1,240 @@
+"""Typed configs: YAML files plus ``key=value`` overrides, validated before anything is loaded.
+
+Every problem in a config is gathered into one error line that names the fields, e.g.
+``invalid config: train.lrr: unknown field; train.steps: must be > 0``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distillery.errors import DistilleryError
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    """Where text comes from and how it becomes token blocks."""
+
+    source: str = "bbc-news"  # "bbc-news", a text file or folder, a .jsonl or a .csv file
+    text_field: str = "text"  # field of a JSONL object / column of a CSV file
+    val_fraction: float = Field(0.05, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.05, ge=0.0, lt=0.5)
+    seq_len: int = Field(128, gt=1)
+    vocab_size: int = Field(4096, ge=300)  # for a BPE trained on the training split
+    tokenizer: Path | None = None  # a tokenizer folder; default: the teacher's, else train a BPE
+    cache_dir: Path = Path(".distillery-cache")
+
+
+class ModelSpec(Strict):
+    """A model: a built-in preset (plus config overrides) or an HF folder."""
+
+    preset: str | None = None
+    path: Path | None = None
+    overrides: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    # Initialise from the teacher's layers: "every_other" (DistilBERT) or explicit indices.
+    init_from_teacher: Literal["every_other"] | list[int] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.preset is None) == (self.path is None):
+            raise ValueError("give exactly one of 'preset' or 'path'")
+        return self
+
+
+class CrossEntropyObjective(Strict):
+    """Task loss on the data's next tokens."""
+
+    kind: Literal["ce"] = "ce"
+    weight: float = Field(1.0, ge=0.0)
+
+
+class HardLabelsObjective(Strict):
+    """Cross-entropy towards the teacher's argmax token."""
+
+    kind: Literal["hard_labels"] = "hard_labels"
+    weight: float = Field(1.0, ge=0.0)
+
+
+class ForwardKLObjective(Strict):
+    """T²·KL(teacher ‖ student) on softened distributions."""
+
+    kind: Literal["forward_kl"] = "forward_kl"
+    weight: float = Field(1.0, ge=0.0)
+    temperature: float = Field(2.0, gt=0.0)
+
+
+ObjectiveConfig = Annotated[
+    CrossEntropyObjective | HardLabelsObjective | ForwardKLObjective,
+    Field(discriminator="kind"),
+]
+
+
+class TrainConfig(Strict):
+    """The engine's knobs. ``batch_size`` is the *global* batch in sequences per step."""
+
+    steps: int = Field(200, gt=0)
+    batch_size: int = Field(32, gt=0)
+    micro_batch_size: int | None = Field(None, gt=0)  # per process; None = batch_size / world
+    lr: float = Field(1e-3, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    compile: bool = False
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(0, ge=0)  # 0: only at the end
+    eval_batches: int = Field(20, gt=0)
+    tensorboard: bool = True
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainConfig:
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds steps ({self.steps})")
+        return self
+
+
+class RunConfig(Strict):
+    """One run of the engine: ``train`` (no teacher) or ``distill`` (a teacher folder)."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(preset="mini"))
+    teacher: Path | None = None
+    objectives: list[ObjectiveConfig] = Field(default_factory=lambda: [CrossEntropyObjective()])
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    out: Path = Path("runs/run")
+
+    @model_validator(mode="after")
+    def _teacher_needed(self) -> RunConfig:
+        if not self.objectives:
+            raise ValueError("objectives: give at least one")
+        needs = [o.kind for o in self.objectives if o.kind != "ce"]
+        if needs and self.teacher is None:
+            raise ValueError(f"objectives {needs} need a teacher: set 'teacher' (--teacher DIR)")
+        if self.model.init_from_teacher is not None and self.teacher is None:
+            raise ValueError("model.init_from_teacher needs a teacher: set 'teacher'")
+        return self
+
+
+class QuickstartConfig(Strict):
+    """The main job: train a teacher, distil a half-depth student, train it from scratch too."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: ModelSpec = Field(default_factory=lambda: ModelSpec(preset="mini"))
+    teacher_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=240, lr=2e-3, warmup_steps=20)
+    )
+    student_layers: int = Field(2, gt=0)
+    student_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=100, lr=2e-3, warmup_steps=10)
+    )
+    objectives: list[ObjectiveConfig] = Field(
+        default_factory=lambda: [CrossEntropyObjective(weight=1.0), ForwardKLObjective(weight=1.0)]
+    )
+    out: Path = Path("runs/quickstart")
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """All problems of a pydantic error on one line, each naming its dotted field."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = msg.removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid config: " + "; ".join(parts)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (["a","b","c"], YAML-parsed value)."""
+    if "=" not in item:
+        raise DistilleryError(f"override {item!r} is not key=value (e.g. train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise DistilleryError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def _merge(tree: dict[str, Any], update: dict[str, Any]) -> None:
+    """Deep-merge ``update`` into ``tree`` (mappings merge, everything else replaces)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value)
+        else:
+            tree[key] = copy.deepcopy(value)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from ``path`` (safe_load), or one clear error."""
+    if not path.is_file():
+        raise DistilleryError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise DistilleryError(f"config file {path}{where} is not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DistilleryError(f"config file {path} must hold a mapping of fields")
+    return data
+
+
+def build_config(
+    cls: type[C],
+    path: Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> C:
+    """Merge ``base`` ← YAML file ← overrides, then validate into ``cls``."""
+    tree: dict[str, Any] = {}
+    _merge(tree, base or {})
+    if path is not None:
+        _merge(tree, load_yaml(path))
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        _set_path(tree, keys, value)
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as err:
+        raise DistilleryError(format_validation_error(err)) from None
+
+
+def config_to_yaml(cfg: BaseModel) -> str:
+    """The config as YAML, paths as strings, so a run folder records what it ran."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

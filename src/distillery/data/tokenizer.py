@@ -1,0 +1,140 @@
+"""Byte-level BPE tokenizers: train, save atomically, cache, load and fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from distillery.errors import DistilleryError
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+MIN_VOCAB_SIZE = 300
+_FORMAT = "distillery-bpe-v1"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def temp_folder_next_to(final: Path) -> Path:
+    """A fresh hidden temporary folder in final's parent, to be published with publish_folder."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def publish_folder(tmp: Path, final: Path, replace: bool) -> None:
+    """Rename a fully written tmp folder to final, so final existing means it is complete.
+
+    If final already exists it is replaced when `replace`, else kept (tmp is discarded).
+    """
+    if final.exists():
+        if not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        shutil.rmtree(final)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.exists():  # a concurrent writer losing the race is fine; anything else isn't
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_bpe_tokenizer(docs: list[str], vocab_size: int, out_dir: Path) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on docs and save it (atomically) to out_dir."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DistilleryError(
+            f"vocab_size {vocab_size} is too small: use at least {MIN_VOCAB_SIZE} "
+            "(256 bytes + special tokens + merges)"
+        )
+    if not docs:
+        raise DistilleryError("cannot train a tokenizer on an empty corpus: give some documents")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(docs, trainer=trainer, length=len(docs))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        clean_up_tokenization_spaces=False,
+    )
+    out_dir = Path(out_dir)
+    tmp = temp_folder_next_to(out_dir)
+    try:
+        tokenizer.save_pretrained(tmp)
+        publish_folder(tmp, out_dir, replace=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """Load a saved tokenizer from a local folder; pad falls back to eos."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DistilleryError(f"tokenizer folder '{folder}' not found: train or save one there")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise DistilleryError(
+            f"tokenizer folder '{folder}' has no tokenizer files "
+            f"(expected one of {', '.join(_TOKENIZER_FILES)})"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DistilleryError(f"cannot load the tokenizer in '{folder}': {message}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _docs_key(*parts: object, docs: list[str]) -> str:
+    """sha256 over some header values and every document (length-prefixed, so unambiguous)."""
+    digest = hashlib.sha256(json.dumps(parts).encode())
+    for doc in docs:
+        data = doc.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def cached_bpe_tokenizer(
+    docs: list[str], vocab_size: int, cache_root: Path
+) -> tuple[PreTrainedTokenizerFast, Path]:
+    """Train a BPE tokenizer once per (vocab_size, docs) and reuse it from cache_root."""
+    folder = Path(cache_root) / "tokenizers" / _docs_key(_FORMAT, vocab_size, docs=docs)
+    if folder.is_dir():
+        return load_tokenizer(folder), folder
+    return train_bpe_tokenizer(docs, vocab_size, folder), folder
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A sha256 that changes when the vocabulary, merges or special tokens change."""
+    special = {
+        name: getattr(tokenizer, name, None)
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+    }
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        # padding/truncation are per-call settings that HF toggles on the backend: not identity.
+        state.pop("padding", None)
+        state.pop("truncation", None)
+    else:
+        state = sorted(tokenizer.get_vocab().items())
+    payload = json.dumps({"special": special, "state": state}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()

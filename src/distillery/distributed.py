@@ -1,0 +1,68 @@
+"""torch.distributed set-up for data-parallel runs launched with ``torchrun``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job (a single process is rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_kind: str) -> DistEnv:
+    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device_kind == "cuda" else "gloo"
+        if device_kind == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly (a barrier first avoids gloo aborts at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum of ``value`` over all ranks (``value`` itself when running alone)."""
+    if env.active:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def resolve_device(choice: str, env: DistEnv | None = None) -> torch.device:
+    """``auto`` → this rank's GPU when there is one, else the CPU."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            from distillery.errors import DistilleryError
+
+            raise DistilleryError("train.device=cuda but no GPU is visible; use device=auto or cpu")
+        return torch.device("cuda", env.local_rank if env else 0)
+    return torch.device("cpu")

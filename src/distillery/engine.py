@@ -1,0 +1,368 @@
+"""The one training loop, for plain training and distillation alike.
+
+AdamW, linear warmup + cosine decay, gradient clipping and accumulation, bf16 autocast on GPU,
+optional ``torch.compile``, data-parallel under ``torchrun``, a FLOPs meter, JSONL and
+TensorBoard metrics, atomic checkpoints and exact resume.
+
+Loss normalisation (the loss contract): a step's objective sums are divided once by the number
+of valid positions in the whole *global* batch, counted before the first backward, so micro-
+batching and the number of processes do not change the gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from distillery.config import TrainConfig
+from distillery.data import PackedTokens, global_batch_indices
+from distillery.distributed import DistEnv, all_reduce_sum
+from distillery.errors import DistilleryError
+from distillery.objectives.mix import LossMix, shift_labels
+
+CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
+CHECKPOINT_FILES = ("model.safetensors", "trainer_state.pt", "state.json")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` at ``step``: linear warmup, then cosine down to ``min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast when asked for (``auto``: on GPU only), else nothing."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint (``step`` is also the data position)."""
+
+    step: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    seconds: float = 0.0
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (incomplete ones never get their final name)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
+    return sorted(found, key=lambda p: p.name)
+
+
+class Engine:
+    """Trains ``model`` on ``data`` with ``loss`` according to ``cfg``, writing to ``out_dir``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossMix,
+        data: PackedTokens,
+        cfg: TrainConfig,
+        out_dir: Path,
+        *,
+        device: torch.device,
+        env: DistEnv | None = None,
+        flops_per_token: float,
+        eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+        name: str = "train",
+    ) -> None:
+        self.env = env or DistEnv()
+        self.cfg, self.loss, self.data, self.out_dir = cfg, loss, data, Path(out_dir)
+        self.device, self.eval_fn, self.name = device, eval_fn, name
+        self.flops_per_token = flops_per_token
+        if cfg.batch_size % self.env.world_size:
+            raise DistilleryError(
+                f"train.batch_size {cfg.batch_size} is not divisible by the "
+                f"{self.env.world_size} processes"
+            )
+        self.per_rank = cfg.batch_size // self.env.world_size
+        self.micro = min(cfg.micro_batch_size or self.per_rank, self.per_rank)
+        self.model = model.to(device)  # the raw module: saved, evaluated
+        self.model.train()
+        forward: nn.Module = self.model
+        if cfg.compile:
+            forward = torch.compile(forward)  # type: ignore[assignment]
+        if self.env.active:
+            ids = [device.index] if device.type == "cuda" else None
+            forward = DistributedDataParallel(forward, device_ids=ids)
+        self.forward = forward
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=cfg.betas,
+            foreach=True,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, cfg)
+        )
+        self.progress = Progress()
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self._tb: Any = None
+
+    # ----------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/step-NNNNNNN`` atomically (rank 0) and prune old ones."""
+        if not self.env.is_main:
+            return None
+        root = self.out_dir / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{self.progress.step:07d}"
+        tmp = root / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_model(self.model, str(tmp / "model.safetensors"))
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        trainer_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+        }
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        state = {**asdict(self.progress), "samples_seen": self.progress.step * self.cfg.batch_size}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(self.out_dir)[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, ckpt: Path) -> None:
+        """Restore model, optimizer, scheduler, RNG and data position from ``ckpt``."""
+        missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).is_file()]
+        if missing:
+            raise DistilleryError(f"checkpoint {ckpt} is incomplete (no {', '.join(missing)})")
+        try:
+            state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+            trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+            missing_keys, unexpected = load_model(
+                self.model, str(ckpt / "model.safetensors"), strict=True, device=str(self.device)
+            )
+            self.optimizer.load_state_dict(trainer_state["optimizer"])
+            self.scheduler.load_state_dict(trainer_state["scheduler"])
+            progress = Progress(**{k: state[k] for k in asdict(Progress())})
+        except DistilleryError:
+            raise
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DistilleryError(
+                f"checkpoint {ckpt} is corrupt ({reason[:160]}); delete it to resume from an "
+                "earlier one, or start again without --resume"
+            ) from None
+        rng = trainer_state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.progress = progress
+
+    def resume(self) -> int:
+        """Continue from the newest checkpoint in ``out_dir``; returns its step."""
+        found = list_checkpoints(self.out_dir)
+        if not found:
+            raise DistilleryError(
+                f"--resume: no checkpoint in {self.out_dir / 'checkpoints'}; start without --resume"
+            )
+        self.load_checkpoint(found[-1])
+        self._truncate_metrics(self.progress.step)
+        return self.progress.step
+
+    # ----------------------------------------------------------------- logging
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines written after ``step`` by the run that was interrupted."""
+        if not self.env.is_main or not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the interruption
+        atomic_write_text(self.metrics_path, "".join(f"{x}\n" for x in kept))
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON line (rank 0) and mirror scalars to TensorBoard."""
+        if not self.env.is_main:
+            return
+        record = {"run": self.name, **record}
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.cfg.tensorboard:
+            if self._tb is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+            for key, value in record.items():
+                if isinstance(value, int | float) and key != "step":
+                    self._tb.add_scalar(f"{self.name}/{key}", value, record["step"])
+
+    # ----------------------------------------------------------------- the loop
+    def _step_batches(self, step: int) -> list[torch.Tensor]:
+        """This rank's micro-batches of global batch ``step``."""
+        indices = global_batch_indices(
+            self.data.num_blocks, step, self.cfg.batch_size, self.cfg.seed
+        )
+        mine = indices[self.env.rank * self.per_rank : (self.env.rank + 1) * self.per_rank]
+        blocks = self.data.blocks(mine)  # (per_rank, T)
+        return list(blocks.split(self.micro))
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step over the global batch; returns the mean of each term."""
+        micro_batches = self._step_batches(step)
+        labels = [shift_labels(ids) for ids in micro_batches]
+        n_local = torch.tensor(float(sum(int((y != -100).sum()) for y in labels)))
+        n_global = all_reduce_sum(n_local, self.env).item()
+        scale = self.env.world_size / max(n_global, 1.0)  # DDP averages over ranks
+        sums: dict[str, torch.Tensor] = {}
+        for i, (ids, y) in enumerate(zip(micro_batches, labels, strict=True)):
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext()
+            if self.env.active and not last:
+                sync = self.forward.no_sync()  # type: ignore[operator]
+            with sync:
+                with autocast_context(self.device, self.cfg.precision):
+                    total, terms = self.loss(self.forward, ids.to(self.device), y.to(self.device))
+                (total * scale).backward()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float().cpu()
+            sums["loss"] = sums.get("loss", 0.0) + total.detach().float().cpu()
+        grad_norm = None
+        if self.cfg.grad_clip is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        names = sorted(sums)
+        reduced = all_reduce_sum(torch.stack([torch.as_tensor(sums[k]) for k in names]), self.env)
+        out = {k: float(v) / max(n_global, 1.0) for k, v in zip(names, reduced, strict=True)}
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm
+        return out
+
+    def fit(self, *, resume: bool = False, stop_after: int | None = None) -> Progress:
+        """Train to ``cfg.steps`` (or stop after ``stop_after`` steps of this call)."""
+        if self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume()
+        elif self.env.is_main and self.metrics_path.exists():
+            self.metrics_path.unlink()
+        cfg = self.cfg
+        tokens_per_step = cfg.batch_size * self.data.seq_len
+        first = self.progress.step
+        last = cfg.steps if stop_after is None else min(cfg.steps, first + stop_after)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=first,
+            desc=self.name,
+            disable=not (self.env.is_main and sys.stderr.isatty()),
+            dynamic_ncols=True,
+        )
+        window_start, window_tokens = time.perf_counter(), 0
+        for step in range(first, last):
+            t0 = time.perf_counter()
+            terms = self.train_step(step)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            elapsed = time.perf_counter() - t0
+            self.progress.step = step + 1
+            self.progress.tokens += tokens_per_step
+            self.progress.flops += self.flops_per_token * tokens_per_step
+            self.progress.seconds += elapsed
+            window_tokens += tokens_per_step
+            done = self.progress.step
+            bar.update(1)
+            bar.set_postfix(loss=f"{terms['loss']:.3f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                record = {
+                    "step": done,
+                    **terms,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "tokens": self.progress.tokens,
+                    "flops": self.progress.flops,
+                    "tokens_per_s": rate,
+                }
+                self.log(record)
+                if bar.disable and self.env.is_main:
+                    eta = (cfg.steps - done) * tokens_per_step / max(rate, 1e-9)
+                    print(
+                        f"[{self.name}] step {done}/{cfg.steps} loss {terms['loss']:.4f} "
+                        f"{rate:,.0f} tok/s eta {eta:.0f}s",
+                        flush=True,
+                    )
+                window_start, window_tokens = time.perf_counter(), 0
+            if self.eval_fn and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                self.evaluate()
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if self.progress.step == cfg.steps:
+            if self.eval_fn:
+                self.evaluate()
+            if not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every:
+                self.save_checkpoint()
+        if self._tb is not None:
+            self._tb.flush()
+        return self.progress
+
+    def evaluate(self) -> dict[str, float]:
+        """Run ``eval_fn`` on the raw model in eval mode and log it."""
+        assert self.eval_fn is not None
+        self.model.eval()
+        with autocast_context(self.device, self.cfg.precision):
+            metrics = self.eval_fn(self.model)
+        self.model.train()
+        self.log({"step": self.progress.step, **{f"val_{k}": v for k, v in metrics.items()}})
+        return metrics

@@ -1,0 +1,24 @@
+"""Models: presets from transformers configs, loading from local folders, layer surgery."""
+
+from distillery.models.loading import (
+    build_model,
+    check_same_tokenizer,
+    compute_params,
+    load_causal_lm,
+    num_params,
+)
+from distillery.models.presets import PRESETS, preset_config
+from distillery.models.surgery import decoder_layers, every_other, init_from_teacher
+
+__all__ = [
+    "PRESETS",
+    "build_model",
+    "check_same_tokenizer",
+    "compute_params",
+    "decoder_layers",
+    "every_other",
+    "init_from_teacher",
+    "load_causal_lm",
+    "num_params",
+    "preset_config",
+]

@@ -1,0 +1,107 @@
+"""Load any HF causal LM from a local folder, or build one from a preset; count parameters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from distillery.errors import DistilleryError
+from distillery.models.presets import preset_config
+
+
+def load_causal_lm(folder: Path, role: str = "model") -> PreTrainedModel:
+    """``AutoModelForCausalLM`` from a local folder (fp32), with one clear error on any problem."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DistilleryError(f"{role} folder {folder} not found")
+    if not (folder / "config.json").is_file():
+        raise DistilleryError(f"{role} folder {folder} has no config.json: not an HF model folder")
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # transformers raises many kinds here
+        raise DistilleryError(f"{role} folder {folder}: unreadable config.json ({exc})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise DistilleryError(
+            f"{role} folder {folder} holds a {config.model_type!r} model, which is not a causal "
+            "language model (AutoModelForCausalLM cannot load it)"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, dtype=torch.float32
+        )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistilleryError(f"{role} folder {folder}: cannot load the weights ({first})") from None
+    return model
+
+
+def build_model(
+    preset: str, vocab_size: int, overrides: dict[str, Any] | None = None, **special: int | None
+) -> PreTrainedModel:
+    """A freshly initialised causal LM from a preset (seed the RNG before calling)."""
+    config = preset_config(preset, vocab_size, overrides, **special)
+    try:
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (TypeError, ValueError) as exc:
+        raise DistilleryError(f"model.overrides: invalid model config ({exc})") from None
+
+
+def num_params(model: nn.Module) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def compute_params(model: PreTrainedModel) -> int:
+    """N for FLOPs (6·N per trained token, 2·N per forward token): parameters that do matmuls.
+
+    The input embedding table is a lookup and is excluded; the output projection is a real
+    matmul and is counted even when its weight is tied to the input embedding.
+    """
+    n = num_params(model)
+    inp = model.get_input_embeddings()
+    out = model.get_output_embeddings()
+    if inp is not None:
+        n -= inp.weight.numel()
+        if out is not None and out.weight is inp.weight:
+            n += out.weight.numel()
+    return n
+
+
+def _vocab(tokenizer: Any) -> dict[str, int]:
+    return dict(tokenizer.get_vocab())
+
+
+def check_same_tokenizer(teacher_tok: Any, student_tok: Any) -> None:
+    """Refuse, with one line, teacher/student tokenizers that map text to different ids."""
+    t_vocab, s_vocab = _vocab(teacher_tok), _vocab(student_tok)
+    if t_vocab != s_vocab:
+        diff = len(set(t_vocab.items()) ^ set(s_vocab.items()))
+        raise DistilleryError(
+            f"teacher and student tokenizers disagree ({len(t_vocab)} vs {len(s_vocab)} tokens, "
+            f"{diff} differing entries); use the teacher's tokenizer for the student"
+        )
+
+
+def check_vocab_fits(model: PreTrainedModel, tokenizer: Any, role: str) -> None:
+    """The model's embedding table must cover every token id of the tokenizer."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise DistilleryError(
+            f"the {role}'s embedding has {rows} rows but its tokenizer has {len(tokenizer)} tokens"
+        )
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or one clear error."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DistilleryError(f"{path} not found") from None
+    except json.JSONDecodeError as exc:
+        raise DistilleryError(f"{path} is not valid JSON (line {exc.lineno})") from None

@@ -1,0 +1,65 @@
+"""One registry of objectives, filled by ``@register_objective("name")``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from distillery.errors import DistilleryError
+
+ObjectiveFn = Callable[..., torch.Tensor]
+
+# The tensors an objective may ask for, by argument name.
+SIGNAL_NAMES = ("student_logits", "teacher_logits", "labels", "mask")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A registered loss: the function, the signals it reads and its keyword parameters."""
+
+    name: str
+    fn: ObjectiveFn
+    signals: tuple[str, ...]
+    params: tuple[str, ...]
+
+    @property
+    def needs_teacher(self) -> bool:
+        return "teacher_logits" in self.signals
+
+    def __call__(self, signals: dict[str, torch.Tensor | None], **params: float) -> torch.Tensor:
+        args = {name: signals[name] for name in self.signals}
+        return self.fn(**args, **params)
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(name: str) -> Callable[[ObjectiveFn], ObjectiveFn]:
+    """Register ``fn`` under ``name``; its positional arguments name the signals it reads."""
+
+    def wrap(fn: ObjectiveFn) -> ObjectiveFn:
+        if name in OBJECTIVES:
+            raise ValueError(f"objective {name!r} registered twice")
+        sig = inspect.signature(fn).parameters.values()
+        signals = tuple(p.name for p in sig if p.kind is p.POSITIONAL_OR_KEYWORD)
+        unknown = set(signals) - set(SIGNAL_NAMES)
+        if unknown:
+            raise ValueError(f"objective {name!r} reads unknown signals {sorted(unknown)}")
+        params = tuple(p.name for p in sig if p.kind is p.KEYWORD_ONLY)
+        OBJECTIVES[name] = Objective(name, fn, signals, params)
+        return fn
+
+    return wrap
+
+
+def get_objective(name: str) -> Objective:
+    """The registered objective ``name``, or one clear error listing those that exist."""
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        raise DistilleryError(
+            f"unknown objective {name!r}; choose one of: {', '.join(sorted(OBJECTIVES))}"
+        ) from None

@@ -1,0 +1,34 @@
+"""The teacher signal: one call that gives the teacher's logits for a batch, however made."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedModel
+
+from distillery.models.loading import compute_params
+
+
+class TeacherSignal(Protocol):
+    """Anything that returns teacher logits ``(B, T, V)`` for ``input_ids`` ``(B, T)``."""
+
+    compute_params: int
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+class LiveTeacher:
+    """A frozen model run forward on every batch: eval mode, no gradients, inference mode."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.compute_params = compute_params(model)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids).logits  # (B, T, V)
+        # Inference tensors cannot be saved for backward: hand out an ordinary copy.
+        return logits.clone()
