@@ -23,7 +23,7 @@ def _model_spec(value: str) -> dict[str, Any]:
 
 
 def _run_config(args: argparse.Namespace, command: str) -> Any:
-    from distillery.config import RunConfig, build_config, load_yaml
+    from distillery.config import RunConfig, build_config, deep_merge, load_yaml
 
     base: dict[str, Any] = {}
     saved = Path(args.out) / "config.yaml" if args.out else None
@@ -40,10 +40,8 @@ def _run_config(args: argparse.Namespace, command: str) -> Any:
         shorthands["out"] = args.out
     if command == "distill" and "objectives" not in base:
         base.setdefault("objectives", [{"kind": "ce"}, {"kind": "forward_kl"}])
-    from distillery.config import _merge
-
-    _merge(base, load_yaml(Path(args.config)) if args.config else {})
-    _merge(base, shorthands)
+    deep_merge(base, load_yaml(Path(args.config)) if args.config else {})
+    deep_merge(base, shorthands)
     cfg = build_config(RunConfig, None, args.overrides, base=base)
     if command == "distill" and cfg.teacher is None:
         raise DistilleryError("distill needs a teacher: --teacher DIR (an HF model folder)")
@@ -55,7 +53,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _run_config(args, args.command)
     summary = run(
-        cfg, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
+        cfg,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        stop_after=args.stop_after,
         name=args.command,
     )
     if summary:
@@ -86,8 +87,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         base["out"] = args.out
     if args.data:
         base["data"] = {"source": args.data}
-    cfg = build_config(QuickstartConfig, Path(args.config) if args.config else None,
-                       args.overrides, base=base)
+    cfg = build_config(
+        QuickstartConfig, Path(args.config) if args.config else None, args.overrides, base=base
+    )
     quickstart(cfg, overwrite=args.overwrite)
     return 0
 
@@ -133,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         return args.func(args)
     except DistilleryError as exc:

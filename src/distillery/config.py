@@ -7,7 +7,6 @@ Every problem in a config is gathered into one error line that names the fields,
 from __future__ import annotations
 
 import copy
-
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -88,7 +87,7 @@ class TrainConfig(Strict):
     micro_batch_size: int | None = Field(None, gt=0)  # per process; None = batch_size / world
     lr: float = Field(1e-3, gt=0.0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    warmup_steps: int = Field(20, ge=0)
+    warmup_steps: int = Field(20, ge=0)  # capped at steps
     weight_decay: float = Field(0.1, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = Field(1.0, gt=0.0)
@@ -102,12 +101,6 @@ class TrainConfig(Strict):
     eval_every: int = Field(0, ge=0)  # 0: only at the end
     eval_batches: int = Field(20, gt=0)
     tensorboard: bool = True
-
-    @model_validator(mode="after")
-    def _warmup_fits(self) -> TrainConfig:
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds steps ({self.steps})")
-        return self
 
 
 class RunConfig(Strict):
@@ -189,11 +182,11 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _merge(tree: dict[str, Any], update: dict[str, Any]) -> None:
+def deep_merge(tree: dict[str, Any], update: dict[str, Any]) -> None:
     """Deep-merge ``update`` into ``tree`` (mappings merge, everything else replaces)."""
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(tree.get(key), dict):
-            _merge(tree[key], value)
+            deep_merge(tree[key], value)
         else:
             tree[key] = copy.deepcopy(value)
 
@@ -223,9 +216,9 @@ def build_config(
 ) -> C:
     """Merge ``base`` ← YAML file ← overrides, then validate into ``cls``."""
     tree: dict[str, Any] = {}
-    _merge(tree, base or {})
+    deep_merge(tree, base or {})
     if path is not None:
-        _merge(tree, load_yaml(path))
+        deep_merge(tree, load_yaml(path))
     for item in overrides or []:
         keys, value = parse_override(item)
         _set_path(tree, keys, value)

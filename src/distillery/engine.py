@@ -51,10 +51,11 @@ def seed_everything(seed: int) -> None:
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of ``cfg.lr`` at ``step``: linear warmup, then cosine down to ``min_lr_ratio``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    warmup = min(cfg.warmup_steps, cfg.steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, cfg.steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -185,7 +186,7 @@ class Engine:
         try:
             state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
             trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-            missing_keys, unexpected = load_model(
+            load_model(
                 self.model, str(ckpt / "model.safetensors"), strict=True, device=str(self.device)
             )
             self.optimizer.load_state_dict(trainer_state["optimizer"])
@@ -279,7 +280,9 @@ class Engine:
             sums["loss"] = sums.get("loss", 0.0) + total.detach().float().cpu()
         grad_norm = None
         if self.cfg.grad_clip is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -37,7 +37,9 @@ def load_causal_lm(folder: Path, role: str = "model") -> PreTrainedModel:
         )
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DistilleryError(f"{role} folder {folder}: cannot load the weights ({first})") from None
+        raise DistilleryError(
+            f"{role} folder {folder}: cannot load the weights ({first})"
+        ) from None
     return model
 
 

@@ -14,7 +14,9 @@ from distillery.errors import DistilleryError
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4),
-    "mini": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
+    "mini": dict(
+        hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4
+    ),
     "small": dict(
         hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8
     ),

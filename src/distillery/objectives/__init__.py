@@ -5,7 +5,12 @@ once by the global number of valid positions, so micro-batches, chunks and ranks
 """
 
 from distillery.objectives.logits import cross_entropy, forward_kl, hard_labels
-from distillery.objectives.registry import OBJECTIVES, ObjectiveFn, get_objective, register_objective
+from distillery.objectives.registry import (
+    OBJECTIVES,
+    ObjectiveFn,
+    get_objective,
+    register_objective,
+)
 
 __all__ = [
     "OBJECTIVES",

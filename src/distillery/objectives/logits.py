@@ -23,7 +23,9 @@ def _masked_sum(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @register_objective("ce")
-def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def cross_entropy(
+    student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Task loss: −log p_student(label), summed over ``mask``."""
     safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
     nll = F.cross_entropy(student_logits.float(), safe_labels, reduction="none")  # (N,)

@@ -42,8 +42,10 @@ def terms_from_config(objectives: Sequence[Any]) -> list[Term]:
     return terms
 
 
-def shift_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token labels ``(B, T)``: position t predicts token t+1; the last and padding are -100."""
+def shift_labels(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Next-token labels ``(B, T)``: position t predicts token t+1; last and padding are -100."""
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]
     if attention_mask is not None:

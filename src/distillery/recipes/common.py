@@ -87,7 +87,11 @@ def prepare_data(
         return tokenizer, build_token_cache(splits, tokenizer, cfg.cache_dir)
 
     tokenizer, folder = _once_per_job(env, build)
-    return tokenizer, PackedTokens(folder, "train", cfg.seq_len), PackedTokens(folder, "val", cfg.seq_len)
+    return (
+        tokenizer,
+        PackedTokens(folder, "train", cfg.seq_len),
+        PackedTokens(folder, "val", cfg.seq_len),
+    )
 
 
 def export_model(model: PreTrainedModel, tokenizer: Any, dest: Path) -> Path:

@@ -62,7 +62,9 @@ def run(
             if cfg.teacher is not None:
                 from distillery.data import load_tokenizer
 
-                check_same_tokenizer(load_tokenizer(Path(cfg.teacher)), load_tokenizer(cfg.model.path))
+                check_same_tokenizer(
+                    load_tokenizer(Path(cfg.teacher)), load_tokenizer(cfg.model.path)
+                )
         else:
             vocab = (
                 teacher_model.get_input_embeddings().weight.shape[0]

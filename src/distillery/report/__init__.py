@@ -1,0 +1,94 @@
+"""Reports: ``summary.json``, a Markdown report and PNG loss curves from run folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from distillery.recipes.common import write_json
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The JSON lines of ``run_dir/metrics.jsonl`` (empty if there are none)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def plot_loss_curves(curves: dict[str, list[dict[str, Any]]], dest: Path) -> Path:
+    """Training loss against step and against FLOPs, one line per run, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_step, by_flops) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, records in curves.items():
+        train = [r for r in records if "loss" in r]
+        if not train:
+            continue
+        by_step.plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
+        by_flops.plot([r["flops"] for r in train], [r["loss"] for r in train], label=name)
+    by_step.set(xlabel="step", ylabel="training loss (objective mix)", title="loss vs steps")
+    by_flops.set(xlabel="FLOPs (this run)", ylabel="training loss", title="loss vs compute")
+    by_flops.set_xscale("log")
+    for ax in (by_step, by_flops):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+    return dest
+
+
+COLUMNS = (
+    ("model", "{}"),
+    ("params", "{:,}"),
+    ("layers", "{}"),
+    ("val_ppl", "{:.1f}"),
+    ("accuracy", "{:.3f}"),
+    ("agreement", "{:.3f}"),
+    ("kl_teacher_student", "{:.3f}"),
+    ("tokens_per_s", "{:,.0f}"),
+    ("generation_tokens_per_s", "{:,.0f}"),
+    ("flops", "{:.2e}"),
+    ("flops_with_teacher", "{:.2e}"),
+)
+
+
+def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
+    """One row per model, the columns above (blank where a model lacks a value)."""
+    lines = [
+        "| " + " | ".join(c for c, _ in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for name, row in rows.items():
+        cells = []
+        for col, fmt in COLUMNS:
+            value = name if col == "model" else row.get(col)
+            cells.append(fmt.format(value) if value is not None else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(
+    out: Path, models: dict[str, dict[str, Any]], *, title: str, notes: list[str]
+) -> None:
+    """``summary.json`` (one entry per model), ``report.md`` and ``loss_curves.png`` in ``out``."""
+    curves = {name: read_metrics(Path(row["run_dir"])) for name, row in models.items()}
+    plot_loss_curves(curves, out / "loss_curves.png")
+    write_json(out / "summary.json", {"models": models})
+    body = [
+        f"# {title}",
+        "",
+        markdown_table(models),
+        "",
+        *notes,
+        "",
+        "![loss curves](loss_curves.png)",
+    ]
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(body) + "\n", encoding="utf-8")
+    tmp.replace(out / "report.md")

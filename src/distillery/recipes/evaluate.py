@@ -1,0 +1,50 @@
+"""``distillery eval``: quality, agreement with a teacher, size and speed of a model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from distillery.config import DataConfig, build_config
+from distillery.distributed import DistEnv, resolve_device
+from distillery.eval import evaluate_lm, folder_size, generation_speed
+from distillery.models import check_same_tokenizer, compute_params, load_causal_lm, num_params
+from distillery.models.loading import check_vocab_fits
+from distillery.recipes.common import prepare_data, write_json
+from distillery.teachers import LiveTeacher
+
+
+def evaluate_folder(
+    model_dir: Path,
+    *,
+    teacher: Path | None = None,
+    data: str = "bbc-news",
+    overrides: list[str] | None = None,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """Metrics of the model in ``model_dir`` on ``data``'s validation split (its own tokenizer)."""
+    data_overrides = [o.removeprefix("data.") for o in overrides or []]
+    data_cfg = build_config(DataConfig, None, data_overrides, base={"source": data})
+    device = resolve_device("auto")
+    model = load_causal_lm(model_dir, role="model").to(device)
+    tokenizer, _, val = prepare_data(data_cfg, DistEnv(), tokenizer_dir=model_dir)
+    check_vocab_fits(model, tokenizer, "model")
+    signal = None
+    if teacher is not None:
+        from distillery.data import load_tokenizer
+
+        check_same_tokenizer(load_tokenizer(teacher), tokenizer)
+        signal = LiveTeacher(load_causal_lm(teacher, role="teacher").to(device))
+    result: dict[str, Any] = {
+        "model": str(model_dir),
+        "params": num_params(model),
+        "compute_params": compute_params(model),
+        **evaluate_lm(model, val, device=device, teacher=signal),
+        "size_on_disk": folder_size(model_dir),
+        "generation_tokens_per_s": generation_speed(model, tokenizer, device=device),
+        "device": str(device),
+    }
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, result)
+    return result
