@@ -19,7 +19,9 @@ from distillery.errors import DistilleryError
 
 def _model_spec(value: str) -> dict[str, Any]:
     """``--student``/``--model``: an existing folder, else a preset name."""
-    return {"path": value} if Path(value).exists() or "/" in value else {"preset": value}
+    if Path(value).exists() or "/" in value:
+        return {"path": value, "preset": None}
+    return {"preset": value, "path": None}
 
 
 def _run_config(args: argparse.Namespace, command: str) -> Any:

@@ -6,11 +6,12 @@ Sizes with a 32k vocabulary: tiny ≈ 2M (tests), mini ≈ 11M, small ≈ 42M, 1
 
 from __future__ import annotations
 
-from typing import Any
-
-from transformers import LlamaConfig
+from typing import TYPE_CHECKING, Any
 
 from distillery.errors import DistilleryError
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4),
@@ -36,6 +37,8 @@ def preset_config(
 
     ``special`` carries the tokenizer's ``pad_token_id``/``bos_token_id``/``eos_token_id``.
     """
+    from transformers import LlamaConfig
+
     if name not in PRESETS:
         raise DistilleryError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     fields: dict[str, Any] = dict(

@@ -17,9 +17,14 @@ from distillery.objectives.registry import register_objective
 IGNORE_INDEX = -100
 
 
+def _counted(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """float32 logits with masked-out rows zeroed, so padding (even NaN/inf) gets no gradient."""
+    return torch.where(mask[:, None], logits.float(), 0.0)
+
+
 def _masked_sum(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of ``per_position`` over ``mask`` with masked-out entries (even NaN/inf) dropped."""
-    return torch.where(mask, per_position, torch.zeros_like(per_position)).sum()
+    """Sum of ``per_position`` over ``mask``."""
+    return torch.where(mask, per_position, 0.0).sum()
 
 
 @register_objective("ce")
@@ -28,7 +33,7 @@ def cross_entropy(
 ) -> torch.Tensor:
     """Task loss: −log p_student(label), summed over ``mask``."""
     safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
-    nll = F.cross_entropy(student_logits.float(), safe_labels, reduction="none")  # (N,)
+    nll = F.cross_entropy(_counted(student_logits, mask), safe_labels, reduction="none")  # (N,)
     return _masked_sum(nll, mask)
 
 
@@ -37,8 +42,8 @@ def hard_labels(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
     """Cross-entropy towards the teacher's top-1 token (its "hard label"), summed over ``mask``."""
-    teacher_top1 = teacher_logits.argmax(dim=-1)  # (N,)
-    nll = F.cross_entropy(student_logits.float(), teacher_top1, reduction="none")
+    teacher_top1 = _counted(teacher_logits, mask).argmax(dim=-1)  # (N,)
+    nll = F.cross_entropy(_counted(student_logits, mask), teacher_top1, reduction="none")
     return _masked_sum(nll, mask)
 
 
@@ -52,8 +57,9 @@ def forward_kl(
 ) -> torch.Tensor:
     """T² · KL(p_teacher ‖ p_student) with both distributions softened at ``temperature``."""
     t = float(temperature)
-    student_logp = F.log_softmax(student_logits.float() / t, dim=-1)  # (N, V)
-    teacher_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)  # (N, V)
-    # xlogy-free form is safe: exp(teacher_logp) is 0 exactly where teacher_logp is -inf.
-    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).nan_to_num(0.0).sum(-1)  # (N,)
+    student_logp = F.log_softmax(_counted(student_logits, mask) / t, dim=-1)  # (N, V)
+    teacher_logp = F.log_softmax(_counted(teacher_logits, mask) / t, dim=-1)  # (N, V)
+    teacher_p = teacher_logp.exp()
+    # Tokens the teacher gives probability 0 contribute 0·log 0 = 0 (not NaN).
+    kl = torch.where(teacher_p > 0, teacher_p * (teacher_logp - student_logp), 0.0).sum(-1)
     return _masked_sum(kl, mask) * (t * t)

@@ -24,7 +24,7 @@ from distillery.data.tokenizer import publish_folder, temp_folder_next_to
 from distillery.distributed import DistEnv
 from distillery.errors import DistilleryError
 
-RUN_ITEMS = ("checkpoints", "model", "metrics.jsonl", "summary.json", "tensorboard", "config.yaml")
+RUN_ITEMS = ("checkpoints", "model", "metrics.jsonl", "summary.json", "tensorboard")
 
 
 def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,24 @@ from distillery.config import (
 )
 from distillery.errors import DistilleryError
 from distillery.recipes.common import prepare_out_dir
-from distillery.recipes.evaluate import evaluate_folder
 from distillery.recipes.run import run
 from distillery.report import markdown_table, write_report
+
+KEPT = (
+    "params",
+    "layers",
+    "val_loss",
+    "val_ppl",
+    "accuracy",
+    "agreement",
+    "kl_teacher_student",
+    "flops",
+    "tokens",
+    "train_seconds",
+    "tokens_per_s",
+    "generation_tokens_per_s",
+    "size_on_disk",
+)
 
 
 def quickstart(cfg: QuickstartConfig, *, overwrite: bool = False) -> dict[str, dict[str, Any]]:
@@ -58,47 +74,27 @@ def quickstart(cfg: QuickstartConfig, *, overwrite: bool = False) -> dict[str, d
     )
     run(distilled_cfg, overwrite=overwrite, name="student-distilled")
 
+    # Same architecture, task loss only; the teacher is loaded only to measure agreement.
     scratch_cfg = RunConfig(
         data=student_data,
         model=ModelSpec(preset=cfg.teacher.preset, overrides=student_overrides),
+        teacher=teacher_dir / "model",
         objectives=[CrossEntropyObjective()],
         train=cfg.student_train,
         out=out / "student-scratch",
     )
     run(scratch_cfg, overwrite=overwrite, name="student-scratch")
 
-    # Every model measured the same way: validation split, against the teacher.
-    import json
-
     models: dict[str, dict[str, Any]] = {}
     for name in ("teacher", "student-distilled", "student-scratch"):
-        run_dir = out / name
-        train_summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-        metrics = evaluate_folder(
-            run_dir / "model",
-            teacher=None if name == "teacher" else teacher_dir / "model",
-            data=cfg.data.source,
-            overrides=[f"text_field={cfg.data.text_field}", f"seq_len={cfg.data.seq_len}"],
-        )
-        models[name] = {
-            "run_dir": str(run_dir),
-            "params": train_summary["params"],
-            "layers": train_summary["layers"],
-            "val_loss": metrics["val_loss"],
-            "val_ppl": metrics["val_ppl"],
-            "accuracy": metrics["accuracy"],
-            "agreement": metrics.get("agreement", 1.0),
-            "kl_teacher_student": metrics.get("kl_teacher_student", 0.0),
-            "flops": train_summary["flops"],
-            "tokens": train_summary["tokens"],
-            "train_seconds": train_summary["train_seconds"],
-            "tokens_per_s": train_summary["tokens_per_s"],
-            "generation_tokens_per_s": metrics["generation_tokens_per_s"],
-            "size_on_disk": metrics["size_on_disk"],
-        }
+        summary = json.loads((out / name / "summary.json").read_text(encoding="utf-8"))
+        models[name] = {"run_dir": str(out / name), **{k: summary.get(k) for k in KEPT}}
+    models["teacher"].update(agreement=1.0, kl_teacher_student=0.0)
     teacher_flops = models["teacher"]["flops"]
-    for name, row in models.items():
-        row["flops_with_teacher"] = row["flops"] + (teacher_flops if name != "teacher" else 0.0)
+    models["teacher"]["flops_with_teacher"] = teacher_flops
+    models["student-distilled"]["flops_with_teacher"] = (
+        models["student-distilled"]["flops"] + teacher_flops
+    )
     models["student-scratch"]["flops_with_teacher"] = models["student-scratch"]["flops"]
 
     d, s = models["student-distilled"], models["student-scratch"]

@@ -12,7 +12,7 @@ from distillery.config import RunConfig, config_to_yaml
 from distillery.distributed import init_distributed, resolve_device, shutdown_distributed
 from distillery.engine import Engine, atomic_write_text, seed_everything
 from distillery.errors import DistilleryError
-from distillery.eval import evaluate_lm, folder_size
+from distillery.eval import evaluate_lm, folder_size, generation_speed
 from distillery.models import (
     build_model,
     check_same_tokenizer,
@@ -44,7 +44,6 @@ def run(
         device = resolve_device(cfg.train.device, env)
         if env.is_main:
             prepare_out_dir(out, resume=resume, overwrite=overwrite)
-            atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
 
         # Teacher: a local HF folder, frozen.
         teacher_model = None
@@ -102,6 +101,8 @@ def run(
                 m, val_data, device=device, batch_size=16, max_batches=cfg.train.eval_batches
             )
 
+        if env.is_main:  # written once everything above has been checked
+            atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
         engine = Engine(
             model,
             loss,
@@ -133,6 +134,7 @@ def run(
                 "train_seconds": progress.seconds,
                 "tokens_per_s": progress.tokens / max(progress.seconds, 1e-9),
                 "size_on_disk": folder_size(out / "model"),
+                "generation_tokens_per_s": generation_speed(model, tokenizer, device=device),
                 "device": str(device),
                 "world_size": env.world_size,
                 "finished": True,

@@ -1,0 +1,83 @@
+"""Shared fixtures: a small real corpus, a tiny trained teacher, helpers to run the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from distillery.config import RunConfig
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A JSONL corpus of 300 real BBC articles (small, so tokenizing and epochs are quick)."""
+    import json
+
+    from distillery.data import bbc_news_labelled
+
+    path = tmp_path_factory.mktemp("corpus") / "news.jsonl"
+    articles = bbc_news_labelled()[::7][:300]
+    with path.open("w", encoding="utf-8") as f:
+        for text, label in articles:
+            f.write(json.dumps({"text": text, "label": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_run(
+    corpus: Path, cache_dir: Path, out: Path, *, teacher: Path | None = None, **train: object
+) -> RunConfig:
+    """A RunConfig for the tiny preset on the test corpus (train fields overridable)."""
+    fields = dict(steps=6, batch_size=4, lr=3e-3, warmup_steps=2, log_every=1, eval_batches=2)
+    fields.update(train)
+    return RunConfig.model_validate(
+        {
+            "data": {
+                "source": str(corpus),
+                "seq_len": 32,
+                "vocab_size": 512,
+                "cache_dir": str(cache_dir),
+            },
+            "model": {"preset": "tiny"},
+            "teacher": str(teacher) if teacher else None,
+            "objectives": [{"kind": "ce"}],
+            "train": fields,
+            "out": str(out),
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(corpus: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny teacher trained for a few steps on the corpus, exported in HF format."""
+    from distillery.recipes.run import run
+
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = tiny_run(corpus, cache_dir, out, steps=20)
+    cfg.model.overrides = {"num_hidden_layers": 4}
+    run(cfg, name="teacher")
+    return out / "model"
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m distillery ARGS`` in a fresh process; returns the completed process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "distillery", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )

@@ -1,0 +1,160 @@
+"""The engine: exact resume, accumulation and data-parallel equivalence, checkpoints, export."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distillery.config import TrainConfig
+from distillery.engine import lr_factor
+from distillery.errors import DistilleryError
+from distillery.recipes.run import run
+from tests.conftest import tiny_run
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def test_interrupted_run_resumes_bit_identically(corpus, cache_dir, tmp_path):
+    full = tiny_run(corpus, cache_dir, tmp_path / "full", steps=8, checkpoint_every=3)
+    run(full)
+    cut = tiny_run(corpus, cache_dir, tmp_path / "cut", steps=8, checkpoint_every=3)
+    partial = run(cut, stop_after=5)  # "dies" after step 5; the last checkpoint is step 3
+    assert partial == {"step": 5, "finished": False}
+    assert not (tmp_path / "cut" / "model").exists()
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-0000003"]
+    summary = run(cut, resume=True)
+    assert summary["finished"]
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # The metrics log of the resumed run has each step once, like the uninterrupted one.
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
+    assert steps == list(range(1, 9))
+
+
+def test_corrupt_checkpoint_is_refused_with_one_line(corpus, cache_dir, tmp_path):
+    cfg = tiny_run(corpus, cache_dir, tmp_path / "r", steps=4, checkpoint_every=2)
+    run(cfg, stop_after=2)
+    ckpt = tmp_path / "r" / "checkpoints" / "step-0000002"
+    (ckpt / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(DistilleryError, match="corrupt"):
+        run(cfg, resume=True)
+
+
+def test_resume_without_checkpoint_and_reusing_out_are_errors(corpus, cache_dir, tmp_path):
+    cfg = tiny_run(corpus, cache_dir, tmp_path / "r", steps=2)
+    with pytest.raises(DistilleryError, match="no checkpoint"):
+        run(cfg, resume=True)
+    run(cfg, overwrite=True)
+    with pytest.raises(DistilleryError, match="already holds a run"):
+        run(cfg)
+
+
+def test_micro_batches_match_one_big_batch(corpus, cache_dir, tmp_path):
+    run(tiny_run(corpus, cache_dir, tmp_path / "big", steps=3))
+    run(tiny_run(corpus, cache_dir, tmp_path / "micro", steps=3, micro_batch_size=1))
+    a, b = weights(tmp_path / "big"), weights(tmp_path / "micro")
+    moved = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert moved < 1e-5
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    factors = [lr_factor(s, cfg) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1)
+    assert factors[9] == pytest.approx(1.0)
+    assert all(x >= y for x, y in itertools.pairwise(factors[10:]))
+    assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_distill_run_records_teacher_flops_and_agreement(corpus, cache_dir, tmp_path, teacher_dir):
+    cfg = tiny_run(corpus, cache_dir, tmp_path / "d", teacher=teacher_dir, steps=4)
+    cfg.objectives = [{"kind": "ce"}, {"kind": "forward_kl", "temperature": 2.0}]
+    cfg.model.overrides = {"num_hidden_layers": 2}
+    cfg.model.init_from_teacher = "every_other"
+    cfg = type(cfg).model_validate(cfg.model_dump())
+    summary = run(cfg, name="distill")
+    n_student, n_teacher = summary["compute_params"], 0
+    from distillery.models import compute_params, load_causal_lm
+
+    n_teacher = compute_params(load_causal_lm(teacher_dir))
+    tokens = 4 * 4 * 32
+    assert summary["flops"] == pytest.approx((6 * n_student + 2 * n_teacher) * tokens)
+    assert 0.0 <= summary["agreement"] <= 1.0
+    records = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert {"ce", "forward_kl", "loss"} <= set(records[0])
+
+
+def test_exported_student_loads_and_generates_with_plain_transformers(teacher_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir, local_files_only=True)
+    ids = tokenizer("The minister said", return_tensors="pt").input_ids
+    out = model.generate(
+        ids,
+        max_new_tokens=12,
+        min_new_tokens=12,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    assert out.shape[1] == ids.shape[1] + 12
+    text = tokenizer.decode(out[0], skip_special_tokens=True)
+    assert text.startswith("The minister said")
+    names = {p.name for p in teacher_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo over torchrun")
+def test_two_gloo_processes_match_one_process(corpus, cache_dir, tmp_path):
+    """torchrun with 2 processes (gloo) ≈ 1 process with the same global batch."""
+    common = [
+        f"--data={corpus}",
+        "model.preset=tiny",
+        "data.seq_len=32",
+        "data.vocab_size=512",
+        f"data.cache_dir={cache_dir}",
+        "train.steps=3",
+        "train.batch_size=4",
+        "train.lr=3e-3",
+        "train.tensorboard=false",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    single = [sys.executable, "-m", "distillery", "train", f"--out={tmp_path / 'one'}", *common]
+    dual = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "distillery",
+        "train",
+        f"--out={tmp_path / 'two'}",
+        *common,
+    ]
+    for cmd in (single, dual):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    moved = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert moved < 1e-5
+    shutil.rmtree(tmp_path / "two")
