@@ -158,3 +158,31 @@ def test_quickstart_end_to_end(tmp_path, corpus, cache_dir):
 
     student = AutoModelForCausalLM.from_pretrained(out / "student-distilled" / "model")
     assert student.config.num_hidden_layers == 2
+
+
+def test_eval_command_reports_quality_size_and_speed(
+    capsys, tmp_path, corpus, cache_dir, teacher_dir
+):
+    dest = tmp_path / "eval.json"
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(teacher_dir),
+            "--teacher",
+            str(teacher_dir),
+            "--data",
+            str(corpus),
+            "--out",
+            str(dest),
+            "seq_len=32",
+            f"cache_dir={cache_dir}",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(dest.read_text())
+    assert result["agreement"] == 1.0  # a model agrees with itself
+    assert abs(result["kl_teacher_student"]) < 1e-6
+    assert result["val_ppl"] > 1 and 0 < result["accuracy"] < 1
+    assert result["size_on_disk"] > 4 * result["params"]  # fp32 weights at least
+    assert result["generation_tokens_per_s"] > 0

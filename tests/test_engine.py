@@ -158,3 +158,42 @@ def test_two_gloo_processes_match_one_process(corpus, cache_dir, tmp_path):
     moved = max((a[k] - b[k]).abs().max().item() for k in a)
     assert moved < 1e-5
     shutil.rmtree(tmp_path / "two")
+
+
+def test_killed_process_resumes_to_the_same_weights(corpus, cache_dir, tmp_path):
+    """SIGKILL a real `distillery train` after a checkpoint, `--resume`, compare weights."""
+    import signal
+    import time
+
+    steps = 200
+    args = [
+        f"--data={corpus}",
+        "model.preset=tiny",
+        "data.seq_len=32",
+        "data.vocab_size=512",
+        f"data.cache_dir={cache_dir}",
+        f"train.steps={steps}",
+        "train.batch_size=8",
+        "train.checkpoint_every=10",
+        "train.tensorboard=false",
+    ]
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "distillery", "train", f"--out={out}", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints" / "step-0000020").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out / "model").exists()
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ref = tiny_run(corpus, cache_dir, tmp_path / "ref", steps=steps, batch_size=8)
+    ref.train.log_every, ref.train.eval_batches, ref.train.warmup_steps = 10, 20, 20
+    ref.train.lr = 1e-3
+    run(ref)
+    a, b = weights(tmp_path / "ref"), weights(out)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
