@@ -36,7 +36,7 @@ class DataConfig(Strict):
 
 
 class ModelSpec(Strict):
-    """A model: a built-in preset (plus config overrides) or an HF folder."""
+    """A model: a built-in preset (plus config overrides) or an HF folder (default: ``mini``)."""
 
     preset: str | None = None
     path: Path | None = None
@@ -48,8 +48,10 @@ class ModelSpec(Strict):
     def _one_source(self) -> ModelSpec:
         from distillery.models.presets import PRESETS
 
-        if (self.preset is None) == (self.path is None):
-            raise ValueError("give exactly one of 'preset' or 'path'")
+        if self.preset is not None and self.path is not None:
+            raise ValueError("give one of 'preset' or 'path', not both")
+        if self.preset is None and self.path is None:
+            self.preset = "mini"
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
         return self
@@ -111,16 +113,16 @@ class RunConfig(Strict):
     """One run of the engine: ``train`` (no teacher) or ``distill`` (a teacher folder)."""
 
     data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelSpec = Field(default_factory=lambda: ModelSpec(preset="mini"))
+    model: ModelSpec = Field(default_factory=ModelSpec)
     teacher: Path | None = None
-    objectives: list[ObjectiveConfig] = Field(default_factory=lambda: [CrossEntropyObjective()])
+    objectives: list[ObjectiveConfig] = Field(
+        default_factory=lambda: [CrossEntropyObjective()], min_length=1
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     out: Path = Path("runs/run")
 
     @model_validator(mode="after")
     def _teacher_needed(self) -> RunConfig:
-        if not self.objectives:
-            raise ValueError("objectives: give at least one")
         needs = [o.kind for o in self.objectives if o.kind != "ce"]
         if needs and self.teacher is None:
             raise ValueError(f"objectives {needs} need a teacher: set 'teacher' (--teacher DIR)")
@@ -133,7 +135,7 @@ class QuickstartConfig(Strict):
     """The main job: train a teacher, distil a half-depth student, train it from scratch too."""
 
     data: DataConfig = Field(default_factory=DataConfig)
-    teacher: ModelSpec = Field(default_factory=lambda: ModelSpec(preset="mini"))
+    teacher: ModelSpec = Field(default_factory=ModelSpec)
     teacher_train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(steps=240, lr=2e-3, warmup_steps=20)
     )

@@ -36,6 +36,7 @@ from distillery.config import TrainConfig
 from distillery.data import PackedTokens, global_batch_indices
 from distillery.distributed import DistEnv, all_reduce_sum
 from distillery.errors import DistilleryError
+from distillery.files import atomic_write_text
 from distillery.objectives.mix import LossMix, shift_labels
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
@@ -75,13 +76,6 @@ class Progress:
     tokens: int = 0
     flops: float = 0.0
     seconds: float = 0.0
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -367,5 +361,5 @@ class Engine:
         with autocast_context(self.device, self.cfg.precision):
             metrics = self.eval_fn(self.model)
         self.model.train()
-        self.log({"step": self.progress.step, **{f"val_{k}": v for k, v in metrics.items()}})
+        self.log({"step": self.progress.step, **metrics})
         return metrics

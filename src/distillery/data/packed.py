@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from distillery.data.tokenizer import publish_folder, temp_folder_next_to, tokenizer_fingerprint
+from distillery.data.tokenizer import tokenizer_fingerprint
 from distillery.errors import DistilleryError
+from distillery.files import publish_folder, temp_folder_next_to
 
 _VERSION = "distillery-tokens-v1"
 _BATCH_DOCS = 256

@@ -4,45 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from distillery.errors import DistilleryError
+from distillery.files import publish_folder, temp_folder_next_to
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 MIN_VOCAB_SIZE = 300
 _FORMAT = "distillery-bpe-v1"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
-def temp_folder_next_to(final: Path) -> Path:
-    """A fresh hidden temporary folder in final's parent, to be published with publish_folder."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-
-
-def publish_folder(tmp: Path, final: Path, replace: bool) -> None:
-    """Rename a fully written tmp folder to final, so final existing means it is complete.
-
-    If final already exists it is replaced when `replace`, else kept (tmp is discarded).
-    """
-    if final.exists():
-        if not replace:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        shutil.rmtree(final)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not final.exists():  # a concurrent writer losing the race is fine; anything else isn't
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def train_bpe_tokenizer(docs: list[str], vocab_size: int, out_dir: Path) -> PreTrainedTokenizerFast:

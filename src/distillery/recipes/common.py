@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,9 +18,9 @@ from distillery.data import (
     load_tokenizer,
     split_documents,
 )
-from distillery.data.tokenizer import publish_folder, temp_folder_next_to
 from distillery.distributed import DistEnv
 from distillery.errors import DistilleryError
+from distillery.files import publish_folder, temp_folder_next_to
 
 RUN_ITEMS = ("checkpoints", "model", "metrics.jsonl", "summary.json", "tensorboard")
 
@@ -105,10 +103,3 @@ def export_model(model: PreTrainedModel, tokenizer: Any, dest: Path) -> Path:
         raise
     publish_folder(tmp, dest, replace=True)
     return dest
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """JSON through a temporary file and a rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -8,9 +8,10 @@ from typing import Any
 from distillery.config import DataConfig, build_config
 from distillery.distributed import DistEnv, resolve_device
 from distillery.eval import evaluate_lm, folder_size, generation_speed
+from distillery.files import write_json
 from distillery.models import check_same_tokenizer, compute_params, load_causal_lm, num_params
 from distillery.models.loading import check_vocab_fits
-from distillery.recipes.common import prepare_data, write_json
+from distillery.recipes.common import prepare_data
 from distillery.teachers import LiveTeacher
 
 

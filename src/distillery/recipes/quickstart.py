@@ -40,6 +40,22 @@ KEPT = (
 )
 
 
+def report_notes(source: str, models: dict[str, dict[str, Any]]) -> list[str]:
+    """The paragraphs under the quickstart table: what was compared, and how to read compute."""
+    d, s = models["student-distilled"], models["student-scratch"]
+    return [
+        f"Data: `{source}`, validation split ({int(d.get('tokens', 0)):,} training tokens "
+        "per student). Perplexity and accuracy are on held-out text; agreement is the rate at "
+        "which a model's top-1 next token equals the teacher's.",
+        f"Distilled vs scratch student at equal steps and tokens: val perplexity "
+        f"{d['val_ppl']:.1f} vs {s['val_ppl']:.1f}.",
+        "Compute: `flops` is what each run spent (6·N·tokens for training, plus 2·N_teacher·tokens "
+        "for the teacher's forwards when distilling); `flops_with_teacher` adds the teacher's own "
+        "training to the distilled student. At equal *total* compute the comparison is not "
+        "the same as at equal steps: read both columns.",
+    ]
+
+
 def quickstart(cfg: QuickstartConfig, *, overwrite: bool = False) -> dict[str, dict[str, Any]]:
     """Run the three arms into ``cfg.out`` and return the per-model summary."""
     if cfg.teacher.preset is None:
@@ -97,18 +113,7 @@ def quickstart(cfg: QuickstartConfig, *, overwrite: bool = False) -> dict[str, d
     )
     models["student-scratch"]["flops_with_teacher"] = models["student-scratch"]["flops"]
 
-    d, s = models["student-distilled"], models["student-scratch"]
-    notes = [
-        f"Data: `{cfg.data.source}`, validation split ({int(d.get('tokens', 0)):,} training tokens "
-        "per student). Perplexity and accuracy are on held-out text; agreement is the rate at "
-        "which a model's top-1 next token equals the teacher's.",
-        f"Distilled vs scratch student at equal steps and tokens: val perplexity "
-        f"{d['val_ppl']:.1f} vs {s['val_ppl']:.1f}.",
-        "Compute: `flops` is what each run spent (6·N·tokens for training, plus 2·N_teacher·tokens "
-        "for the teacher's forwards when distilling); `flops_with_teacher` adds the teacher's own "
-        "training to the distilled student. At equal *total* compute the comparison is not "
-        "the same as at equal steps: read both columns.",
-    ]
+    notes = report_notes(cfg.data.source, models)
     write_report(out, models, title="distillery quickstart", notes=notes)
     print(markdown_table(models))
     print(f"\nreport: {out / 'report.md'}  summary: {out / 'summary.json'}")

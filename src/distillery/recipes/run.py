@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from distillery.config import RunConfig, config_to_yaml
+from distillery.data import load_tokenizer
 from distillery.distributed import init_distributed, resolve_device, shutdown_distributed
-from distillery.engine import Engine, atomic_write_text, seed_everything
+from distillery.engine import Engine, seed_everything
 from distillery.errors import DistilleryError
 from distillery.eval import evaluate_lm, folder_size, generation_speed
+from distillery.files import atomic_write_text, write_json
 from distillery.models import (
     build_model,
     check_same_tokenizer,
@@ -24,7 +26,7 @@ from distillery.models import (
 )
 from distillery.models.loading import check_vocab_fits
 from distillery.objectives.mix import LossMix, terms_from_config
-from distillery.recipes.common import export_model, prepare_data, prepare_out_dir, write_json
+from distillery.recipes.common import export_model, prepare_data, prepare_out_dir
 from distillery.teachers import LiveTeacher
 
 
@@ -59,8 +61,6 @@ def run(
         if cfg.model.path is not None:
             model = load_causal_lm(Path(cfg.model.path), role="student")
             if cfg.teacher is not None:
-                from distillery.data import load_tokenizer
-
                 check_same_tokenizer(
                     load_tokenizer(Path(cfg.teacher)), load_tokenizer(cfg.model.path)
                 )
@@ -81,6 +81,15 @@ def run(
         check_vocab_fits(model, tokenizer, "model")
         if teacher_model is not None:
             check_vocab_fits(teacher_model, tokenizer, "teacher")
+            if cfg.data.tokenizer is not None:
+                check_same_tokenizer(load_tokenizer(Path(cfg.teacher)), tokenizer)
+            t_rows = teacher_model.get_output_embeddings().weight.shape[0]
+            s_rows = model.get_output_embeddings().weight.shape[0]
+            if t_rows != s_rows:
+                raise DistilleryError(
+                    f"teacher predicts {t_rows} tokens, student {s_rows}: give the student the "
+                    "teacher's vocabulary size (same tokenizer, same embedding rows)"
+                )
         if cfg.model.init_from_teacher is not None:
             assert teacher_model is not None
             n_student = model.config.num_hidden_layers

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from distillery.recipes.common import write_json
+from distillery.files import atomic_write_text, write_json
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -26,13 +26,13 @@ def plot_loss_curves(curves: dict[str, list[dict[str, Any]]], dest: Path) -> Pat
 
     fig, (by_step, by_flops) = plt.subplots(1, 2, figsize=(11, 4))
     for name, records in curves.items():
-        train = [r for r in records if "loss" in r]
+        train = [r for r in records if "ce" in r]  # the task loss, whatever else was mixed in
         if not train:
             continue
-        by_step.plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
-        by_flops.plot([r["flops"] for r in train], [r["loss"] for r in train], label=name)
-    by_step.set(xlabel="step", ylabel="training loss (objective mix)", title="loss vs steps")
-    by_flops.set(xlabel="FLOPs (this run)", ylabel="training loss", title="loss vs compute")
+        by_step.plot([r["step"] for r in train], [r["ce"] for r in train], label=name)
+        by_flops.plot([r["flops"] for r in train], [r["ce"] for r in train], label=name)
+    by_step.set(xlabel="step", ylabel="training cross-entropy", title="task loss vs steps")
+    by_flops.set(xlabel="FLOPs (this run)", ylabel="training cross-entropy", title="vs compute")
     by_flops.set_xscale("log")
     for ax in (by_step, by_flops):
         ax.grid(alpha=0.3)
@@ -80,15 +80,5 @@ def write_report(
     curves = {name: read_metrics(Path(row["run_dir"])) for name, row in models.items()}
     plot_loss_curves(curves, out / "loss_curves.png")
     write_json(out / "summary.json", {"models": models})
-    body = [
-        f"# {title}",
-        "",
-        markdown_table(models),
-        "",
-        *notes,
-        "",
-        "![loss curves](loss_curves.png)",
-    ]
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(body) + "\n", encoding="utf-8")
-    tmp.replace(out / "report.md")
+    paragraphs = [f"# {title}", markdown_table(models), *notes, "![loss curves](loss_curves.png)"]
+    atomic_write_text(out / "report.md", "\n\n".join(paragraphs) + "\n")

@@ -1,0 +1,121 @@
+"""Training vs distillation step throughput, measured side by side in one run.
+
+    python benchmarks/step_throughput.py [--teacher mini] [--student-layers 2] [--steps 10]
+
+Builds a teacher and a half-depth student from a preset (random weights: speed does not depend
+on what they learnt), then times optimizer steps of (a) the teacher trained alone, (b) the
+student trained alone, (c) the student distilled from the frozen teacher (CE + forward KL),
+each through the real engine, interleaved round-robin so machine noise hits all arms alike.
+Prints tokens/s and ratios to arm (b). Absolute numbers are only meaningful on the named device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from distillery.config import DataConfig, TrainConfig
+from distillery.distributed import DistEnv, resolve_device
+from distillery.engine import Engine, seed_everything
+from distillery.models import build_model, compute_params
+from distillery.objectives.mix import LossMix, terms_from_config
+from distillery.recipes.common import prepare_data
+from distillery.teachers import LiveTeacher
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="mini")
+    parser.add_argument("--student-layers", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per arm per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    args = parser.parse_args()
+
+    device = resolve_device("auto")
+    data_cfg = DataConfig(seq_len=args.seq_len, vocab_size=args.vocab_size)
+    tokenizer, train, _ = prepare_data(data_cfg, DistEnv())
+    seed_everything(0)
+    teacher = build_model(args.teacher, len(tokenizer))
+    student = build_model(args.teacher, len(tokenizer), {"num_hidden_layers": args.student_layers})
+    scratch = build_model(args.teacher, len(tokenizer), {"num_hidden_layers": args.student_layers})
+    frozen = build_model(args.teacher, len(tokenizer)).to(device)
+    ce = terms_from_config([{"kind": "ce"}])
+    kd = terms_from_config([{"kind": "ce"}, {"kind": "forward_kl", "temperature": 2.0}])
+    live = LiveTeacher(frozen)
+    total = args.steps * args.rounds + 2
+    cfg = TrainConfig(
+        steps=total,
+        batch_size=args.batch_size,
+        warmup_steps=1,
+        precision=args.precision,
+        tensorboard=False,
+        log_every=10**6,
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    arms = {
+        "teacher train": Engine(
+            teacher,
+            LossMix(ce),
+            train,
+            cfg,
+            tmp / "a",
+            device=device,
+            flops_per_token=6.0 * compute_params(teacher),
+        ),
+        "student train": Engine(
+            scratch,
+            LossMix(ce),
+            train,
+            cfg,
+            tmp / "b",
+            device=device,
+            flops_per_token=6.0 * compute_params(scratch),
+        ),
+        "student distill": Engine(
+            student,
+            LossMix(kd, live),
+            train,
+            cfg,
+            tmp / "c",
+            device=device,
+            flops_per_token=6.0 * compute_params(student) + 2.0 * live.compute_params,
+        ),
+    }
+    seconds = dict.fromkeys(arms, 0.0)
+    step = 0
+    for engine in arms.values():  # warm-up (allocations, kernels)
+        engine.train_step(0)
+    for _ in range(args.rounds):
+        for name, engine in arms.items():
+            start = time.perf_counter()
+            for k in range(args.steps):
+                engine.train_step(step + 1 + k)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[name] += time.perf_counter() - start
+        step += args.steps
+    tokens = args.steps * args.rounds * args.batch_size * args.seq_len
+    where = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    print(
+        f"device: {device} ({where}), threads {torch.get_num_threads()}, "
+        f"precision {args.precision}, batch {args.batch_size}x{args.seq_len}, "
+        f"vocab {len(tokenizer)}"
+    )
+    base = tokens / seconds["student train"]
+    print(f"{'arm':<16} {'tokens/s':>10} {'vs student train':>17}")
+    for name in arms:
+        rate = tokens / seconds[name]
+        print(f"{name:<16} {rate:>10,.0f} {rate / base:>16.2f}x")
+
+
+if __name__ == "__main__":
+    main()
