@@ -98,7 +98,9 @@ def test_distill_run_records_teacher_flops_and_agreement(corpus, cache_dir, tmp_
     assert summary["flops"] == pytest.approx((6 * n_student + 2 * n_teacher) * tokens)
     assert 0.0 <= summary["agreement"] <= 1.0
     records = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
-    assert {"ce", "forward_kl", "loss"} <= set(records[0])
+    assert {"ce", "forward_kl", "loss", "tokens_per_s", "flops"} <= set(records[0])
+    assert any("val_loss" in r for r in records)  # the end-of-run evaluation is logged
+    assert list((tmp_path / "d" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_exported_student_loads_and_generates_with_plain_transformers(teacher_dir):
