@@ -61,44 +61,27 @@ def main() -> None:
         log_every=10**6,
     )
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+
+    def engine(model: torch.nn.Module, loss: LossMix, folder: str) -> Engine:
+        per_token = 6.0 * compute_params(model) + loss.teacher_flops_per_token()
+        return Engine(
+            model, loss, train, cfg, tmp / folder, device=device, flops_per_token=per_token
+        )
+
     arms = {
-        "teacher train": Engine(
-            teacher,
-            LossMix(ce),
-            train,
-            cfg,
-            tmp / "a",
-            device=device,
-            flops_per_token=6.0 * compute_params(teacher),
-        ),
-        "student train": Engine(
-            scratch,
-            LossMix(ce),
-            train,
-            cfg,
-            tmp / "b",
-            device=device,
-            flops_per_token=6.0 * compute_params(scratch),
-        ),
-        "student distill": Engine(
-            student,
-            LossMix(kd, live),
-            train,
-            cfg,
-            tmp / "c",
-            device=device,
-            flops_per_token=6.0 * compute_params(student) + 2.0 * live.compute_params,
-        ),
+        "teacher train": engine(teacher, LossMix(ce), "a"),
+        "student train": engine(scratch, LossMix(ce), "b"),
+        "student distill": engine(student, LossMix(kd, live), "c"),
     }
     seconds = dict.fromkeys(arms, 0.0)
     step = 0
-    for engine in arms.values():  # warm-up (allocations, kernels)
-        engine.train_step(0)
+    for arm in arms.values():  # warm-up (allocations, kernels)
+        arm.train_step(0)
     for _ in range(args.rounds):
-        for name, engine in arms.items():
+        for name, arm in arms.items():
             start = time.perf_counter()
             for k in range(args.steps):
-                engine.train_step(step + 1 + k)
+                arm.train_step(step + 1 + k)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds[name] += time.perf_counter() - start

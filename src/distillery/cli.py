@@ -136,7 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come before or after the options.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -146,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distillery: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("distillery: interrupted", file=sys.stderr)
+        print(
+            "distillery: interrupted; `--resume` continues from the last checkpoint",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -95,13 +95,18 @@ class TrainConfig(Strict):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     warmup_steps: int = Field(20, ge=0)  # capped at steps
     weight_decay: float = Field(0.1, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[
+        Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]
+    ] = (
+        0.9,
+        0.95,
+    )
     grad_clip: float | None = Field(1.0, gt=0.0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
+    checkpoint_every: int = Field(100, ge=0)  # 0: only at the end
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0)  # 0: only at the end
@@ -147,6 +152,26 @@ class QuickstartConfig(Strict):
         default_factory=lambda: [CrossEntropyObjective(weight=1.0), ForwardKLObjective(weight=1.0)]
     )
     out: Path = Path("runs/quickstart")
+
+    @model_validator(mode="after")
+    def _student_fits_teacher(self) -> QuickstartConfig:
+        from distillery.models.presets import PRESETS
+
+        if self.teacher.path is not None or self.teacher.init_from_teacher is not None:
+            raise ValueError(
+                "teacher: quickstart trains its teacher from a preset (teacher.preset)"
+            )
+        layers = int(
+            self.teacher.overrides.get(
+                "num_hidden_layers", PRESETS[self.teacher.preset or "mini"]["num_hidden_layers"]
+            )
+        )
+        if 2 * self.student_layers - 1 > layers:
+            raise ValueError(
+                f"student_layers={self.student_layers} needs a teacher with at least "
+                f"{2 * self.student_layers - 1} layers (every other layer); it has {layers}"
+            )
+        return self
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -203,6 +228,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
         raise DistilleryError(f"config file {path} not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, OSError) as exc:
+        raise DistilleryError(f"config file {path} cannot be read as UTF-8 text ({exc})") from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""

@@ -40,10 +40,14 @@ def init_distributed(device_kind: str) -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank)
 
 
-def shutdown_distributed() -> None:
-    """Leave the process group cleanly (a barrier first avoids gloo aborts at exit)."""
+def shutdown_distributed(clean: bool = True) -> None:
+    """Leave the process group (after a barrier when ``clean``; it avoids gloo aborts at exit).
+
+    After a failure the barrier is skipped: the other ranks may never reach it.
+    """
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -12,6 +12,7 @@ batching and the number of processes do not change the gradient.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -139,6 +140,7 @@ class Engine:
             self.optimizer, lambda step: lr_factor(step, cfg)
         )
         self.progress = Progress()
+        self._resumed_at: int | None = None
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self._tb: Any = None
 
@@ -163,7 +165,11 @@ class Engine:
             "rng": rng,
         }
         torch.save(trainer_state, tmp / "trainer_state.pt")
-        state = {**asdict(self.progress), "samples_seen": self.progress.step * self.cfg.batch_size}
+        state = {
+            **asdict(self.progress),
+            "samples_seen": self.progress.step * self.cfg.batch_size,
+            "run": self._run_fingerprint(),
+        }
         (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
@@ -177,6 +183,7 @@ class Engine:
         missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).is_file()]
         if missing:
             raise DistilleryError(f"checkpoint {ckpt} is incomplete (no {', '.join(missing)})")
+        self._check_same_run(ckpt)
         try:
             state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
             trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
@@ -186,6 +193,11 @@ class Engine:
             self.optimizer.load_state_dict(trainer_state["optimizer"])
             self.scheduler.load_state_dict(trainer_state["scheduler"])
             progress = Progress(**{k: state[k] for k in asdict(Progress())})
+            rng = trainer_state["rng"]
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
         except DistilleryError:
             raise
         except Exception as exc:
@@ -194,12 +206,34 @@ class Engine:
                 f"checkpoint {ckpt} is corrupt ({reason[:160]}); delete it to resume from an "
                 "earlier one, or start again without --resume"
             ) from None
-        rng = trainer_state["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
         self.progress = progress
+
+    def _run_fingerprint(self) -> dict[str, Any]:
+        """What must not change on resume: data order and block size, and the weights' shapes."""
+        shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
+        digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+        return {
+            "train.batch_size": self.cfg.batch_size,
+            "train.seed": self.cfg.seed,
+            "data.seq_len": self.data.seq_len,
+            "data.num_blocks": self.data.num_blocks,
+            "model shapes": digest,
+        }
+
+    def _check_same_run(self, ckpt: Path) -> None:
+        """Refuse to resume a checkpoint with a config that changes data order or shapes."""
+        try:
+            saved = json.loads((ckpt / "state.json").read_text(encoding="utf-8")).get("run", {})
+        except (OSError, ValueError):
+            return  # reported as corrupt when loaded
+        now = self._run_fingerprint()
+        changed = [k for k in now if k in saved and saved[k] != now[k]]
+        if changed:
+            what = ", ".join(f"{k} {saved[k]} → {now[k]}" for k in changed)
+            raise DistilleryError(
+                f"cannot resume {ckpt}: the config changed ({what}); resume with the settings "
+                "the run was started with"
+            )
 
     def resume(self) -> int:
         """Continue from the newest checkpoint in ``out_dir``; returns its step."""
@@ -209,7 +243,12 @@ class Engine:
                 f"--resume: no checkpoint in {self.out_dir / 'checkpoints'}; start without --resume"
             )
         self.load_checkpoint(found[-1])
+        if self.progress.step > self.cfg.steps:
+            raise DistilleryError(
+                f"checkpoint {found[-1]} is past train.steps={self.cfg.steps}; raise train.steps"
+            )
         self._truncate_metrics(self.progress.step)
+        self._resumed_at = self.progress.step + 1
         return self.progress.step
 
     # ----------------------------------------------------------------- logging
@@ -237,7 +276,9 @@ class Engine:
             if self._tb is None:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+                self._tb = SummaryWriter(
+                    log_dir=str(self.out_dir / "tensorboard"), purge_step=self._resumed_at
+                )
             for key, value in record.items():
                 if isinstance(value, int | float) and key != "step":
                     self._tb.add_scalar(f"{self.name}/{key}", value, record["step"])
@@ -257,7 +298,7 @@ class Engine:
         micro_batches = self._step_batches(step)
         labels = [shift_labels(ids) for ids in micro_batches]
         n_local = torch.tensor(float(sum(int((y != -100).sum()) for y in labels)))
-        n_global = all_reduce_sum(n_local, self.env).item()
+        n_global = all_reduce_sum(n_local.to(self.device), self.env).item()
         scale = self.env.world_size / max(n_global, 1.0)  # DDP averages over ranks
         sums: dict[str, torch.Tensor] = {}
         for i, (ids, y) in enumerate(zip(micro_batches, labels, strict=True)):
@@ -270,19 +311,26 @@ class Engine:
                     total, terms = self.loss(self.forward, ids.to(self.device), y.to(self.device))
                 (total * scale).backward()
             for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float().cpu()
-            sums["loss"] = sums.get("loss", 0.0) + total.detach().float().cpu()
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+            sums["loss"] = sums.get("loss", 0.0) + total.detach().float()
         grad_norm = None
         if self.cfg.grad_clip is not None:
             grad_norm = float(
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             )
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         names = sorted(sums)
-        reduced = all_reduce_sum(torch.stack([torch.as_tensor(sums[k]) for k in names]), self.env)
+        reduced = all_reduce_sum(torch.stack([sums[k] for k in names]), self.env).cpu()
         out = {k: float(v) / max(n_global, 1.0) for k, v in zip(names, reduced, strict=True)}
+        if not math.isfinite(out["loss"]):
+            raise DistilleryError(
+                f"the loss is not finite at step {step + 1} (diverged); lower train.lr or "
+                "raise train.warmup_steps, then resume from the last checkpoint"
+            )
+        out["lr"] = lr
         if grad_norm is not None:
             out["grad_norm"] = grad_norm
         return out
@@ -326,7 +374,6 @@ class Engine:
                 record = {
                     "step": done,
                     **terms,
-                    "lr": self.scheduler.get_last_lr()[0],
                     "tokens": self.progress.tokens,
                     "flops": self.progress.flops,
                     "tokens_per_s": rate,
@@ -345,11 +392,9 @@ class Engine:
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
-        if self.progress.step == cfg.steps:
-            if self.eval_fn:
-                self.evaluate()
-            if not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every:
-                self.save_checkpoint()
+        finished_now = first < cfg.steps == self.progress.step
+        if finished_now and (not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every):
+            self.save_checkpoint()  # the final state, unless the loop has just written it
         if self._tb is not None:
             self._tb.flush()
         return self.progress

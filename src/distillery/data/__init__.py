@@ -15,6 +15,7 @@ from distillery.data.sources import (
 )
 from distillery.data.tokenizer import (
     cached_bpe_tokenizer,
+    has_tokenizer,
     load_tokenizer,
     tokenizer_fingerprint,
     train_bpe_tokenizer,
@@ -28,6 +29,7 @@ __all__ = [
     "build_token_cache",
     "cached_bpe_tokenizer",
     "global_batch_indices",
+    "has_tokenizer",
     "load_documents",
     "load_tokenizer",
     "sequential_batches",

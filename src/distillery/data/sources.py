@@ -112,7 +112,7 @@ def _from_jsonl(path: Path, text_field: str) -> list[str]:
 def _from_csv(path: Path, text_field: str) -> list[str]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long documents exceed the 128 KiB default
     docs = []
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         try:
             columns = reader.fieldnames or []

@@ -20,7 +20,9 @@ _FORMAT = "distillery-bpe-v1"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
-def train_bpe_tokenizer(docs: list[str], vocab_size: int, out_dir: Path) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(
+    docs: list[str], vocab_size: int, out_dir: Path, *, replace: bool = True
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on docs and save it (atomically) to out_dir."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise DistilleryError(
@@ -51,10 +53,15 @@ def train_bpe_tokenizer(docs: list[str], vocab_size: int, out_dir: Path) -> PreT
     tmp = temp_folder_next_to(out_dir)
     try:
         tokenizer.save_pretrained(tmp)
-        publish_folder(tmp, out_dir, replace=True)
+        publish_folder(tmp, out_dir, replace=replace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds tokenizer files."""
+    return any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES)
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
@@ -94,7 +101,8 @@ def cached_bpe_tokenizer(
     folder = Path(cache_root) / "tokenizers" / _docs_key(_FORMAT, vocab_size, docs=docs)
     if folder.is_dir():
         return load_tokenizer(folder), folder
-    return train_bpe_tokenizer(docs, vocab_size, folder), folder
+    # Content-addressed: never replace a folder another job may be reading.
+    return train_bpe_tokenizer(docs, vocab_size, folder, replace=False), folder
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

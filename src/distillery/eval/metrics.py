@@ -74,6 +74,7 @@ def generation_speed(
     repeats: int = 2,
 ) -> float:
     """Greedy generation throughput in new tokens per second (batch 1, KV cache on)."""
+    was_training = model.training
     model.eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -86,6 +87,7 @@ def generation_speed(
         model.generate(ids, **kwargs, max_length=None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    model.train(was_training)
     return repeats * new_tokens / (time.perf_counter() - start)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +49,9 @@ def build_model(
     config = preset_config(preset, vocab_size, overrides, **special)
     try:
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except (TypeError, ValueError) as exc:
-        raise DistilleryError(f"model.overrides: invalid model config ({exc})") from None
+    except Exception as exc:  # any failure to build from a user's overrides
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistilleryError(f"model.overrides: cannot build the model ({first})") from None
 
 
 def num_params(model: nn.Module) -> int:
@@ -75,35 +75,31 @@ def compute_params(model: PreTrainedModel) -> int:
     return n
 
 
-def _vocab(tokenizer: Any) -> dict[str, int]:
-    return dict(tokenizer.get_vocab())
-
-
 def check_same_tokenizer(teacher_tok: Any, student_tok: Any) -> None:
-    """Refuse, with one line, teacher/student tokenizers that map text to different ids."""
-    t_vocab, s_vocab = _vocab(teacher_tok), _vocab(student_tok)
-    if t_vocab != s_vocab:
+    """Refuse, with one line, teacher/student tokenizers that could map text to different ids."""
+    from distillery.data import tokenizer_fingerprint
+
+    if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
+        t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
         diff = len(set(t_vocab.items()) ^ set(s_vocab.items()))
         raise DistilleryError(
             f"teacher and student tokenizers disagree ({len(t_vocab)} vs {len(s_vocab)} tokens, "
-            f"{diff} differing entries); use the teacher's tokenizer for the student"
+            f"{diff} differing vocabulary entries, or different merges/special tokens); "
+            "use the teacher's tokenizer for the student"
         )
 
 
-def check_vocab_fits(model: PreTrainedModel, tokenizer: Any, role: str) -> None:
-    """The model's embedding table must cover every token id of the tokenizer."""
+def check_fits_data(model: PreTrainedModel, tokenizer: Any, seq_len: int, role: str) -> None:
+    """The model must embed every token id of the tokenizer and accept ``seq_len`` positions."""
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < len(tokenizer):
         raise DistilleryError(
             f"the {role}'s embedding has {rows} rows but its tokenizer has {len(tokenizer)} tokens"
         )
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``, or one clear error."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DistilleryError(f"{path} not found") from None
-    except json.JSONDecodeError as exc:
-        raise DistilleryError(f"{path} is not valid JSON (line {exc.lineno})") from None
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
+    if limit is not None and seq_len > limit:
+        raise DistilleryError(
+            f"data.seq_len={seq_len} exceeds the {role}'s {limit} positions; lower data.seq_len"
+        )

@@ -58,6 +58,10 @@ def preset_config(
         if key == "vocab_size" or not hasattr(defaults, key):
             raise DistilleryError(f"model.overrides.{key}: not a field a preset can change")
         fields[key] = value
+    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    bad = [k for k in sizes if not isinstance(fields[k], int) or fields[k] <= 0]
+    if bad:
+        raise DistilleryError(f"model.overrides: {', '.join(bad)} must be positive integers")
     if fields["hidden_size"] % fields["num_attention_heads"]:
         raise DistilleryError(
             f"model: hidden_size {fields['hidden_size']} is not divisible by "

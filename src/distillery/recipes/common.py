@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 from transformers import PreTrainedModel
@@ -22,18 +23,27 @@ from distillery.distributed import DistEnv
 from distillery.errors import DistilleryError
 from distillery.files import publish_folder, temp_folder_next_to
 
-RUN_ITEMS = ("checkpoints", "model", "metrics.jsonl", "summary.json", "tensorboard")
+# What a run leaves; the first three are worth keeping (resumable or finished).
+KEPT_ITEMS = ("checkpoints", "model", "summary.json")
+RUN_ITEMS = (*KEPT_ITEMS, "metrics.jsonl", "tensorboard")
+T = TypeVar("T")
 
 
-def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Make ``out`` ready: writable, and never silently reusing a finished run."""
+def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool, resumable: bool = True) -> None:
+    """Make ``out`` ready: writable, never silently replacing a checkpointed or finished run."""
     if out.exists() and not out.is_dir():
         raise DistilleryError(f"--out {out} is a file; give a folder")
-    existing = [name for name in RUN_ITEMS if (out / name).exists()]
-    if existing and not resume and not overwrite:
+    kept = [name for name in KEPT_ITEMS if (out / name).exists()]
+    if kept and not resume and not overwrite:
+        how = "use --resume to continue it, " if resumable and "checkpoints" in kept else "use "
         raise DistilleryError(
-            f"--out {out} already holds a run ({', '.join(existing)}); use --resume to continue "
-            "it, --overwrite to replace it, or another --out"
+            f"--out {out} already holds a run ({', '.join(kept)}); {how}--overwrite to replace "
+            "it, or another --out"
+        )
+    if resume and not any((out / "checkpoints").glob("step-*")):
+        raise DistilleryError(
+            f"--resume: no checkpoint in {out / 'checkpoints'}; start again without --resume "
+            "(with --overwrite if the folder holds an unfinished run)"
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -44,20 +54,33 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         raise DistilleryError(
             f"cannot write to --out {out} ({exc.strerror or exc}); choose a writable folder"
         ) from None
-    if overwrite and not resume:
-        for name in existing:
+    if not resume:  # a fresh start: clear what an earlier attempt left
+        for name in RUN_ITEMS:
             target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
 
 
-def _once_per_job(env: DistEnv, fn: Any) -> Any:
-    """Run ``fn`` on rank 0 first, then on the others (which then hit its caches)."""
-    if env.active and not env.is_main:
-        dist.barrier()
-    result = fn()
-    if env.active and env.is_main:
-        dist.barrier()
-    return result
+def once_per_job(env: DistEnv, fn: Callable[[], T], *, everyone: bool = True) -> T | None:
+    """Run ``fn`` on rank 0 first; the other ranks then run it too (hitting its caches) if
+    ``everyone``, or skip it. If rank 0 fails, every rank stops with one clear line."""
+    if not env.active:
+        return fn()
+    if env.is_main:
+        try:
+            result = fn()
+        except BaseException:
+            dist.broadcast_object_list([False], src=0)
+            raise
+        dist.broadcast_object_list([True], src=0)
+        return result
+    flag: list[Any] = [None]
+    dist.broadcast_object_list(flag, src=0)
+    if not flag[0]:
+        raise DistilleryError(f"rank {env.rank}: stopping because rank 0 failed (see its error)")
+    return fn() if everyone else None
 
 
 def prepare_data(
@@ -78,13 +101,19 @@ def prepare_data(
                 "or give more documents"
             )
         source = cfg.tokenizer or tokenizer_dir
-        if source is not None:
-            tokenizer = load_tokenizer(Path(source))
-        else:
-            tokenizer, _ = cached_bpe_tokenizer(splits["train"], cfg.vocab_size, cfg.cache_dir)
-        return tokenizer, build_token_cache(splits, tokenizer, cfg.cache_dir)
+        try:
+            if source is not None:
+                tokenizer = load_tokenizer(Path(source))
+            else:
+                tokenizer, _ = cached_bpe_tokenizer(splits["train"], cfg.vocab_size, cfg.cache_dir)
+            return tokenizer, build_token_cache(splits, tokenizer, cfg.cache_dir)
+        except OSError as exc:
+            raise DistilleryError(
+                f"cannot write the token cache under data.cache_dir={cfg.cache_dir} "
+                f"({exc.strerror or exc}); give a writable folder"
+            ) from None
 
-    tokenizer, folder = _once_per_job(env, build)
+    tokenizer, folder = once_per_job(env, build)  # type: ignore[misc]
     return (
         tokenizer,
         PackedTokens(folder, "train", cfg.seq_len),

@@ -6,11 +6,18 @@ from pathlib import Path
 from typing import Any
 
 from distillery.config import DataConfig, build_config
+from distillery.data import has_tokenizer, load_tokenizer
 from distillery.distributed import DistEnv, resolve_device
+from distillery.errors import DistilleryError
 from distillery.eval import evaluate_lm, folder_size, generation_speed
 from distillery.files import write_json
-from distillery.models import check_same_tokenizer, compute_params, load_causal_lm, num_params
-from distillery.models.loading import check_vocab_fits
+from distillery.models import (
+    check_fits_data,
+    check_same_tokenizer,
+    compute_params,
+    load_causal_lm,
+    num_params,
+)
 from distillery.recipes.common import prepare_data
 from distillery.teachers import LiveTeacher
 
@@ -26,16 +33,22 @@ def evaluate_folder(
     """Metrics of the model in ``model_dir`` on ``data``'s validation split (its own tokenizer)."""
     data_overrides = [o.removeprefix("data.") for o in overrides or []]
     data_cfg = build_config(DataConfig, None, data_overrides, base={"source": data})
+    if out is not None and out.is_dir():
+        raise DistilleryError(f"--out {out} must be a JSON file path, not a folder")
     device = resolve_device("auto")
     model = load_causal_lm(model_dir, role="model").to(device)
     tokenizer, _, val = prepare_data(data_cfg, DistEnv(), tokenizer_dir=model_dir)
-    check_vocab_fits(model, tokenizer, "model")
+    check_fits_data(model, tokenizer, data_cfg.seq_len, "model")
     signal = None
     if teacher is not None:
-        from distillery.data import load_tokenizer
-
-        check_same_tokenizer(load_tokenizer(teacher), tokenizer)
-        signal = LiveTeacher(load_causal_lm(teacher, role="teacher").to(device))
+        if has_tokenizer(teacher):
+            check_same_tokenizer(load_tokenizer(teacher), tokenizer)
+        teacher_model = load_causal_lm(teacher, role="teacher")
+        t_rows = teacher_model.get_output_embeddings().weight.shape[0]
+        s_rows = model.get_output_embeddings().weight.shape[0]
+        if t_rows != s_rows:
+            raise DistilleryError(f"teacher predicts {t_rows} tokens, the model {s_rows}")
+        signal = LiveTeacher(teacher_model.to(device))
     result: dict[str, Any] = {
         "model": str(model_dir),
         "params": num_params(model),

@@ -61,10 +61,10 @@ def quickstart(cfg: QuickstartConfig, *, overwrite: bool = False) -> dict[str, d
     if cfg.teacher.preset is None:
         raise DistilleryError("quickstart trains its teacher from a preset: set teacher.preset")
     out = Path(cfg.out)
-    prepare_out_dir(out, resume=False, overwrite=overwrite)
     for name in ("teacher", "student-distilled", "student-scratch", "report.md"):
         if (out / name).exists() and not overwrite:
             raise DistilleryError(f"--out {out} already holds a quickstart; use --overwrite")
+    prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
 
     teacher_dir = out / "teacher"
     teacher_cfg = RunConfig(

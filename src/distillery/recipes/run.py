@@ -1,6 +1,7 @@
 """``distillery train`` and ``distillery distill``: one recipe, with or without a teacher.
 
-Protocol: config → data → teacher → student → objectives → engine → export → evaluate.
+Protocol: config → output folder → models from folders → data → student → objectives →
+engine → export → one full evaluation → summary.
 """
 
 from __future__ import annotations
@@ -8,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from transformers import PreTrainedModel
+
 from distillery.config import RunConfig, config_to_yaml
-from distillery.data import load_tokenizer
+from distillery.data import has_tokenizer, load_tokenizer
 from distillery.distributed import init_distributed, resolve_device, shutdown_distributed
 from distillery.engine import Engine, seed_everything
 from distillery.errors import DistilleryError
@@ -17,6 +20,7 @@ from distillery.eval import evaluate_lm, folder_size, generation_speed
 from distillery.files import atomic_write_text, write_json
 from distillery.models import (
     build_model,
+    check_fits_data,
     check_same_tokenizer,
     compute_params,
     every_other,
@@ -24,10 +28,24 @@ from distillery.models import (
     load_causal_lm,
     num_params,
 )
-from distillery.models.loading import check_vocab_fits
 from distillery.objectives.mix import LossMix, terms_from_config
-from distillery.recipes.common import export_model, prepare_data, prepare_out_dir
+from distillery.recipes.common import export_model, once_per_job, prepare_data, prepare_out_dir
 from distillery.teachers import LiveTeacher
+
+
+def _student(cfg: RunConfig, folder_model: PreTrainedModel | None, vocab: int, tok: Any):
+    """The model to train: the one loaded from a folder, else a fresh preset (seeded)."""
+    if folder_model is not None:
+        return folder_model
+    seed_everything(cfg.train.seed)
+    return build_model(
+        cfg.model.preset or "",
+        vocab,
+        cfg.model.overrides,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
 
 
 def run(
@@ -40,78 +58,54 @@ def run(
 ) -> dict[str, Any]:
     """Train (or distil into) ``cfg.model`` and return its summary; files go to ``cfg.out``."""
     out = Path(cfg.out)
-    device_kind = "cuda" if cfg.train.device == "cuda" else "auto"
-    env = init_distributed(resolve_device(device_kind).type if device_kind == "auto" else "cuda")
+    env = init_distributed(resolve_device(cfg.train.device).type)
+    ok = False
     try:
         device = resolve_device(cfg.train.device, env)
-        if env.is_main:
-            prepare_out_dir(out, resume=resume, overwrite=overwrite)
+        once_per_job(
+            env,
+            lambda: prepare_out_dir(out, resume=resume, overwrite=overwrite),
+            everyone=False,
+        )
 
-        # Teacher: a local HF folder, frozen.
-        teacher_model = None
-        if cfg.teacher is not None:
-            teacher_model = load_causal_lm(Path(cfg.teacher), role="teacher")
-        tokenizer_dir = Path(cfg.teacher) if cfg.teacher is not None else None
-        if cfg.model.path is not None and cfg.data.tokenizer is None:
-            tokenizer_dir = tokenizer_dir or Path(cfg.model.path)
+        # Models given as folders: the teacher (frozen) and perhaps the student.
+        teacher_model = load_causal_lm(cfg.teacher, "teacher") if cfg.teacher else None
+        folder_model = load_causal_lm(cfg.model.path, "student") if cfg.model.path else None
+        tokenizer_dir = cfg.teacher or cfg.model.path
         tokenizer, train_data, val_data = prepare_data(cfg.data, env, tokenizer_dir)
+        if cfg.teacher is not None and has_tokenizer(cfg.teacher):
+            check_same_tokenizer(load_tokenizer(cfg.teacher), tokenizer)
+        if cfg.teacher is not None and cfg.model.path is not None and has_tokenizer(cfg.model.path):
+            check_same_tokenizer(load_tokenizer(cfg.teacher), load_tokenizer(cfg.model.path))
 
-        # Student (or the model being trained): a preset or a folder.
-        seed_everything(cfg.train.seed)
-        if cfg.model.path is not None:
-            model = load_causal_lm(Path(cfg.model.path), role="student")
-            if cfg.teacher is not None:
-                check_same_tokenizer(
-                    load_tokenizer(Path(cfg.teacher)), load_tokenizer(cfg.model.path)
-                )
-        else:
-            vocab = (
-                teacher_model.get_input_embeddings().weight.shape[0]
-                if teacher_model is not None
-                else len(tokenizer)
-            )
-            model = build_model(
-                cfg.model.preset or "",
-                vocab,
-                cfg.model.overrides,
-                pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        check_vocab_fits(model, tokenizer, "model")
+        # The student: its vocabulary is the teacher's (same output rows) or the tokenizer's.
+        vocab = teacher_model.get_output_embeddings().weight.shape[0] if teacher_model else None
+        model = _student(cfg, folder_model, vocab or len(tokenizer), tokenizer)
+        check_fits_data(model, tokenizer, cfg.data.seq_len, "model")
         if teacher_model is not None:
-            check_vocab_fits(teacher_model, tokenizer, "teacher")
-            if cfg.data.tokenizer is not None:
-                check_same_tokenizer(load_tokenizer(Path(cfg.teacher)), tokenizer)
-            t_rows = teacher_model.get_output_embeddings().weight.shape[0]
+            check_fits_data(teacher_model, tokenizer, cfg.data.seq_len, "teacher")
             s_rows = model.get_output_embeddings().weight.shape[0]
-            if t_rows != s_rows:
+            if vocab != s_rows:
                 raise DistilleryError(
-                    f"teacher predicts {t_rows} tokens, student {s_rows}: give the student the "
+                    f"teacher predicts {vocab} tokens, student {s_rows}: give the student the "
                     "teacher's vocabulary size (same tokenizer, same embedding rows)"
                 )
-        if cfg.model.init_from_teacher is not None:
-            assert teacher_model is not None
-            n_student = model.config.num_hidden_layers
+        if cfg.model.init_from_teacher is not None and teacher_model is not None:
             layer_map = (
-                every_other(teacher_model.config.num_hidden_layers, n_student)
+                every_other(teacher_model.config.num_hidden_layers, model.config.num_hidden_layers)
                 if cfg.model.init_from_teacher == "every_other"
                 else list(cfg.model.init_from_teacher)
             )
             init_from_teacher(model, teacher_model, layer_map)
 
-        # Objectives and the teacher signal.
+        # Objectives and the teacher signal; compute charged per trained token.
         teacher = LiveTeacher(teacher_model.to(device)) if teacher_model is not None else None
         loss = LossMix(terms_from_config(cfg.objectives), teacher)
         flops_per_token = 6.0 * compute_params(model) + loss.teacher_flops_per_token()
 
         def eval_fn(m: Any) -> dict[str, float]:
-            return evaluate_lm(
-                m, val_data, device=device, batch_size=16, max_batches=cfg.train.eval_batches
-            )
+            return evaluate_lm(m, val_data, device=device, max_batches=cfg.train.eval_batches)
 
-        if env.is_main:  # written once everything above has been checked
-            atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
         engine = Engine(
             model,
             loss,
@@ -124,14 +118,15 @@ def run(
             eval_fn=eval_fn,
             name=name,
         )
+        if env.is_main:  # written once everything above has been checked
+            atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
         progress = engine.fit(resume=resume, stop_after=stop_after)
-        if progress.step < cfg.train.steps:  # stopped early on purpose; resume later
-            return {"step": progress.step, "finished": False}
-
-        summary: dict[str, Any] = {}
-        if env.is_main:
+        summary: dict[str, Any] = {"step": progress.step, "finished": False}
+        if progress.step == cfg.train.steps and env.is_main:
             export_model(model, tokenizer, out / "model")
-            metrics = evaluate_lm(model, val_data, device=device, batch_size=16, teacher=teacher)
+            # One full evaluation (fp32, whole validation split), logged and summarised.
+            metrics = evaluate_lm(model, val_data, device=device, teacher=teacher)
+            engine.log({"step": progress.step, **metrics})
             summary = {
                 "name": name,
                 "params": num_params(model),
@@ -149,10 +144,7 @@ def run(
                 "finished": True,
             }
             write_json(out / "summary.json", summary)
+        ok = True
         return summary
-    except KeyboardInterrupt:
-        raise DistilleryError(
-            f"interrupted; continue with --resume --out {out} (from its last checkpoint)"
-        ) from None
     finally:
-        shutdown_distributed()
+        shutdown_distributed(clean=ok)

@@ -14,7 +14,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interruption
+    return records
 
 
 def plot_loss_curves(curves: dict[str, list[dict[str, Any]]], dest: Path) -> Path:
@@ -43,33 +49,29 @@ def plot_loss_curves(curves: dict[str, list[dict[str, Any]]], dest: Path) -> Pat
     return dest
 
 
-COLUMNS = (
-    ("model", "{}"),
-    ("params", "{:,}"),
-    ("layers", "{}"),
-    ("val_ppl", "{:.1f}"),
-    ("accuracy", "{:.3f}"),
-    ("agreement", "{:.3f}"),
-    ("kl_teacher_student", "{:.3f}"),
-    ("tokens_per_s", "{:,.0f}"),
-    ("generation_tokens_per_s", "{:,.0f}"),
-    ("flops", "{:.2e}"),
-    ("flops_with_teacher", "{:.2e}"),
+COLUMNS = (  # (key in the summary, column header, format)
+    ("params", "params", "{:,}"),
+    ("layers", "layers", "{}"),
+    ("val_ppl", "val ppl", "{:.1f}"),
+    ("accuracy", "val top-1 acc", "{:.3f}"),
+    ("agreement", "agreement w/ teacher", "{:.3f}"),
+    ("kl_teacher_student", "KL(teacher‖model) T=1", "{:.3f}"),
+    ("tokens_per_s", "train tokens/s", "{:,.0f}"),
+    ("generation_tokens_per_s", "generate tokens/s", "{:,.0f}"),
+    ("flops", "FLOPs (run)", "{:.2e}"),
+    ("flops_with_teacher", "FLOPs incl. teacher training", "{:.2e}"),
 )
 
 
 def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
     """One row per model, the columns above (blank where a model lacks a value)."""
     lines = [
-        "| " + " | ".join(c for c, _ in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        "| model | " + " | ".join(header for _, header, _ in COLUMNS) + " |",
+        "|---|" + "---:|" * len(COLUMNS),
     ]
     for name, row in rows.items():
-        cells = []
-        for col, fmt in COLUMNS:
-            value = name if col == "model" else row.get(col)
-            cells.append(fmt.format(value) if value is not None else "")
-        lines.append("| " + " | ".join(cells) + " |")
+        cells = [fmt.format(row[k]) if row.get(k) is not None else "" for k, _, fmt in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
