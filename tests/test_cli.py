@@ -186,3 +186,51 @@ def test_eval_command_reports_quality_size_and_speed(
     assert result["val_ppl"] > 1 and 0 < result["accuracy"] < 1
     assert result["size_on_disk"] > 4 * result["params"]  # fp32 weights at least
     assert result["generation_tokens_per_s"] > 0
+
+
+def test_overrides_may_come_before_options_and_more_input_checks(
+    capsys, tmp_path, corpus, cache_dir
+):
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes(
+        "\ufefftext,label\n".encode()
+        + b"".join(f'"{t[:400]}",x\n'.replace('"', "").encode() for t in ["alpha beta gamma"] * 3)
+    )
+    fails_with(
+        capsys,
+        [
+            "train",
+            "model.overrides.max_position_embeddings=16",
+            "--data",
+            str(corpus),
+            "--out",
+            str(tmp_path / "o"),
+            *small(cache_dir),
+        ],
+        "data.seq_len=32 exceeds",
+    )
+    fails_with(
+        capsys,
+        ["train", "train.betas=[2, 3]", "--data", str(corpus), "--out", str(tmp_path / "o")],
+        "train.betas",
+    )
+    fails_with(
+        capsys,
+        [
+            "train",
+            "--data",
+            str(corpus),
+            "--out",
+            str(tmp_path / "o"),
+            *small(cache_dir),
+            "model.overrides.num_attention_heads=0",
+        ],
+        "positive",
+    )
+    # The BOM is not part of the column name: the failure is about size, not the column.
+    line = fails_with(
+        capsys, ["train", "--data", str(bom), "--out", str(tmp_path / "o"), *small(cache_dir)]
+    )
+    assert "no column" not in line
+    code = main(["eval", "--model", str(tmp_path), "--out", str(tmp_path)])
+    assert code == 2 and "not a folder" in capsys.readouterr().err

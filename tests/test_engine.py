@@ -199,3 +199,35 @@ def test_killed_process_resumes_to_the_same_weights(corpus, cache_dir, tmp_path)
     a, b = weights(tmp_path / "ref"), weights(out)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_divergence_stops_with_one_line_and_keeps_checkpoints(corpus, cache_dir, tmp_path):
+    cfg = tiny_run(corpus, cache_dir, tmp_path / "nan", steps=6, lr=1e6, warmup_steps=0)
+    cfg.train.grad_clip = None
+    with pytest.raises(DistilleryError, match="not finite"):
+        run(cfg)
+    assert not (tmp_path / "nan" / "summary.json").exists()
+
+
+def test_resume_refuses_a_changed_config_and_logs_each_step_once(corpus, cache_dir, tmp_path):
+    cfg = tiny_run(corpus, cache_dir, tmp_path / "r", steps=6, checkpoint_every=4)
+    run(cfg, stop_after=4)
+    changed = tiny_run(corpus, cache_dir, tmp_path / "r", steps=6, batch_size=8)
+    with pytest.raises(DistilleryError, match=r"train\.batch_size 4 → 8"):
+        run(changed, resume=True)
+    run(cfg, resume=True)
+    run(cfg, resume=True)  # resuming a finished run adds nothing
+    records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "val_loss" in r] == [6]
+    shorter = tiny_run(corpus, cache_dir, tmp_path / "r", steps=3)
+    with pytest.raises(DistilleryError, match=r"past train\.steps"):
+        run(shorter, resume=True)
+
+
+def test_logged_lr_is_the_rate_each_step_used(corpus, cache_dir, tmp_path):
+    cfg = tiny_run(corpus, cache_dir, tmp_path / "lr", steps=5, warmup_steps=3, lr=1e-3)
+    run(cfg)
+    records = [json.loads(x) for x in (tmp_path / "lr" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["lr"] for r in records if "lr" in r]
+    assert logged == pytest.approx([1e-3 * lr_factor(s, cfg.train) for s in range(5)])

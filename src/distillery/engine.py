@@ -253,13 +253,17 @@ class Engine:
 
     # ----------------------------------------------------------------- logging
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines written after ``step`` by the run that was interrupted."""
+        """Drop metric lines written after checkpoint ``step`` by the run that was interrupted.
+
+        The end-of-run evaluation (``"final": true``) is logged after the last checkpoint.
+        """
         if not self.env.is_main or not self.metrics_path.exists():
             return
         kept = []
         for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
+                record = json.loads(line)
+                if record["step"] < step or (record["step"] == step and not record.get("final")):
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by the interruption

@@ -126,7 +126,7 @@ def run(
             export_model(model, tokenizer, out / "model")
             # One full evaluation (fp32, whole validation split), logged and summarised.
             metrics = evaluate_lm(model, val_data, device=device, teacher=teacher)
-            engine.log({"step": progress.step, **metrics})
+            engine.log({"step": progress.step, **metrics, "final": True})
             summary = {
                 "name": name,
                 "params": num_params(model),
