@@ -79,8 +79,38 @@ class ForwardKLObjective(Strict):
     temperature: float = Field(2.0, gt=0.0)
 
 
+class ReverseKLObjective(Strict):
+    """T²·KL(student ‖ teacher) on softened distributions."""
+
+    kind: Literal["reverse_kl"] = "reverse_kl"
+    weight: float = Field(1.0, ge=0.0)
+    temperature: float = Field(1.0, gt=0.0)
+
+
+class JSDObjective(Strict):
+    """Generalized JSD(β) (GKD): β=0 forward KL, β=1 reverse KL."""
+
+    kind: Literal["jsd"] = "jsd"
+    weight: float = Field(1.0, ge=0.0)
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+    temperature: float = Field(1.0, gt=0.0)
+
+
+class TVDObjective(Strict):
+    """T²·total variation distance between softened distributions."""
+
+    kind: Literal["tvd"] = "tvd"
+    weight: float = Field(1.0, ge=0.0)
+    temperature: float = Field(1.0, gt=0.0)
+
+
 ObjectiveConfig = Annotated[
-    CrossEntropyObjective | HardLabelsObjective | ForwardKLObjective,
+    CrossEntropyObjective
+    | HardLabelsObjective
+    | ForwardKLObjective
+    | ReverseKLObjective
+    | JSDObjective
+    | TVDObjective,
     Field(discriminator="kind"),
 ]
 

@@ -4,7 +4,14 @@ Every objective returns a **sum** over the positions that count (``mask``); the 
 once by the global number of valid positions, so micro-batches, chunks and ranks add up exactly.
 """
 
-from distillery.objectives.logits import cross_entropy, forward_kl, hard_labels
+from distillery.objectives.logits import (
+    cross_entropy,
+    forward_kl,
+    generalized_jsd,
+    hard_labels,
+    reverse_kl,
+    total_variation,
+)
 from distillery.objectives.registry import (
     OBJECTIVES,
     ObjectiveFn,
@@ -17,7 +24,10 @@ __all__ = [
     "ObjectiveFn",
     "cross_entropy",
     "forward_kl",
+    "generalized_jsd",
     "get_objective",
     "hard_labels",
     "register_objective",
+    "reverse_kl",
+    "total_variation",
 ]

@@ -9,6 +9,8 @@ dtype, so bf16 logits do not lose the small probabilities that divergences depen
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +49,17 @@ def hard_labels(
     return _masked_sum(nll, mask)
 
 
+def _soft_logp(logits: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log-softmax of ``logits / temperature`` (float32, masked rows zeroed first)."""
+    return F.log_softmax(_counted(logits, mask) / temperature, dim=-1)  # (N, V)
+
+
+def _kl_rows(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per row ``(N,)``; tokens with p = 0 contribute 0·log 0 = 0 (not NaN)."""
+    p = p_logp.exp()
+    return torch.where(p > 0, p * (p_logp - q_logp), 0.0).sum(-1)
+
+
 @register_objective("forward_kl")
 def forward_kl(
     student_logits: torch.Tensor,
@@ -57,9 +70,65 @@ def forward_kl(
 ) -> torch.Tensor:
     """T² · KL(p_teacher ‖ p_student) with both distributions softened at ``temperature``."""
     t = float(temperature)
-    student_logp = F.log_softmax(_counted(student_logits, mask) / t, dim=-1)  # (N, V)
-    teacher_logp = F.log_softmax(_counted(teacher_logits, mask) / t, dim=-1)  # (N, V)
-    teacher_p = teacher_logp.exp()
-    # Tokens the teacher gives probability 0 contribute 0·log 0 = 0 (not NaN).
-    kl = torch.where(teacher_p > 0, teacher_p * (teacher_logp - student_logp), 0.0).sum(-1)
+    kl = _kl_rows(_soft_logp(teacher_logits, mask, t), _soft_logp(student_logits, mask, t))
     return _masked_sum(kl, mask) * (t * t)
+
+
+@register_objective("reverse_kl")
+def reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """T² · KL(p_student ‖ p_teacher): mode-seeking, as in MiniLLM."""
+    t = float(temperature)
+    kl = _kl_rows(_soft_logp(student_logits, mask, t), _soft_logp(teacher_logits, mask, t))
+    return _masked_sum(kl, mask) * (t * t)
+
+
+@register_objective("jsd")
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """T² · generalized JSD(β) as in GKD (Agarwal et al. 2024).
+
+    With M = β·p_teacher + (1−β)·p_student: β·KL(p_teacher ‖ M) + (1−β)·KL(p_student ‖ M).
+    The end points are the limits GKD names: β=0 is forward KL, β=1 is reverse KL.
+    """
+    t, b = float(temperature), float(beta)
+    if b == 0.0:
+        return forward_kl(student_logits, teacher_logits, mask, temperature=t)
+    if b == 1.0:
+        return reverse_kl(student_logits, teacher_logits, mask, temperature=t)
+    student_logp = _soft_logp(student_logits, mask, t)
+    teacher_logp = _soft_logp(teacher_logits, mask, t)
+    mixture_logp = torch.logsumexp(
+        torch.stack([teacher_logp + math.log(b), student_logp + math.log(1.0 - b)]), dim=0
+    )  # (N, V)
+    jsd = b * _kl_rows(teacher_logp, mixture_logp) + (1.0 - b) * _kl_rows(
+        student_logp, mixture_logp
+    )
+    return _masked_sum(jsd, mask) * (t * t)
+
+
+@register_objective("tvd")
+def total_variation(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """T² · total variation distance ½·Σ|p_teacher − p_student| at ``temperature``."""
+    t = float(temperature)
+    student_p = _soft_logp(student_logits, mask, t).exp()
+    teacher_p = _soft_logp(teacher_logits, mask, t).exp()
+    tv = 0.5 * (teacher_p - student_p).abs().sum(-1)  # (N,)
+    return _masked_sum(tv, mask) * (t * t)
