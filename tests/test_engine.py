@@ -231,3 +231,27 @@ def test_logged_lr_is_the_rate_each_step_used(corpus, cache_dir, tmp_path):
     records = [json.loads(x) for x in (tmp_path / "lr" / "metrics.jsonl").read_text().splitlines()]
     logged = [r["lr"] for r in records if "lr" in r]
     assert logged == pytest.approx([1e-3 * lr_factor(s, cfg.train) for s in range(5)])
+
+
+def test_a_failure_on_rank_0_stops_every_rank_with_one_line(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "distillery",
+        "train",
+        f"--data={tmp_path / 'absent.jsonl'}",
+        f"--out={tmp_path / 'o'}",
+        "model.preset=tiny",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    ours = [x for x in proc.stderr.splitlines() if x.startswith("distillery: error: ")]
+    assert len(ours) == 2, proc.stderr[-3000:]
+    assert "not found" in ours[0] + ours[1]
+    assert any("rank 1: stopping because rank 0 failed" in x for x in ours)
+    assert "Connection reset" not in proc.stderr
