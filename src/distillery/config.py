@@ -132,6 +132,8 @@ class TrainConfig(Strict):
         0.95,
     )
     grad_clip: float | None = Field(1.0, gt=0.0)
+    # > 0: logit losses computed this many positions at a time (bounded memory at big vocabularies)
+    logit_chunk_size: int = Field(0, ge=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
     seed: int = Field(0, ge=0)

@@ -25,11 +25,13 @@ def evaluate_lm(
     batch_size: int = 16,
     max_batches: int | None = None,
     teacher: TeacherSignal | None = None,
+    vocab: int | None = None,
 ) -> dict[str, float]:
     """Mean next-token loss, perplexity and top-1 accuracy over ``data`` (in order).
 
     With a teacher also: agreement (student top-1 == teacher top-1) and KL(teacher ‖ student)
-    at temperature 1, both averaged over the same positions.
+    at temperature 1, both averaged over the same positions. Logits are cut to the first
+    ``vocab`` columns (the tokenizer's real tokens; embedding tables may be padded).
     """
     was_training = model.training
     model.eval()
@@ -39,13 +41,14 @@ def evaluate_lm(
         ids = ids.to(device)
         labels = shift_labels(ids).reshape(-1)  # (N,)
         mask = labels != IGNORE_INDEX
-        logits = model(input_ids=ids).logits.float()
+        logits = model(input_ids=ids).logits[..., :vocab].float()
         student_logits = logits.reshape(-1, logits.shape[-1])  # (N, V)
         totals["loss"] += float(cross_entropy(student_logits, labels, mask))
         top1 = student_logits.argmax(-1)
         totals["correct"] += float(((top1 == labels) & mask).sum())
         if teacher is not None:
-            teacher_logits = teacher.logits(ids).float().reshape(-1, student_logits.shape[-1])
+            teacher_logits = teacher.logits(ids)[..., :vocab].float()
+            teacher_logits = teacher_logits.reshape(-1, student_logits.shape[-1])
             totals["agree"] += float(((top1 == teacher_logits.argmax(-1)) & mask).sum())
             totals["kl"] += float(forward_kl(student_logits, teacher_logits, mask, temperature=1.0))
         count += int(mask.sum())

@@ -91,7 +91,11 @@ def check_same_tokenizer(teacher_tok: Any, student_tok: Any) -> None:
 
 def check_fits_data(model: PreTrainedModel, tokenizer: Any, seq_len: int, role: str) -> None:
     """The model must embed every token id of the tokenizer and accept ``seq_len`` positions."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    head = model.get_output_embeddings()
+    rows = min(
+        model.get_input_embeddings().weight.shape[0],
+        head.weight.shape[0] if head is not None else len(tokenizer),
+    )
     if rows < len(tokenizer):
         raise DistilleryError(
             f"the {role}'s embedding has {rows} rows but its tokenizer has {len(tokenizer)} tokens"

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from distillery.errors import DistilleryError
+from distillery.objectives.chunked import chunked_sums, head_inputs
 from distillery.objectives.logits import IGNORE_INDEX
 from distillery.objectives.registry import Objective, get_objective
 from distillery.teachers import TeacherSignal
@@ -54,14 +55,34 @@ def shift_labels(
     return labels
 
 
-class LossMix:
-    """``Σ weight_i · objective_i`` as per-position **sums**; the engine divides by the count."""
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP and ``torch.compile`` wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
 
-    def __init__(self, terms: list[Term], teacher: TeacherSignal | None = None) -> None:
+
+class LossMix:
+    """``Σ weight_i · objective_i`` as per-position **sums**; the engine divides by the count.
+
+    ``vocab`` cuts logits to the tokenizer's real tokens (embedding tables are often padded, and
+    teacher and student may be padded differently). ``chunk_size`` > 0 computes the logits a
+    chunk of positions at a time (see ``objectives.chunked``) instead of all at once.
+    """
+
+    def __init__(
+        self,
+        terms: list[Term],
+        teacher: TeacherSignal | None = None,
+        *,
+        vocab: int | None = None,
+        chunk_size: int = 0,
+    ) -> None:
         if not terms:
             raise DistilleryError("objectives: give at least one")
         self.terms = terms
         self.teacher = teacher
+        self.vocab = vocab
+        self.chunk_size = chunk_size
         self.needs_teacher = any(t.objective.needs_teacher for t in terms)
         if self.needs_teacher and teacher is None:
             needing = [t.name for t in terms if t.objective.needs_teacher]
@@ -71,27 +92,56 @@ class LossMix:
         """FLOPs of the teacher's forward pass per token (0 without a teacher)."""
         return 2.0 * self.teacher.compute_params if self.needs_teacher and self.teacher else 0.0
 
+    def term_sums(self, signals: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        """Every term's unweighted sum on one set of signals, stacked ``(K,)``."""
+        return torch.stack([t.objective(signals, **t.params) for t in self.terms])
+
     def __call__(
         self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(weighted total, {term name: unweighted sum}) for one micro-batch."""
-        student_logits = model(input_ids=input_ids).logits  # (B, T, V)
-        vocab = student_logits.shape[-1]
-        signals: dict[str, torch.Tensor | None] = {
-            "student_logits": student_logits.reshape(-1, vocab),  # (N, V)
-            "labels": labels.reshape(-1),  # (N,)
-            "mask": labels.reshape(-1) != IGNORE_INDEX,  # (N,)
-            "teacher_logits": None,
-        }
-        if self.needs_teacher:
-            assert self.teacher is not None
-            teacher_logits = self.teacher.logits(input_ids)  # (B, T, V_teacher)
-            if teacher_logits.shape[-1] != vocab:
-                raise DistilleryError(
-                    f"teacher has {teacher_logits.shape[-1]} output tokens, student {vocab}: "
-                    "they must share a tokenizer and vocabulary size"
-                )
-            signals["teacher_logits"] = teacher_logits.reshape(-1, vocab)
-        sums = {t.name: t.objective(signals, **t.params) for t in self.terms}
-        total = torch.stack([t.weight * sums[t.name] for t in self.terms]).sum()
-        return total, sums
+        flat_labels = labels.reshape(-1)  # (N,)
+        mask = flat_labels != IGNORE_INDEX  # (N,)
+        if self.chunk_size:
+            raw = unwrap(model)
+            with head_inputs(raw) as captured:
+                model(input_ids=input_ids)  # through DDP, so gradients are synchronised
+            student_hidden = captured["hidden"]
+            teacher_hidden = teacher_head = None
+            if self.needs_teacher:
+                assert self.teacher is not None
+                teacher_hidden = self.teacher.hidden(input_ids).reshape(mask.shape[0], -1)
+                teacher_head = self.teacher.head
+            sums = chunked_sums(
+                self.term_sums,
+                student_hidden.reshape(mask.shape[0], -1),  # (N, H)
+                raw.get_output_embeddings(),  # type: ignore[operator]
+                flat_labels,
+                mask,
+                chunk_size=self.chunk_size,
+                teacher_hidden=teacher_hidden,
+                teacher_head=teacher_head,
+                vocab=self.vocab,
+            )
+        else:
+            student_logits = model(input_ids=input_ids).logits[..., : self.vocab]  # (B, T, V)
+            vocab = student_logits.shape[-1]
+            signals: dict[str, torch.Tensor | None] = {
+                "student_logits": student_logits.reshape(-1, vocab),  # (N, V)
+                "labels": flat_labels,
+                "mask": mask,
+                "teacher_logits": None,
+            }
+            if self.needs_teacher:
+                assert self.teacher is not None
+                teacher_logits = self.teacher.logits(input_ids)[..., : self.vocab]  # (B, T, V)
+                if teacher_logits.shape[-1] != vocab:
+                    raise DistilleryError(
+                        f"teacher has {teacher_logits.shape[-1]} output tokens, student {vocab}: "
+                        "they must share a tokenizer (set the vocabulary both use)"
+                    )
+                signals["teacher_logits"] = teacher_logits.reshape(-1, vocab)
+            sums = self.term_sums(signals)
+        weights = torch.tensor([t.weight for t in self.terms], device=sums.device)
+        total = (weights * sums).sum()
+        return total, {t.name: sums[i] for i, t in enumerate(self.terms)}

@@ -44,16 +44,13 @@ def evaluate_folder(
         if has_tokenizer(teacher):
             check_same_tokenizer(load_tokenizer(teacher), tokenizer)
         teacher_model = load_causal_lm(teacher, role="teacher")
-        t_rows = teacher_model.get_output_embeddings().weight.shape[0]
-        s_rows = model.get_output_embeddings().weight.shape[0]
-        if t_rows != s_rows:
-            raise DistilleryError(f"teacher predicts {t_rows} tokens, the model {s_rows}")
+        check_fits_data(teacher_model, tokenizer, data_cfg.seq_len, "teacher")
         signal = LiveTeacher(teacher_model.to(device))
     result: dict[str, Any] = {
         "model": str(model_dir),
         "params": num_params(model),
         "compute_params": compute_params(model),
-        **evaluate_lm(model, val, device=device, teacher=signal),
+        **evaluate_lm(model, val, device=device, teacher=signal, vocab=len(tokenizer)),
         "size_on_disk": folder_size(model_dir),
         "generation_tokens_per_s": generation_speed(model, tokenizer, device=device),
         "device": str(device),

@@ -15,7 +15,6 @@ from distillery.config import RunConfig, config_to_yaml
 from distillery.data import has_tokenizer, load_tokenizer
 from distillery.distributed import init_distributed, resolve_device, shutdown_distributed
 from distillery.engine import Engine, seed_everything
-from distillery.errors import DistilleryError
 from distillery.eval import evaluate_lm, folder_size, generation_speed
 from distillery.files import atomic_write_text, write_json
 from distillery.models import (
@@ -28,6 +27,7 @@ from distillery.models import (
     load_causal_lm,
     num_params,
 )
+from distillery.objectives.chunked import check_plain_head
 from distillery.objectives.mix import LossMix, terms_from_config
 from distillery.recipes.common import export_model, once_per_job, prepare_data, prepare_out_dir
 from distillery.teachers import LiveTeacher
@@ -83,13 +83,9 @@ def run(
         model = _student(cfg, folder_model, vocab or len(tokenizer), tokenizer)
         check_fits_data(model, tokenizer, cfg.data.seq_len, "model")
         if teacher_model is not None:
+            # Same tokenizer (checked above); embedding tables padded to different sizes are
+            # reconciled by cutting both sides' logits to the tokenizer's real tokens.
             check_fits_data(teacher_model, tokenizer, cfg.data.seq_len, "teacher")
-            s_rows = model.get_output_embeddings().weight.shape[0]
-            if vocab != s_rows:
-                raise DistilleryError(
-                    f"teacher predicts {vocab} tokens, student {s_rows}: give the student the "
-                    "teacher's vocabulary size (same tokenizer, same embedding rows)"
-                )
         if cfg.model.init_from_teacher is not None and teacher_model is not None:
             layer_map = (
                 every_other(teacher_model.config.num_hidden_layers, model.config.num_hidden_layers)
@@ -100,11 +96,20 @@ def run(
 
         # Objectives and the teacher signal; compute charged per trained token.
         teacher = LiveTeacher(teacher_model.to(device)) if teacher_model is not None else None
-        loss = LossMix(terms_from_config(cfg.objectives), teacher)
+        chunk = cfg.train.logit_chunk_size
+        if chunk:
+            check_plain_head(model, "model")
+            if teacher_model is not None:
+                check_plain_head(teacher_model, "teacher")
+        loss = LossMix(
+            terms_from_config(cfg.objectives), teacher, vocab=len(tokenizer), chunk_size=chunk
+        )
         flops_per_token = 6.0 * compute_params(model) + loss.teacher_flops_per_token()
 
         def eval_fn(m: Any) -> dict[str, float]:
-            return evaluate_lm(m, val_data, device=device, max_batches=cfg.train.eval_batches)
+            return evaluate_lm(
+                m, val_data, device=device, max_batches=cfg.train.eval_batches, vocab=len(tokenizer)
+            )
 
         engine = Engine(
             model,
@@ -125,7 +130,9 @@ def run(
         if progress.step == cfg.train.steps and env.is_main:
             export_model(model, tokenizer, out / "model")
             # One full evaluation (fp32, whole validation split), logged and summarised.
-            metrics = evaluate_lm(model, val_data, device=device, teacher=teacher)
+            metrics = evaluate_lm(
+                model, val_data, device=device, teacher=teacher, vocab=len(tokenizer)
+            )
             engine.log({"step": progress.step, **metrics, "final": True})
             summary = {
                 "name": name,
