@@ -13,7 +13,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distillery.errors import DistilleryError
-from distillery.objectives.chunked import check_plain_head, chunked_sums, head_inputs
+from distillery.objectives.chunked import check_plain_head, chunked_loss, head_inputs
 from distillery.objectives.mix import LossMix, shift_labels, terms_from_config
 from distillery.teachers import LiveTeacher
 
@@ -58,8 +58,10 @@ def test_chunked_sums_equal_unchunked_values_and_gradients():
         "mask": mask,
     }
     expected = mix.term_sums(full_signals)
-    got = chunked_sums(
+    weights = torch.arange(1, len(ALL_TERMS) + 1, dtype=torch.float32)
+    total, sums = chunked_loss(
         mix.term_sums,
+        weights,
         s_hidden,
         s_head,
         labels,
@@ -69,12 +71,13 @@ def test_chunked_sums_equal_unchunked_values_and_gradients():
         teacher_head=t_head,
         vocab=v,
     )
-    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
-    weights = torch.arange(1, len(ALL_TERMS) + 1, dtype=torch.float64)
+    assert torch.allclose(sums, expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(total, (weights * expected).sum(), rtol=1e-5)
+    assert not sums.requires_grad  # only the weighted total is differentiable
     g_expected = torch.autograd.grad((weights * expected).sum(), [s_hidden, s_head.weight])
-    g_got = torch.autograd.grad((weights * got).sum(), [s_hidden, s_head.weight])
+    g_got = torch.autograd.grad(3.0 * total, [s_hidden, s_head.weight])  # scaled upstream
     for a, b in zip(g_got, g_expected, strict=True):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(a, 3.0 * b, rtol=1e-4, atol=1e-6)
     assert t_head.weight.grad is None
 
 

@@ -2,9 +2,9 @@
 
 Instead of the model's ``(B, T, V)`` logits, the final hidden states (the output projection's
 input, fetched with a forward pre-hook, so no model is rewritten) are projected a chunk of
-positions at a time. Each chunk runs under activation checkpointing, so neither the forward nor
-the backward pass holds more than one chunk of full-vocabulary logits. Objectives are unchanged:
-they are called on each chunk and their sums add up exactly (the loss contract).
+positions at a time, and each chunk's gradient is taken at once, so no pass holds more than one
+chunk of full-vocabulary logits. Objectives are unchanged: they are called on each chunk and
+their sums add up exactly (the loss contract).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from distillery.errors import DistilleryError
 
@@ -43,6 +43,11 @@ def check_plain_head(model: nn.Module, role: str) -> None:
     config = getattr(model, "config", None)
     softcap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    if not isinstance(head, nn.Linear):
+        raise DistilleryError(
+            f"the {role}'s output projection is not a linear layer; set train.logit_chunk_size=0"
+        )
     if softcap or (scale is not None and scale != 1.0):
         raise DistilleryError(
             f"the {role} rescales its logits (softcapping/logit_scale), which chunked losses do "
@@ -50,8 +55,28 @@ def check_plain_head(model: nn.Module, role: str) -> None:
         )
 
 
-def chunked_sums(
+class _FusedChunks(torch.autograd.Function):
+    """Returns a loss whose gradients were already computed, chunk by chunk, in the forward."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: Any, run: Any):  # type: ignore[override]
+        total, sums, grads = run()
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(sums)
+        return total, sums
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor, _grad_sums: torch.Tensor):  # type: ignore[override]
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        # In place: these buffers are ours and used once (no second weight-sized copy).
+        grad_weight.mul_(grad_total)
+        bias = None if grad_bias.numel() == 0 else grad_bias.mul_(grad_total)
+        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight, bias, None
+
+
+def chunked_loss(
     term_fn: Any,
+    weights: torch.Tensor,
     student_hidden: torch.Tensor,
     student_head: nn.Module,
     labels: torch.Tensor,
@@ -61,36 +86,60 @@ def chunked_sums(
     teacher_hidden: torch.Tensor | None = None,
     teacher_head: nn.Module | None = None,
     vocab: int | None = None,
-) -> torch.Tensor:
-    """Σ over chunks of ``term_fn(signals) -> (K,)`` with logits projected per chunk.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ_k weights_k · term_k, terms (K,))`` with logits projected a chunk at a time.
 
-    ``student_hidden`` ``(N, H)``, ``teacher_hidden`` ``(N, H_t)``, ``labels``/``mask`` ``(N,)``.
-    Logits are cut to the first ``vocab`` columns (padding rows of an embedding are no tokens).
+    ``term_fn(signals) -> (K,)`` sums; ``student_hidden`` ``(N, H)``, ``teacher_hidden``
+    ``(N, H_t)``, ``labels``/``mask`` ``(N,)``. The gradients of the weighted total with respect
+    to the hidden states and the head are computed in the forward pass, one chunk of logits at a
+    time (as Liger's fused losses do), so nothing is recomputed; only the total is
+    differentiable. Logits are cut to the first ``vocab`` columns (padding rows are no tokens).
     """
+    weight = student_head.weight
+    bias = getattr(student_head, "bias", None)
 
-    def one_chunk(
-        s_hidden: torch.Tensor, t_hidden: torch.Tensor | None, y: torch.Tensor, m: torch.Tensor
-    ) -> torch.Tensor:
-        student_logits = student_head(s_hidden)[..., :vocab]  # (C, V)
-        teacher_logits = None
-        if t_hidden is not None and teacher_head is not None:
-            with torch.no_grad():
-                teacher_logits = teacher_head(t_hidden)[..., :vocab]  # (C, V)
-        signals = {
-            "student_logits": student_logits,
-            "teacher_logits": teacher_logits,
-            "labels": y,
-            "mask": m,
-        }
-        return term_fn(signals)
-
-    total: torch.Tensor | None = None
-    for start in range(0, student_hidden.shape[0], chunk_size):
-        part = slice(start, start + chunk_size)
-        t_part = teacher_hidden[part] if teacher_hidden is not None else None
-        sums = checkpoint(
-            one_chunk, student_hidden[part], t_part, labels[part], mask[part], use_reentrant=False
+    def run() -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        hidden = student_hidden.detach()
+        rows = weight.shape[0] if vocab is None else vocab
+        # (V, H) in the hidden states' dtype (bf16 under autocast), cast once, not per chunk;
+        # padding rows beyond the tokenizer's tokens take no part and get no gradient.
+        w = weight.detach()[:rows].to(hidden.dtype)
+        b = bias.detach()[:rows].to(hidden.dtype) if bias is not None else None
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        sums = torch.zeros(len(weights), device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            part = slice(start, start + chunk_size)
+            h = hidden[part]  # (C, H)
+            teacher_logits = None
+            if teacher_hidden is not None and teacher_head is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher_head(teacher_hidden[part])[..., :rows]  # (C, V)
+            with torch.enable_grad():
+                with torch.autocast(h.device.type, enabled=False):
+                    student_logits = F.linear(h, w, b)  # (C, V)
+                student_logits.requires_grad_(True)
+                signals = {
+                    "student_logits": student_logits,
+                    "teacher_logits": teacher_logits,
+                    "labels": labels[part],
+                    "mask": mask[part],
+                }
+                chunk_sums = term_fn(signals)  # (K,)
+                (grad_logits,) = torch.autograd.grad((weights * chunk_sums).sum(), student_logits)
+            # Through the projection by hand, accumulating in place: no (V, H) temporaries.
+            grad_hidden[part] = (grad_logits.to(w.dtype) @ w).to(hidden.dtype)
+            grad_weight[:rows].addmm_(grad_logits.t().float(), h.float())
+            if grad_bias is not None:
+                grad_bias[:rows] += grad_logits.float().sum(0)
+            sums += chunk_sums.detach().float()
+        empty = torch.zeros(0, device=hidden.device)
+        saved = (
+            grad_hidden,
+            grad_weight.to(weight.dtype),
+            grad_bias.to(bias.dtype) if grad_bias is not None and bias is not None else empty,
         )
-        total = sums if total is None else total + sums
-    assert total is not None, "no positions"
-    return total
+        return (weights * sums).sum(), sums, saved
+
+    return _FusedChunks.apply(student_hidden, weight, bias, run)

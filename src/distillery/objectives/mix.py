@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from distillery.errors import DistilleryError
-from distillery.objectives.chunked import chunked_sums, head_inputs
+from distillery.objectives.chunked import chunked_loss, head_inputs
 from distillery.objectives.logits import IGNORE_INDEX
 from distillery.objectives.registry import Objective, get_objective
 from distillery.teachers import TeacherSignal
@@ -92,6 +92,9 @@ class LossMix:
         """FLOPs of the teacher's forward pass per token (0 without a teacher)."""
         return 2.0 * self.teacher.compute_params if self.needs_teacher and self.teacher else 0.0
 
+    def _weights(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor([t.weight for t in self.terms], device=device)
+
     def term_sums(self, signals: dict[str, torch.Tensor | None]) -> torch.Tensor:
         """Every term's unweighted sum on one set of signals, stacked ``(K,)``."""
         return torch.stack([t.objective(signals, **t.params) for t in self.terms])
@@ -112,8 +115,9 @@ class LossMix:
                 assert self.teacher is not None
                 teacher_hidden = self.teacher.hidden(input_ids).reshape(mask.shape[0], -1)
                 teacher_head = self.teacher.head
-            sums = chunked_sums(
+            total, sums = chunked_loss(
                 self.term_sums,
+                self._weights(student_hidden.device),
                 student_hidden.reshape(mask.shape[0], -1),  # (N, H)
                 raw.get_output_embeddings(),  # type: ignore[operator]
                 flat_labels,
@@ -123,6 +127,7 @@ class LossMix:
                 teacher_head=teacher_head,
                 vocab=self.vocab,
             )
+            return total, {t.name: sums[i] for i, t in enumerate(self.terms)}
         else:
             student_logits = model(input_ids=input_ids).logits[..., : self.vocab]  # (B, T, V)
             vocab = student_logits.shape[-1]
@@ -142,6 +147,5 @@ class LossMix:
                     )
                 signals["teacher_logits"] = teacher_logits.reshape(-1, vocab)
             sums = self.term_sums(signals)
-        weights = torch.tensor([t.weight for t in self.terms], device=sums.device)
-        total = (weights * sums).sum()
+        total = (self._weights(sums.device) * sums).sum()
         return total, {t.name: sums[i] for i, t in enumerate(self.terms)}
