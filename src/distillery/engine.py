@@ -183,9 +183,15 @@ class Engine:
         missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).is_file()]
         if missing:
             raise DistilleryError(f"checkpoint {ckpt} is incomplete (no {', '.join(missing)})")
-        self._check_same_run(ckpt)
         try:
             state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DistilleryError(
+                f"checkpoint {ckpt} is corrupt (state.json: {exc}); delete it to resume from an "
+                "earlier one, or start again without --resume"
+            ) from None
+        self._check_same_run(ckpt, state.get("run", {}))
+        try:
             trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
             load_model(
                 self.model, str(ckpt / "model.safetensors"), strict=True, device=str(self.device)
@@ -220,12 +226,8 @@ class Engine:
             "model shapes": digest,
         }
 
-    def _check_same_run(self, ckpt: Path) -> None:
+    def _check_same_run(self, ckpt: Path, saved: dict[str, Any]) -> None:
         """Refuse to resume a checkpoint with a config that changes data order or shapes."""
-        try:
-            saved = json.loads((ckpt / "state.json").read_text(encoding="utf-8")).get("run", {})
-        except (OSError, ValueError):
-            return  # reported as corrupt when loaded
         now = self._run_fingerprint()
         changed = [k for k in now if k in saved and saved[k] != now[k]]
         if changed:

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from distillery.data import tokenizer_fingerprint
 from distillery.errors import DistilleryError
 from distillery.models.presets import preset_config
 
@@ -77,8 +78,6 @@ def compute_params(model: PreTrainedModel) -> int:
 
 def check_same_tokenizer(teacher_tok: Any, student_tok: Any) -> None:
     """Refuse, with one line, teacher/student tokenizers that could map text to different ids."""
-    from distillery.data import tokenizer_fingerprint
-
     if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
         t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
         diff = len(set(t_vocab.items()) ^ set(s_vocab.items()))

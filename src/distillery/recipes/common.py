@@ -20,6 +20,7 @@ from distillery.data import (
     split_documents,
 )
 from distillery.distributed import DistEnv
+from distillery.engine import list_checkpoints
 from distillery.errors import DistilleryError
 from distillery.files import publish_folder, temp_folder_next_to
 
@@ -40,7 +41,7 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool, resumable: bool
             f"--out {out} already holds a run ({', '.join(kept)}); {how}--overwrite to replace "
             "it, or another --out"
         )
-    if resume and not any((out / "checkpoints").glob("step-*")):
+    if resume and not list_checkpoints(out):
         raise DistilleryError(
             f"--resume: no checkpoint in {out / 'checkpoints'}; start again without --resume "
             "(with --overwrite if the folder holds an unfinished run)"

@@ -73,7 +73,11 @@ def run(
         folder_model = load_causal_lm(cfg.model.path, "student") if cfg.model.path else None
         tokenizer_dir = cfg.teacher or cfg.model.path
         tokenizer, train_data, val_data = prepare_data(cfg.data, env, tokenizer_dir)
-        if cfg.teacher is not None and has_tokenizer(cfg.teacher):
+        if (
+            cfg.teacher is not None
+            and cfg.data.tokenizer is not None
+            and has_tokenizer(cfg.teacher)
+        ):
             check_same_tokenizer(load_tokenizer(cfg.teacher), tokenizer)
         if cfg.teacher is not None and cfg.model.path is not None and has_tokenizer(cfg.model.path):
             check_same_tokenizer(load_tokenizer(cfg.teacher), load_tokenizer(cfg.model.path))
