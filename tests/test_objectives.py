@@ -19,7 +19,7 @@ from distillery.errors import DistilleryError
 from distillery.objectives import OBJECTIVES, get_objective, register_objective
 from distillery.objectives.logits import IGNORE_INDEX, cross_entropy, forward_kl, hard_labels
 from distillery.objectives.mix import LossMix, Term, shift_labels, terms_from_config
-from distillery.teachers import LiveTeacher
+from distillery.teachers import LiveTeacher, TeacherOutput
 
 N = 3 * 47  # positions (odd on purpose)
 V = 123  # vocabulary (odd on purpose)
@@ -545,8 +545,8 @@ def test_loss_mix_rejects_teacher_with_other_vocabulary(batch):
     class WrongVocabTeacher:
         compute_params = 1
 
-        def logits(self, input_ids):
-            return torch.zeros(*input_ids.shape, VOCAB + 1)
+        def run(self, input_ids, **_):
+            return TeacherOutput(logits=torch.zeros(*input_ids.shape, VOCAB + 1))
 
     mix = LossMix(terms_from_config([{"kind": "forward_kl"}]), teacher=WrongVocabTeacher())
     with pytest.raises(DistilleryError, match="vocabulary"):

@@ -18,15 +18,19 @@ from distillery.objectives.registry import (
     get_objective,
     register_objective,
 )
+from distillery.objectives.representations import attention_kl, hidden_cosine, hidden_mse
 
 __all__ = [
     "OBJECTIVES",
     "ObjectiveFn",
+    "attention_kl",
     "cross_entropy",
     "forward_kl",
     "generalized_jsd",
     "get_objective",
     "hard_labels",
+    "hidden_cosine",
+    "hidden_mse",
     "register_objective",
     "reverse_kl",
     "total_variation",

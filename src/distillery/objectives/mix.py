@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -13,17 +14,36 @@ from distillery.errors import DistilleryError
 from distillery.objectives.chunked import chunked_loss, head_inputs
 from distillery.objectives.logits import IGNORE_INDEX
 from distillery.objectives.registry import Objective, get_objective
-from distillery.teachers import TeacherSignal
+from distillery.objectives.representations import (
+    HeadPolicy,
+    LayerSpec,
+    layer_pairs,
+    match_heads,
+)
+from distillery.teachers import TeacherOutput, TeacherSignal, use_eager_attention
 
 
 @dataclass
 class Term:
-    """One entry of the mix: a registered objective, its weight and its parameters."""
+    """One entry of the mix: a registered objective, its weight and its parameters.
+
+    Representation objectives also say which layers they compare (``layers``, see
+    ``representations.layer_pairs``), how attention heads are matched (``heads``) and whether
+    the student's hidden states go through a learned projection (``projection``: ``auto`` =
+    only when the widths differ, ``linear`` = always).
+    """
 
     name: str
     objective: Objective
     weight: float
     params: dict[str, Any] = field(default_factory=dict)
+    layers: LayerSpec = "last"
+    heads: HeadPolicy = "auto"
+    projection: Literal["auto", "linear"] = "auto"
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # resolved by LossMix
+
+
+ROUTING = ("layers", "heads", "projection")  # Term fields set from config, not loss parameters
 
 
 def terms_from_config(objectives: Sequence[Any]) -> list[Term]:
@@ -34,12 +54,15 @@ def terms_from_config(objectives: Sequence[Any]) -> list[Term]:
         spec = entry.model_dump() if hasattr(entry, "model_dump") else dict(entry)
         kind, weight = spec.pop("kind"), float(spec.pop("weight", 1.0))
         objective = get_objective(kind)
+        routing = {k: spec.pop(k) for k in ROUTING if k in spec}
+        if objective.reads == "logits" and routing:
+            raise DistilleryError(f"objective {kind!r} has no parameter(s) {sorted(routing)}")
         unknown = set(spec) - set(objective.params)
         if unknown:
             raise DistilleryError(f"objective {kind!r} has no parameter(s) {sorted(unknown)}")
         seen[kind] = seen.get(kind, 0) + 1
         name = kind if seen[kind] == 1 else f"{kind}_{seen[kind]}"
-        terms.append(Term(name, objective, weight, spec))
+        terms.append(Term(name, objective, weight, spec, **routing))
     return terms
 
 
@@ -67,6 +90,8 @@ class LossMix:
     ``vocab`` cuts logits to the tokenizer's real tokens (embedding tables are often padded, and
     teacher and student may be padded differently). ``chunk_size`` > 0 computes the logits a
     chunk of positions at a time (see ``objectives.chunked``) instead of all at once.
+    Representation terms need ``student`` (the raw model) to resolve their layer maps; their
+    learned projections live in ``projections`` and are trained with the student.
     """
 
     def __init__(
@@ -74,6 +99,7 @@ class LossMix:
         terms: list[Term],
         teacher: TeacherSignal | None = None,
         *,
+        student: nn.Module | None = None,
         vocab: int | None = None,
         chunk_size: int = 0,
     ) -> None:
@@ -87,17 +113,79 @@ class LossMix:
         if self.needs_teacher and teacher is None:
             needing = [t.name for t in terms if t.objective.needs_teacher]
             raise DistilleryError(f"objectives {needing} need a teacher (--teacher DIR)")
+        self.logit_terms = [t for t in terms if t.objective.reads == "logits"]
+        self.projections = nn.ModuleDict()
+        reads = {t.objective.reads for t in terms}
+        self.wants_states, self.wants_attentions = "states" in reads, "attentions" in reads
+        if self.wants_states or self.wants_attentions:
+            assert teacher is not None
+            if student is None:
+                raise DistilleryError("representation objectives need the student model")
+            self._resolve(student, teacher)
+
+    def _resolve(self, student: nn.Module, teacher: TeacherSignal) -> None:
+        """Layer pairs and projections of the representation terms, from both configs."""
+        s_cfg, t_cfg = student.config, teacher.config
+        for term in self.terms:
+            reads = term.objective.reads
+            if reads == "logits":
+                continue
+            term.pairs = layer_pairs(
+                term.layers,
+                s_cfg.num_hidden_layers,
+                t_cfg.num_hidden_layers,
+                attention=reads == "attentions",
+            )
+            if reads == "attentions":
+                use_eager_attention(student)  # type: ignore[arg-type]
+            elif term.projection == "linear" or s_cfg.hidden_size != t_cfg.hidden_size:
+                self.projections[term.name] = nn.Linear(
+                    s_cfg.hidden_size, t_cfg.hidden_size, bias=False
+                )
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the objectives themselves (the projections)."""
+        return list(self.projections.parameters())
 
     def teacher_flops_per_token(self) -> float:
         """FLOPs of the teacher's forward pass per token (0 without a teacher)."""
         return 2.0 * self.teacher.compute_params if self.needs_teacher and self.teacher else 0.0
 
-    def _weights(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor([t.weight for t in self.terms], device=device)
+    @staticmethod
+    def _weights(terms: list[Term], device: torch.device) -> torch.Tensor:
+        return torch.tensor([t.weight for t in terms], device=device)
 
     def term_sums(self, signals: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        """Every term's unweighted sum on one set of signals, stacked ``(K,)``."""
-        return torch.stack([t.objective(signals, **t.params) for t in self.terms])
+        """Every logit term's unweighted sum on one set of signals, stacked ``(K,)``."""
+        return torch.stack([t.objective(signals, **t.params) for t in self.logit_terms])
+
+    def _internal_signals(
+        self, term: Term, student: Any, teacher: TeacherOutput, mask: torch.Tensor
+    ) -> dict[str, torch.Tensor | None]:
+        """The mapped layers of both models, stacked and flattened for one representation term."""
+        if term.objective.reads == "states":
+            assert teacher.hidden_states is not None
+            s = torch.stack([student.hidden_states[i] for i, _ in term.pairs])  # (L, B, T, D_s)
+            if term.name in self.projections:
+                s = self.projections[term.name](s)  # (L, B, T, D_t)
+            t = torch.stack([teacher.hidden_states[j] for _, j in term.pairs])  # (L, B, T, D_t)
+            return {
+                "student_states": s.flatten(1, 2),
+                "teacher_states": t.flatten(1, 2),
+                "mask": mask,
+            }
+        assert teacher.attentions is not None
+        rows_s, rows_t = [], []
+        for i, j in term.pairs:
+            s, t = match_heads(student.attentions[i - 1], teacher.attentions[j - 1], term.heads)
+            # (B, A, T, T) -> (B·T, A, T): each query position's rows, one per head
+            rows_s.append(s.transpose(1, 2).flatten(0, 1))
+            rows_t.append(t.transpose(1, 2).flatten(0, 1))
+        return {
+            "student_attentions": torch.stack(rows_s),
+            "teacher_attentions": torch.stack(rows_t),
+            "mask": mask,
+        }
 
     def __call__(
         self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
@@ -105,20 +193,38 @@ class LossMix:
         """(weighted total, {term name: unweighted sum}) for one micro-batch."""
         flat_labels = labels.reshape(-1)  # (N,)
         mask = flat_labels != IGNORE_INDEX  # (N,)
-        if self.chunk_size:
-            raw = unwrap(model)
-            with head_inputs(raw) as captured:
-                model(input_ids=input_ids)  # through DDP, so gradients are synchronised
-            student_hidden = captured["hidden"]
+        n = mask.shape[0]
+        raw = unwrap(model)
+        internals: dict[str, bool] = {}
+        if self.wants_states:
+            internals["output_hidden_states"] = True
+        if self.wants_attentions:
+            internals["output_attentions"] = True
+        project = not self.chunk_size and bool(self.logit_terms)
+        # Through DDP (``model``), so gradients are synchronised.
+        with nullcontext({}) if project else head_inputs(raw) as captured:
+            student = model(input_ids=input_ids, **internals)
+        teacher_logits_needed = any(t.objective.needs_teacher for t in self.logit_terms)
+        teacher = TeacherOutput()
+        if self.needs_teacher:
+            assert self.teacher is not None
+            teacher = self.teacher.run(
+                input_ids,
+                logits=project and teacher_logits_needed,
+                hidden_states=self.wants_states,
+                attentions=self.wants_attentions,
+            )
+        sums: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=input_ids.device)
+        if self.logit_terms and self.chunk_size:
             teacher_hidden = teacher_head = None
-            if self.needs_teacher:
-                assert self.teacher is not None
-                teacher_hidden = self.teacher.hidden(input_ids).reshape(mask.shape[0], -1)
-                teacher_head = self.teacher.head
-            total, sums = chunked_loss(
+            if teacher_logits_needed:
+                assert self.teacher is not None and teacher.head_input is not None
+                teacher_hidden, teacher_head = teacher.head_input.reshape(n, -1), self.teacher.head
+            total, logit_sums = chunked_loss(
                 self.term_sums,
-                self._weights(student_hidden.device),
-                student_hidden.reshape(mask.shape[0], -1),  # (N, H)
+                self._weights(self.logit_terms, captured["hidden"].device),
+                captured["hidden"].reshape(n, -1),  # (N, H)
                 raw.get_output_embeddings(),  # type: ignore[operator]
                 flat_labels,
                 mask,
@@ -127,9 +233,8 @@ class LossMix:
                 teacher_head=teacher_head,
                 vocab=self.vocab,
             )
-            return total, {t.name: sums[i] for i, t in enumerate(self.terms)}
-        else:
-            student_logits = model(input_ids=input_ids).logits[..., : self.vocab]  # (B, T, V)
+        elif self.logit_terms:
+            student_logits = student.logits[..., : self.vocab]  # (B, T, V)
             vocab = student_logits.shape[-1]
             signals: dict[str, torch.Tensor | None] = {
                 "student_logits": student_logits.reshape(-1, vocab),  # (N, V)
@@ -137,15 +242,22 @@ class LossMix:
                 "mask": mask,
                 "teacher_logits": None,
             }
-            if self.needs_teacher:
-                assert self.teacher is not None
-                teacher_logits = self.teacher.logits(input_ids)[..., : self.vocab]  # (B, T, V)
+            if teacher_logits_needed:
+                assert teacher.logits is not None
+                teacher_logits = teacher.logits[..., : self.vocab]  # (B, T, V)
                 if teacher_logits.shape[-1] != vocab:
                     raise DistilleryError(
                         f"teacher has {teacher_logits.shape[-1]} output tokens, student {vocab}: "
                         "they must share a tokenizer (set the vocabulary both use)"
                     )
                 signals["teacher_logits"] = teacher_logits.reshape(-1, vocab)
-            sums = self.term_sums(signals)
-        total = (self._weights(sums.device) * sums).sum()
-        return total, {t.name: sums[i] for i, t in enumerate(self.terms)}
+            logit_sums = self.term_sums(signals)
+            total = (self._weights(self.logit_terms, logit_sums.device) * logit_sums).sum()
+        for i, term in enumerate(self.logit_terms):
+            sums[term.name] = logit_sums[i]
+        for term in self.terms:
+            if term.objective.reads != "logits":
+                value = term.objective(self._internal_signals(term, student, teacher, mask))
+                sums[term.name] = value
+                total = total + term.weight * value
+        return total, {t.name: sums[t.name] for t in self.terms}

@@ -12,8 +12,18 @@ from distillery.errors import DistilleryError
 
 ObjectiveFn = Callable[..., torch.Tensor]
 
-# The tensors an objective may ask for, by argument name.
-SIGNAL_NAMES = ("student_logits", "teacher_logits", "labels", "mask")
+# The tensors an objective may ask for, by argument name (shapes: ``logits.py`` and
+# ``representations.py``).
+SIGNAL_NAMES = (
+    "student_logits",
+    "teacher_logits",
+    "labels",
+    "mask",
+    "student_states",
+    "teacher_states",
+    "student_attentions",
+    "teacher_attentions",
+)
 
 
 @dataclass(frozen=True)
@@ -27,7 +37,15 @@ class Objective:
 
     @property
     def needs_teacher(self) -> bool:
-        return "teacher_logits" in self.signals
+        return any(s.startswith("teacher_") for s in self.signals)
+
+    @property
+    def reads(self) -> str:
+        """Which outputs it compares: ``logits``, ``states`` (hidden) or ``attentions``."""
+        for kind in ("states", "attentions"):
+            if f"student_{kind}" in self.signals:
+                return kind
+        return "logits"
 
     def __call__(self, signals: dict[str, torch.Tensor | None], **params: float) -> torch.Tensor:
         args = {name: signals[name] for name in self.signals}
