@@ -114,6 +114,42 @@ def test_distill_run_records_teacher_flops_and_agreement(corpus, cache_dir, tmp_
     assert list((tmp_path / "d" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_representation_distill_resumes_exactly_with_its_projection(
+    corpus, cache_dir, tmp_path, teacher_dir
+):
+    """A narrower student (projection learned) with hidden and attention terms: checkpoints
+    carry the projection, resume is bit-identical, the export is the plain student."""
+
+    def cfg_for(out: Path):
+        cfg = tiny_run(
+            corpus, cache_dir, out, teacher=teacher_dir, steps=6, checkpoint_every=3
+        ).model_dump()
+        cfg["model"]["overrides"] = {"num_hidden_layers": 2, "hidden_size": 32}
+        cfg["objectives"] = [
+            {"kind": "ce"},
+            {"kind": "hidden_mse", "layers": "uniform"},
+            {"kind": "attention_kl", "layers": "last", "weight": 0.5},
+        ]
+        return type(tiny_run(corpus, cache_dir, out)).model_validate(cfg)
+
+    run(cfg_for(tmp_path / "full"))
+    cut = cfg_for(tmp_path / "cut")
+    run(cut, stop_after=4)
+    saved = load_file(
+        str(tmp_path / "cut" / "checkpoints" / "step-0000003" / "objectives.safetensors")
+    )
+    assert list(saved) == ["hidden_mse.weight"] and saved["hidden_mse.weight"].shape == (64, 32)
+    run(cut, resume=True)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and not any("hidden_mse" in k for k in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    record = json.loads((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["hidden_mse"] > 0 and record["attention_kl"] > 0
+    config = json.loads((tmp_path / "cut" / "model" / "config.json").read_text())
+    assert config["hidden_size"] == 32
+
+
 def test_exported_student_loads_and_generates_with_plain_transformers(teacher_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -132,6 +168,38 @@ def test_exported_student_loads_and_generates_with_plain_transformers(teacher_di
     assert text.startswith("The minister said")
     names = {p.name for p in teacher_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo over torchrun")
+def test_two_gloo_processes_match_one_process_with_a_learned_projection(
+    corpus, cache_dir, tmp_path, teacher_dir
+):
+    """The objectives' projection is outside DDP: its gradients must be averaged too."""
+    common = [
+        f"--data={corpus}",
+        f"--teacher={teacher_dir}",
+        "model.preset=tiny",
+        "model.overrides={num_hidden_layers: 2, hidden_size: 32}",
+        "objectives=[{kind: ce}, {kind: hidden_cosine, layers: uniform}]",
+        "data.seq_len=32",
+        f"data.cache_dir={cache_dir}",
+        "train.steps=3",
+        "train.batch_size=4",
+        "train.lr=3e-3",
+        "train.tensorboard=false",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    single = [sys.executable, "-m", "distillery", "distill", f"--out={tmp_path / 'one'}", *common]
+    dual = [*TORCHRUN_2, "distill", f"--out={tmp_path / 'two'}", *common]
+    for cmd in (single, dual):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("model.safetensors", "objectives.safetensors"):
+        a, b = (
+            load_file(str(tmp_path / run_dir / "checkpoints" / "step-0000003" / name))
+            for run_dir in ("one", "two")
+        )
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, name
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo over torchrun")

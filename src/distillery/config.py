@@ -104,13 +104,51 @@ class TVDObjective(Strict):
     temperature: float = Field(1.0, gt=0.0)
 
 
+# Layer maps: "uniform" (student block i ↔ teacher block round(i·L_t/L_s)), "last",
+# "embeddings" (the embedding outputs; hidden states only) or explicit [student, teacher] pairs
+# (0 = embeddings, i = block i).
+LayerMap = Literal["uniform", "last", "embeddings"] | list[tuple[int, int]]
+
+
+class HiddenCosineObjective(Strict):
+    """1 − cosine between mapped hidden states (DistilBERT), projected if widths differ."""
+
+    kind: Literal["hidden_cosine"] = "hidden_cosine"
+    weight: float = Field(1.0, ge=0.0)
+    layers: LayerMap = "last"
+    projection: Literal["auto", "linear"] = "auto"  # auto: a learned linear map if widths differ
+
+
+class HiddenMSEObjective(Strict):
+    """MSE between mapped hidden states (TinyBERT), through a learned projection if widths
+    differ; ``layers: embeddings`` matches the embedding layers."""
+
+    kind: Literal["hidden_mse"] = "hidden_mse"
+    weight: float = Field(1.0, ge=0.0)
+    layers: LayerMap = "last"
+    projection: Literal["auto", "linear"] = "auto"
+
+
+class AttentionKLObjective(Strict):
+    """KL between the attention distributions of mapped layers, per head (needs eager
+    attention, switched on automatically)."""
+
+    kind: Literal["attention_kl"] = "attention_kl"
+    weight: float = Field(1.0, ge=0.0)
+    layers: LayerMap = "uniform"
+    heads: Literal["auto", "average", "map"] = "auto"  # when head counts differ
+
+
 ObjectiveConfig = Annotated[
     CrossEntropyObjective
     | HardLabelsObjective
     | ForwardKLObjective
     | ReverseKLObjective
     | JSDObjective
-    | TVDObjective,
+    | TVDObjective
+    | HiddenCosineObjective
+    | HiddenMSEObjective
+    | AttentionKLObjective,
     Field(discriminator="kind"),
 ]
 

@@ -125,8 +125,13 @@ class Engine:
             ids = [device.index] if device.type == "cuda" else None
             forward = DistributedDataParallel(forward, device_ids=ids)
         self.forward = forward
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+        # The objectives' own parameters (learned projections) train with the model; DDP does
+        # not see them, so their gradients are all-reduced by hand.
+        self.loss.projections.to(device)
+        self.extra = self.loss.parameters()
+        trained = [p for p in [*self.model.parameters(), *self.extra] if p.requires_grad]
+        decay = [p for p in trained if p.ndim >= 2]
+        no_decay = [p for p in trained if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": cfg.weight_decay},
@@ -156,6 +161,8 @@ class Engine:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_model(self.model, str(tmp / "model.safetensors"))
+        if self.extra:
+            save_model(self.loss.projections, str(tmp / "objectives.safetensors"))
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -180,7 +187,8 @@ class Engine:
 
     def load_checkpoint(self, ckpt: Path) -> None:
         """Restore model, optimizer, scheduler, RNG and data position from ``ckpt``."""
-        missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).is_file()]
+        needed = [*CHECKPOINT_FILES, *(["objectives.safetensors"] if self.extra else [])]
+        missing = [f for f in needed if not (ckpt / f).is_file()]
         if missing:
             raise DistilleryError(f"checkpoint {ckpt} is incomplete (no {', '.join(missing)})")
         try:
@@ -196,6 +204,13 @@ class Engine:
             load_model(
                 self.model, str(ckpt / "model.safetensors"), strict=True, device=str(self.device)
             )
+            if self.extra:
+                load_model(
+                    self.loss.projections,
+                    str(ckpt / "objectives.safetensors"),
+                    strict=True,
+                    device=str(self.device),
+                )
             self.optimizer.load_state_dict(trainer_state["optimizer"])
             self.scheduler.load_state_dict(trainer_state["scheduler"])
             progress = Progress(**{k: state[k] for k in asdict(Progress())})
@@ -217,6 +232,8 @@ class Engine:
     def _run_fingerprint(self) -> dict[str, Any]:
         """What must not change on resume: data order and block size, and the weights' shapes."""
         shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
+        extra = self.loss.projections.state_dict()
+        shapes.update({f"objectives.{k}": list(v.shape) for k, v in extra.items()})
         digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
         return {
             "train.batch_size": self.cfg.batch_size,
@@ -319,11 +336,13 @@ class Engine:
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             sums["loss"] = sums.get("loss", 0.0) + total.detach().float()
+        for p in self.extra if self.env.active else []:  # averaged over ranks, as DDP does
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            p.grad = all_reduce_sum(grad, self.env) / self.env.world_size
         grad_norm = None
         if self.cfg.grad_clip is not None:
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            )
+            params = [*self.model.parameters(), *self.extra]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.optimizer.step()
         self.scheduler.step()

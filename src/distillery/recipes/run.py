@@ -105,8 +105,13 @@ def run(
             check_plain_head(model, "model")
             if teacher_model is not None:
                 check_plain_head(teacher_model, "teacher")
+        seed_everything(cfg.train.seed)  # the objectives' projections start the same each run
         loss = LossMix(
-            terms_from_config(cfg.objectives), teacher, vocab=len(tokenizer), chunk_size=chunk
+            terms_from_config(cfg.objectives),
+            teacher,
+            student=model,
+            vocab=len(tokenizer),
+            chunk_size=chunk,
         )
         flops_per_token = 6.0 * compute_params(model) + loss.teacher_flops_per_token()
 
