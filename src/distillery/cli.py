@@ -80,19 +80,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_quickstart(args: argparse.Namespace) -> int:
-    from distillery.config import QuickstartConfig, build_config
-    from distillery.recipes.quickstart import quickstart
+def _recipe_config(cls: type, args: argparse.Namespace) -> Any:
+    """A recipe's config: ``--config`` file, ``--out``/``--data`` shorthands, overrides."""
+    from distillery.config import build_config
 
     base: dict[str, Any] = {}
     if args.out:
         base["out"] = args.out
     if args.data:
         base["data"] = {"source": args.data}
-    cfg = build_config(
-        QuickstartConfig, Path(args.config) if args.config else None, args.overrides, base=base
-    )
-    quickstart(cfg, overwrite=args.overwrite)
+    return build_config(cls, Path(args.config) if args.config else None, args.overrides, base=base)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from distillery.config import QuickstartConfig
+    from distillery.recipes.quickstart import quickstart
+
+    quickstart(_recipe_config(QuickstartConfig, args), overwrite=args.overwrite)
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from distillery.config import AblationConfig
+    from distillery.recipes.ablate import ablate
+
+    ablate(_recipe_config(AblationConfig, args), overwrite=args.overwrite)
     return 0
 
 
@@ -130,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="teacher → distilled student vs scratch, with a report")
     common(p)
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser(
+        "ablate", help="the same student distilled with each objective removed, over seeds"
+    )
+    common(p)
+    p.set_defaults(func=cmd_ablate)
     return parser
 
 

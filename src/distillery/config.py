@@ -244,6 +244,74 @@ class QuickstartConfig(Strict):
         return self
 
 
+class AblationArm(Strict):
+    """One arm of an ablation: the full objective mix minus ``drop``, with or without the
+    student initialised from the teacher's layers."""
+
+    drop: list[str] = Field(default_factory=list)  # objective kinds left out
+    init_from_teacher: bool = True
+
+
+def _distilbert_mix() -> list[Any]:
+    """DistilBERT's triple loss with its weights: soft targets 5 (T=2), task 2, cosine 1."""
+    return [
+        ForwardKLObjective(weight=5.0, temperature=2.0),
+        CrossEntropyObjective(weight=2.0),
+        HiddenCosineObjective(weight=1.0, layers="last"),
+    ]
+
+
+def _distilbert_arms() -> dict[str, AblationArm]:
+    return {
+        "full": AblationArm(),
+        "no-soft-kl": AblationArm(drop=["forward_kl"]),
+        "no-cosine": AblationArm(drop=["hidden_cosine"]),
+        "no-task-ce": AblationArm(drop=["ce"]),
+        "random-init": AblationArm(init_from_teacher=False),
+    }
+
+
+class AblationConfig(Strict):
+    """``distillery ablate``: one teacher, then the same student distilled with the full mix
+    and with each part removed, over several seeds."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: ModelSpec = Field(default_factory=ModelSpec)
+    teacher_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=240, lr=2e-3, warmup_steps=20)
+    )
+    student_layers: int = Field(2, gt=0)
+    student_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=100, lr=2e-3, warmup_steps=10)
+    )
+    objectives: list[ObjectiveConfig] = Field(default_factory=_distilbert_mix, min_length=1)
+    arms: dict[str, AblationArm] = Field(default_factory=_distilbert_arms, min_length=1)
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0, 1, 2], min_length=1
+    )
+    out: Path = Path("runs/ablation")
+    results: Path | None = None  # also write the table and its JSON here
+
+    @model_validator(mode="after")
+    def _arms_make_sense(self) -> AblationConfig:
+        if self.teacher.path is not None or self.teacher.init_from_teacher is not None:
+            raise ValueError("teacher: ablate trains its teacher from a preset (teacher.preset)")
+        kinds = [o.kind for o in self.objectives]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError("objectives: each kind once (arms drop objectives by kind)")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds: give each seed once")
+        for name, arm in self.arms.items():
+            if not name or not all(c.isalnum() or c in "-_" for c in name):
+                raise ValueError(f"arms: name {name!r} must be letters, digits, '-' or '_'")
+            unknown = sorted(set(arm.drop) - set(kinds))
+            if unknown:
+                raise ValueError(f"arms.{name}.drop: {unknown} not among the objectives {kinds}")
+            if set(kinds) <= set(arm.drop):
+                raise ValueError(f"arms.{name}: drops every objective")
+        return self
+
+
 C = TypeVar("C", bound=BaseModel)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.config import (
+    AblationConfig,
     CrossEntropyObjective,
     ModelSpec,
     QuickstartConfig,
@@ -56,6 +57,17 @@ def report_notes(source: str, models: dict[str, dict[str, Any]]) -> list[str]:
     ]
 
 
+def teacher_config(cfg: QuickstartConfig | AblationConfig, out: Path) -> RunConfig:
+    """The teacher's run: ``cfg.teacher`` trained on the data with the task loss alone."""
+    return RunConfig(
+        data=cfg.data,
+        model=cfg.teacher,
+        objectives=[CrossEntropyObjective()],
+        train=cfg.teacher_train,
+        out=out,
+    )
+
+
 def quickstart(cfg: QuickstartConfig, *, overwrite: bool = False) -> dict[str, dict[str, Any]]:
     """Run the three arms into ``cfg.out`` and return the per-model summary."""
     if cfg.teacher.preset is None:
@@ -67,14 +79,7 @@ def quickstart(cfg: QuickstartConfig, *, overwrite: bool = False) -> dict[str, d
     prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
 
     teacher_dir = out / "teacher"
-    teacher_cfg = RunConfig(
-        data=cfg.data,
-        model=cfg.teacher,
-        objectives=[CrossEntropyObjective()],
-        train=cfg.teacher_train,
-        out=teacher_dir,
-    )
-    run(teacher_cfg, overwrite=overwrite, name="teacher")
+    run(teacher_config(cfg, teacher_dir), overwrite=overwrite, name="teacher")
 
     student_overrides = {**cfg.teacher.overrides, "num_hidden_layers": cfg.student_layers}
     student_data = cfg.data.model_copy(update={"tokenizer": teacher_dir / "model"})

@@ -1,0 +1,145 @@
+"""``distillery ablate``: what each part of a distillation mix buys, over several seeds.
+
+1. train a teacher (or reuse the one a previous call trained with the same config);
+2. for every arm (the full mix, each objective dropped, random initialisation) and every seed,
+   distil the same half-depth student — finished runs with an unchanged config are reused, so
+   an interrupted ablation continues where it stopped;
+3. write ``ablation.md`` and ``ablation.json`` (validation perplexity and agreement, mean ± std
+   over seeds) to the output folder and to ``results`` when set.
+
+The seed sets the data order, the random initialisations and the projections; runs of one seed
+see the same batches in every arm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distillery.config import AblationConfig, ModelSpec, RunConfig, config_to_yaml
+from distillery.files import atomic_write_text, write_json
+from distillery.recipes.common import prepare_out_dir
+from distillery.recipes.quickstart import teacher_config
+from distillery.recipes.run import run
+
+METRICS = ("val_ppl", "val_loss", "agreement", "kl_teacher_student", "accuracy")
+KEPT = (*METRICS, "flops", "train_seconds")
+
+
+def run_or_reuse(cfg: RunConfig, name: str, *, reuse: bool = True) -> dict[str, Any]:
+    """``run(cfg)``, unless ``cfg.out`` holds a finished run of exactly this config."""
+    out = Path(cfg.out)
+    saved, summary = out / "config.yaml", out / "summary.json"
+    same = saved.is_file() and saved.read_text(encoding="utf-8") == config_to_yaml(cfg)
+    if reuse and same and summary.is_file():
+        result = json.loads(summary.read_text(encoding="utf-8"))
+        if result.get("finished"):
+            print(f"[ablate] {name}: finished before, reusing {out}", flush=True)
+            return result
+    return run(cfg, overwrite=True, name=name)
+
+
+def hardware() -> str:
+    """A short name of the machine for result folders and tables."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace(" ", "-")
+    return f"cpu-{os.cpu_count()}core"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _describe(objectives: list[Any]) -> str:
+    return " + ".join(f"{o.weight:g}·{o.kind}" for o in objectives)
+
+
+def ablate(cfg: AblationConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run every arm × seed into ``cfg.out`` (``overwrite``: rerun even finished runs); return
+    the table's data."""
+    out = Path(cfg.out)
+    prepare_out_dir(out, resume=False, overwrite=True, resumable=False)  # writable, or one line
+    reuse = not overwrite
+    teacher = run_or_reuse(teacher_config(cfg, out / "teacher"), "teacher", reuse=reuse)
+    teacher_model = out / "teacher" / "model"
+    student_data = cfg.data.model_copy(update={"tokenizer": teacher_model})
+    overrides = {**cfg.teacher.overrides, "num_hidden_layers": cfg.student_layers}
+
+    arms: dict[str, dict[str, Any]] = {}
+    for name, arm in cfg.arms.items():
+        objectives = [o for o in cfg.objectives if o.kind not in arm.drop]
+        runs = []
+        for seed in cfg.seeds:
+            run_cfg = RunConfig(
+                data=student_data,
+                model=ModelSpec(
+                    preset=cfg.teacher.preset,
+                    overrides=overrides,
+                    init_from_teacher="every_other" if arm.init_from_teacher else None,
+                ),
+                teacher=teacher_model,
+                objectives=objectives,
+                train=cfg.student_train.model_copy(update={"seed": seed}),
+                out=out / name / f"seed-{seed}",
+            )
+            summary = run_or_reuse(run_cfg, f"{name}/seed-{seed}", reuse=reuse)
+            runs.append({"seed": seed, **{k: summary[k] for k in KEPT}})
+        stats = {}
+        for key in METRICS:
+            mean, std = _mean_std([r[key] for r in runs])
+            stats[key] = {"mean": mean, "std": std}
+        arms[name] = {
+            "objectives": _describe(objectives),
+            "init": "teacher (every other layer)" if arm.init_from_teacher else "random",
+            "runs": runs,
+            **stats,
+        }
+
+    result = {
+        "hardware": hardware(),
+        "torch": torch.__version__,
+        "seeds": cfg.seeds,
+        "teacher": {k: teacher[k] for k in ("val_ppl", "val_loss", "accuracy", "layers")},
+        "student_layers": cfg.student_layers,
+        "student_steps": cfg.student_train.steps,
+        "arms": arms,
+        "config": cfg.model_dump(mode="json"),
+    }
+    table = ablation_markdown(result)
+    for folder in [out, *([cfg.results] if cfg.results else [])]:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        write_json(Path(folder) / "ablation.json", result)
+        atomic_write_text(Path(folder) / "ablation.md", table)
+    print(table)
+    return result
+
+
+def ablation_markdown(result: dict[str, Any]) -> str:
+    """The ablation table: one row per arm, mean ± std over seeds, Δ against the first arm."""
+    arms = result["arms"]
+    base = next(iter(arms.values()))
+    lines = [
+        f"# Ablation ({result['hardware']}, seeds {result['seeds']})",
+        "",
+        f"Teacher: {result['teacher']['layers']} layers, validation perplexity "
+        f"{result['teacher']['val_ppl']:.1f}. Student: {result['student_layers']} layers, "
+        f"{result['student_steps']} steps per run; mean ± sample std over "
+        f"{len(result['seeds'])} seeds.",
+        "",
+        "| arm | objectives | init | val ppl | Δ ppl vs first | agreement | KL(teacher‖student) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, arm in arms.items():
+        ppl, agree, kl = arm["val_ppl"], arm["agreement"], arm["kl_teacher_student"]
+        delta = ppl["mean"] - base["val_ppl"]["mean"]
+        lines.append(
+            f"| {name} | {arm['objectives']} | {arm['init']} | "
+            f"{ppl['mean']:.1f} ± {ppl['std']:.1f} | {delta:+.1f} | "
+            f"{agree['mean']:.3f} ± {agree['std']:.3f} | {kl['mean']:.3f} ± {kl['std']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
