@@ -182,3 +182,32 @@ def test_vocabulary_of_262144_runs_in_bounded_memory():
     assert results[32]["loss"] == pytest.approx(results[0]["loss"], rel=1e-4)
     assert results[0]["extra_mib"] > 2000  # the full-vocabulary path holds several copies
     assert results[32]["extra_mib"] < results[0]["extra_mib"] / 4
+
+
+def test_evaluation_by_chunks_equals_evaluation_on_whole_logits(
+    corpus, cache_dir, tmp_path, teacher_dir, monkeypatch
+):
+    from distillery.distributed import DistEnv
+    from distillery.eval import metrics
+    from distillery.models import load_causal_lm
+    from distillery.recipes.common import prepare_data
+    from tests.conftest import tiny_run
+
+    cfg = tiny_run(corpus, cache_dir, tmp_path / "r")
+    tokenizer, _, val = prepare_data(cfg.data, DistEnv(), teacher_dir)
+    teacher = LiveTeacher(load_causal_lm(teacher_dir))
+    student = tiny(teacher.head.weight.shape[0] + 3, hidden=32, layers=1, seed=4)  # padded
+    device = torch.device("cpu")
+
+    def evaluate() -> dict[str, float]:
+        return metrics.evaluate_lm(
+            student, val, device=device, max_batches=2, teacher=teacher, vocab=len(tokenizer)
+        )
+
+    monkeypatch.setattr(metrics, "EVAL_CHUNK_LOGITS", 37 * len(tokenizer))  # 37 positions
+    chunked = evaluate()
+    monkeypatch.setattr(metrics, "is_plain_head", lambda head, config: False)
+    whole = evaluate()
+    assert chunked.keys() == whole.keys() and chunked["eval_tokens"] > 37
+    for key in whole:
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), key

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,45 @@ import torch
 from torch import nn
 
 from distillery.data import PackedTokens, sequential_batches
+from distillery.objectives.chunked import head_inputs, is_plain_head
 from distillery.objectives.logits import IGNORE_INDEX, cross_entropy, forward_kl
 from distillery.objectives.mix import shift_labels
 from distillery.teachers import TeacherSignal
+
+EVAL_CHUNK_LOGITS = 2**22  # logits (positions × vocabulary) made at once when evaluating
+
+
+def _logits_by_chunk(
+    model: nn.Module, ids: torch.Tensor, teacher: TeacherSignal | None, vocab: int | None
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]]:
+    """(positions, student logits, teacher logits) a chunk of flattened positions at a time,
+    float32, cut to ``vocab`` — never a whole batch of full-vocabulary logits when the output
+    projections are plain linear layers (else one chunk: the model's own logits)."""
+    n = ids.numel()
+    head = model.get_output_embeddings()
+    plain = is_plain_head(head, model.config)
+    if not plain or (teacher is not None and not is_plain_head(teacher.head, teacher.config)):
+        logits = model(input_ids=ids).logits[..., :vocab].float().reshape(n, -1)
+        t_logits = None
+        if teacher is not None:
+            t_logits = teacher.logits(ids)[..., :vocab].float().reshape(n, -1)
+        yield slice(0, n), logits, t_logits
+        return
+    with head_inputs(model) as captured:
+        model(input_ids=ids)
+    hidden = captured["hidden"].reshape(n, -1)  # (N, H)
+    t_hidden = None
+    if teacher is not None:
+        t_hidden = teacher.run(ids, logits=False).head_input.reshape(n, -1)  # (N, H_t)
+    rows = vocab or head.weight.shape[0]
+    chunk = max(1, EVAL_CHUNK_LOGITS // rows)
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        logits = head(hidden[part])[..., :vocab].float()  # (C, V)
+        t_logits = None
+        if teacher is not None and t_hidden is not None:
+            t_logits = teacher.head(t_hidden[part])[..., :vocab].float()
+        yield part, logits, t_logits
 
 
 @torch.no_grad()
@@ -31,7 +68,8 @@ def evaluate_lm(
 
     With a teacher also: agreement (student top-1 == teacher top-1) and KL(teacher ‖ student)
     at temperature 1, both averaged over the same positions. Logits are cut to the first
-    ``vocab`` columns (the tokenizer's real tokens; embedding tables may be padded).
+    ``vocab`` columns (the tokenizer's real tokens; embedding tables may be padded) and made a
+    chunk of positions at a time, so big vocabularies fit in memory.
     """
     was_training = model.training
     model.eval()
@@ -39,19 +77,19 @@ def evaluate_lm(
     count = 0
     for ids in sequential_batches(data, batch_size, max_batches):
         ids = ids.to(device)
-        labels = shift_labels(ids).reshape(-1)  # (N,)
-        mask = labels != IGNORE_INDEX
-        logits = model(input_ids=ids).logits[..., :vocab].float()
-        student_logits = logits.reshape(-1, logits.shape[-1])  # (N, V)
-        totals["loss"] += float(cross_entropy(student_logits, labels, mask))
-        top1 = student_logits.argmax(-1)
-        totals["correct"] += float(((top1 == labels) & mask).sum())
-        if teacher is not None:
-            teacher_logits = teacher.logits(ids)[..., :vocab].float()
-            teacher_logits = teacher_logits.reshape(-1, student_logits.shape[-1])
-            totals["agree"] += float(((top1 == teacher_logits.argmax(-1)) & mask).sum())
-            totals["kl"] += float(forward_kl(student_logits, teacher_logits, mask, temperature=1.0))
-        count += int(mask.sum())
+        all_labels = shift_labels(ids).reshape(-1)  # (N,)
+        for part, student_logits, teacher_logits in _logits_by_chunk(model, ids, teacher, vocab):
+            labels = all_labels[part]
+            mask = labels != IGNORE_INDEX
+            totals["loss"] += float(cross_entropy(student_logits, labels, mask))
+            top1 = student_logits.argmax(-1)
+            totals["correct"] += float(((top1 == labels) & mask).sum())
+            if teacher_logits is not None:
+                totals["agree"] += float(((top1 == teacher_logits.argmax(-1)) & mask).sum())
+                totals["kl"] += float(
+                    forward_kl(student_logits, teacher_logits, mask, temperature=1.0)
+                )
+            count += int(mask.sum())
     model.train(was_training)
     n = max(count, 1)
     out = {

@@ -38,20 +38,24 @@ def head_inputs(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         handle.remove()
 
 
+def is_plain_head(head: nn.Module, config: Any) -> bool:
+    """Whether logits are exactly ``head(hidden)``: a linear head, no softcapping or scale."""
+    scale = getattr(config, "logit_scale", None)
+    return (
+        isinstance(head, nn.Linear)
+        and not getattr(config, "final_logit_softcapping", None)
+        and (scale is None or scale == 1.0)
+    )
+
+
 def check_plain_head(model: nn.Module, role: str) -> None:
     """Chunking recomputes logits as ``head(hidden)``; refuse models that post-process them."""
-    config = getattr(model, "config", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
     head = model.get_output_embeddings()  # type: ignore[operator]
-    if not isinstance(head, nn.Linear):
+    if not is_plain_head(head, getattr(model, "config", None)):
         raise DistilleryError(
-            f"the {role}'s output projection is not a linear layer; set train.logit_chunk_size=0"
-        )
-    if softcap or (scale is not None and scale != 1.0):
-        raise DistilleryError(
-            f"the {role} rescales its logits (softcapping/logit_scale), which chunked losses do "
-            "not reproduce; set train.logit_chunk_size=0"
+            f"the {role}'s logits are not a plain linear projection of its last hidden states "
+            "(a non-linear head, softcapping or logit_scale), which chunked losses do not "
+            "reproduce; set train.logit_chunk_size=0"
         )
 
 
