@@ -234,3 +234,21 @@ def test_overrides_may_come_before_options_and_more_input_checks(
     assert "no column" not in line
     code = main(["eval", "--model", str(tmp_path), "--out", str(tmp_path)])
     assert code == 2 and "not a folder" in capsys.readouterr().err
+
+
+def test_out_and_data_flags_beat_the_config_file_and_overrides_beat_both(tmp_path):
+    from distillery.cli import _recipe_config, build_parser
+    from distillery.config import AblationConfig, QuickstartConfig
+
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text("out: runs/from-file\ndata: {source: from-file.txt, seq_len: 64}\n")
+    for command, cls in (("ablate", AblationConfig), ("quickstart", QuickstartConfig)):
+        args = build_parser().parse_args(
+            [command, "--config", str(cfg_file), "--out", "flag-out", "--data", "flag.txt"]
+        )
+        cfg = _recipe_config(cls, args)
+        assert (str(cfg.out), cfg.data.source, cfg.data.seq_len) == ("flag-out", "flag.txt", 64)
+        args = build_parser().parse_args(
+            [command, "--config", str(cfg_file), "--out", "flag-out", "out=override-out"]
+        )
+        assert str(_recipe_config(cls, args).out) == "override-out"

@@ -149,6 +149,13 @@ def test_representation_distill_resumes_exactly_with_its_projection(
     config = json.loads((tmp_path / "cut" / "model" / "config.json").read_text())
     assert config["hidden_size"] == 32
 
+    # Resuming with a mix that has no projection (or another one) is refused in one line.
+    changed = cfg_for(tmp_path / "cut")
+    changed.objectives = changed.objectives[:1]
+    changed.train.steps = 9
+    with pytest.raises(DistilleryError, match="objective projections"):
+        run(changed, resume=True)
+
 
 def test_exported_student_loads_and_generates_with_plain_transformers(teacher_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -174,13 +181,14 @@ def test_exported_student_loads_and_generates_with_plain_transformers(teacher_di
 def test_two_gloo_processes_match_one_process_with_a_learned_projection(
     corpus, cache_dir, tmp_path, teacher_dir
 ):
-    """The objectives' projection is outside DDP: its gradients must be averaged too."""
+    """The objectives' projection is outside DDP: its gradients must be averaged too. A
+    representation-only mix on an early layer leaves later blocks unused, which DDP must allow."""
     common = [
         f"--data={corpus}",
         f"--teacher={teacher_dir}",
         "model.preset=tiny",
         "model.overrides={num_hidden_layers: 2, hidden_size: 32}",
-        "objectives=[{kind: ce}, {kind: hidden_cosine, layers: uniform}]",
+        "objectives=[{kind: hidden_mse, layers: [[1, 2]]}]",
         "data.seq_len=32",
         f"data.cache_dir={cache_dir}",
         "train.steps=3",
@@ -200,6 +208,11 @@ def test_two_gloo_processes_match_one_process_with_a_learned_projection(
             for run_dir in ("one", "two")
         )
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, name
+    norms = [
+        [json.loads(x).get("grad_norm") for x in (tmp_path / d / "metrics.jsonl").open()]
+        for d in ("one", "two")
+    ]
+    assert norms[0][0] is not None and norms[0] == pytest.approx(norms[1], rel=1e-4)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo over torchrun")

@@ -161,6 +161,8 @@ def test_layer_pairs():
     assert layer_pairs("uniform", 2, 4) == [(1, 2), (2, 4)]
     assert layer_pairs("uniform", 3, 12) == [(1, 4), (2, 8), (3, 12)]
     assert layer_pairs("uniform", 4, 4) == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    assert layer_pairs("uniform", 4, 6) == [(1, 2), (2, 3), (3, 5), (4, 6)]  # halves round up
+    assert layer_pairs("uniform", 8, 2)[0] == (1, 1)  # a deeper student never maps to 0
     assert layer_pairs("last", 2, 6) == [(2, 6)]
     assert layer_pairs("embeddings", 2, 6) == [(0, 0)]
     assert layer_pairs([[0, 0], [1, 3]], 2, 4) == [(0, 0), (1, 3)]
@@ -351,13 +353,50 @@ def test_micro_batches_add_up_with_representation_terms(batch):
         torch.testing.assert_close(p.grad, g_big, rtol=1e-4, atol=1e-7)
 
 
-def test_representation_config_errors_are_one_line():
-    with pytest.raises(DistilleryError, match="no parameter"):
+def test_representation_config_errors_are_one_line_and_early():
+    def refused(entries, student, teacher_model) -> str:
+        with pytest.raises(DistilleryError) as err:
+            LossMix(terms_from_config(entries), LiveTeacher(teacher_model), student=student)
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    with pytest.raises(DistilleryError, match=r"no parameter\(s\) \['layers'\]"):
         terms_from_config([{"kind": "forward_kl", "layers": "last"}])
+    with pytest.raises(DistilleryError, match=r"no parameter\(s\) \['heads'\]"):
+        terms_from_config([{"kind": "hidden_mse", "heads": "map"}])
     student, teacher_model = _llama(1), _llama(2, layers=4)
-    with pytest.raises(DistilleryError, match="out of range"):
-        LossMix(
-            terms_from_config([{"kind": "hidden_mse", "layers": [[1, 9]]}]),
-            LiveTeacher(teacher_model),
-            student=student,
-        )
+    assert "[1, 9] is out of range" in refused(
+        [{"kind": "hidden_mse", "layers": [[1, 9]]}], student, teacher_model
+    )
+    three_heads = _llama(3, hidden=24, heads=3)
+    assert "use heads: average" in refused(
+        [{"kind": "attention_kl", "heads": "map"}], student, three_heads
+    )
+    student.config.attention_dropout = 0.1
+    assert "attention_dropout=0" in refused([{"kind": "attention_kl"}], student, teacher_model)
+
+
+def test_nan_in_masked_student_states_gives_the_projection_a_finite_gradient(batch):
+    ids, labels = batch
+    student, teacher_model = _llama(4, hidden=24), _llama(5, layers=4)
+    mix = LossMix(
+        terms_from_config([{"kind": "hidden_mse", "layers": "uniform"}]),
+        LiveTeacher(teacher_model),
+        student=student,
+    )
+    out = student(input_ids=ids, output_hidden_states=True)
+    teacher = mix.teacher.run(ids, hidden_states=True)
+    mask = labels.reshape(-1) != IGNORE_INDEX
+    poisoned = [h.clone() for h in out.hidden_states]
+    for h in poisoned:
+        h.view(-1, h.shape[-1])[~mask] = float("nan")
+    clean = mix._representation_sum(mix.terms[0], out, teacher, mask)
+
+    class Poisoned:
+        hidden_states = poisoned
+
+    value = mix._representation_sum(mix.terms[0], Poisoned, teacher, mask)
+    torch.testing.assert_close(value, clean)
+    value.backward()
+    (weight,) = mix.parameters()
+    assert torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0

@@ -81,15 +81,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _recipe_config(cls: type, args: argparse.Namespace) -> Any:
-    """A recipe's config: ``--config`` file, ``--out``/``--data`` shorthands, overrides."""
-    from distillery.config import build_config
+    """A recipe's config: ``--config`` file, then the ``--out``/``--data`` shorthands, then
+    ``key=value`` overrides (later ones win)."""
+    from distillery.config import build_config, deep_merge, load_yaml
 
-    base: dict[str, Any] = {}
+    base: dict[str, Any] = load_yaml(Path(args.config)) if args.config else {}
+    shorthands: dict[str, Any] = {}
     if args.out:
-        base["out"] = args.out
+        shorthands["out"] = args.out
     if args.data:
-        base["data"] = {"source": args.data}
-    return build_config(cls, Path(args.config) if args.config else None, args.overrides, base=base)
+        shorthands["data"] = {"source": args.data}
+    deep_merge(base, shorthands)
+    return build_config(cls, None, args.overrides, base=base)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:

@@ -225,23 +225,26 @@ class QuickstartConfig(Strict):
 
     @model_validator(mode="after")
     def _student_fits_teacher(self) -> QuickstartConfig:
-        from distillery.models.presets import PRESETS
-
-        if self.teacher.path is not None or self.teacher.init_from_teacher is not None:
-            raise ValueError(
-                "teacher: quickstart trains its teacher from a preset (teacher.preset)"
-            )
-        layers = int(
-            self.teacher.overrides.get(
-                "num_hidden_layers", PRESETS[self.teacher.preset or "mini"]["num_hidden_layers"]
-            )
-        )
-        if 2 * self.student_layers - 1 > layers:
-            raise ValueError(
-                f"student_layers={self.student_layers} needs a teacher with at least "
-                f"{2 * self.student_layers - 1} layers (every other layer); it has {layers}"
-            )
+        check_trained_teacher(self.teacher, self.student_layers, "quickstart")
         return self
+
+
+def check_trained_teacher(teacher: ModelSpec, student_layers: int, recipe: str) -> None:
+    """A recipe's teacher is trained from a preset, deep enough for an every-other-layer student."""
+    from distillery.models.presets import PRESETS
+
+    if teacher.path is not None or teacher.init_from_teacher is not None:
+        raise ValueError(f"teacher: {recipe} trains its teacher from a preset (teacher.preset)")
+    layers = int(
+        teacher.overrides.get(
+            "num_hidden_layers", PRESETS[teacher.preset or "mini"]["num_hidden_layers"]
+        )
+    )
+    if 2 * student_layers - 1 > layers:
+        raise ValueError(
+            f"student_layers={student_layers} needs a teacher with at least "
+            f"{2 * student_layers - 1} layers (every other layer); it has {layers}"
+        )
 
 
 class AblationArm(Strict):
@@ -294,8 +297,7 @@ class AblationConfig(Strict):
 
     @model_validator(mode="after")
     def _arms_make_sense(self) -> AblationConfig:
-        if self.teacher.path is not None or self.teacher.init_from_teacher is not None:
-            raise ValueError("teacher: ablate trains its teacher from a preset (teacher.preset)")
+        check_trained_teacher(self.teacher, self.student_layers, "ablate")
         kinds = [o.kind for o in self.objectives]
         if len(set(kinds)) != len(kinds):
             raise ValueError("objectives: each kind once (arms drop objectives by kind)")

@@ -123,7 +123,11 @@ class Engine:
             forward = torch.compile(forward)  # type: ignore[assignment]
         if self.env.active:
             ids = [device.index] if device.type == "cuda" else None
-            forward = DistributedDataParallel(forward, device_ids=ids)
+            # Without a logit term, representation terms may leave parameters unused (the head,
+            # blocks after the last mapped layer), which DDP must be told about.
+            forward = DistributedDataParallel(
+                forward, device_ids=ids, find_unused_parameters=not loss.logit_terms
+            )
         self.forward = forward
         # The objectives' own parameters (learned projections) train with the model; DDP does
         # not see them, so their gradients are all-reduced by hand.
@@ -187,8 +191,7 @@ class Engine:
 
     def load_checkpoint(self, ckpt: Path) -> None:
         """Restore model, optimizer, scheduler, RNG and data position from ``ckpt``."""
-        needed = [*CHECKPOINT_FILES, *(["objectives.safetensors"] if self.extra else [])]
-        missing = [f for f in needed if not (ckpt / f).is_file()]
+        missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).is_file()]
         if missing:
             raise DistilleryError(f"checkpoint {ckpt} is incomplete (no {', '.join(missing)})")
         try:
@@ -199,6 +202,8 @@ class Engine:
                 "earlier one, or start again without --resume"
             ) from None
         self._check_same_run(ckpt, state.get("run", {}))
+        if self.extra and not (ckpt / "objectives.safetensors").is_file():
+            raise DistilleryError(f"checkpoint {ckpt} is incomplete (no objectives.safetensors)")
         try:
             trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
             load_model(
@@ -231,16 +236,18 @@ class Engine:
 
     def _run_fingerprint(self) -> dict[str, Any]:
         """What must not change on resume: data order and block size, and the weights' shapes."""
-        shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
-        extra = self.loss.projections.state_dict()
-        shapes.update({f"objectives.{k}": list(v.shape) for k, v in extra.items()})
-        digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+
+        def digest(state: dict[str, torch.Tensor]) -> str:
+            shapes = {k: list(v.shape) for k, v in state.items()}
+            return hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+
         return {
             "train.batch_size": self.cfg.batch_size,
             "train.seed": self.cfg.seed,
             "data.seq_len": self.data.seq_len,
             "data.num_blocks": self.data.num_blocks,
-            "model shapes": digest,
+            "model shapes": digest(self.model.state_dict()),
+            "objective projections": digest(self.loss.projections.state_dict()),
         }
 
     def _check_same_run(self, ckpt: Path, saved: dict[str, Any]) -> None:

@@ -39,12 +39,13 @@ def head_inputs(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def is_plain_head(head: nn.Module, config: Any) -> bool:
-    """Whether logits are exactly ``head(hidden)``: a linear head, no softcapping or scale."""
-    scale = getattr(config, "logit_scale", None)
+    """Whether logits are exactly ``head(hidden)``: a linear head, no softcapping or scaling
+    (``logit_scale``: Cohere; ``logits_scaling``: Granite)."""
+    scales = (getattr(config, name, None) for name in ("logit_scale", "logits_scaling"))
     return (
         isinstance(head, nn.Linear)
         and not getattr(config, "final_logit_softcapping", None)
-        and (scale is None or scale == 1.0)
+        and all(scale is None or scale == 1.0 for scale in scales)
     )
 
 

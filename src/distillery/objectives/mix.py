@@ -17,6 +17,7 @@ from distillery.objectives.registry import Objective, get_objective
 from distillery.objectives.representations import (
     HeadPolicy,
     LayerSpec,
+    check_heads,
     layer_pairs,
     match_heads,
 )
@@ -37,7 +38,7 @@ class Term:
     objective: Objective
     weight: float
     params: dict[str, Any] = field(default_factory=dict)
-    layers: LayerSpec = "last"
+    layers: LayerSpec | None = None  # default: "last" for hidden states, "uniform" for attention
     heads: HeadPolicy = "auto"
     projection: Literal["auto", "linear"] = "auto"
     pairs: list[tuple[int, int]] = field(default_factory=list)  # resolved by LossMix
@@ -55,8 +56,14 @@ def terms_from_config(objectives: Sequence[Any]) -> list[Term]:
         kind, weight = spec.pop("kind"), float(spec.pop("weight", 1.0))
         objective = get_objective(kind)
         routing = {k: spec.pop(k) for k in ROUTING if k in spec}
-        if objective.reads == "logits" and routing:
-            raise DistilleryError(f"objective {kind!r} has no parameter(s) {sorted(routing)}")
+        allowed = {
+            "logits": (),
+            "states": ("layers", "projection"),
+            "attentions": ("layers", "heads"),
+        }
+        misplaced = sorted(set(routing) - set(allowed[objective.reads]))
+        if misplaced:
+            raise DistilleryError(f"objective {kind!r} has no parameter(s) {misplaced}")
         unknown = set(spec) - set(objective.params)
         if unknown:
             raise DistilleryError(f"objective {kind!r} has no parameter(s) {sorted(unknown)}")
@@ -130,13 +137,21 @@ class LossMix:
             reads = term.objective.reads
             if reads == "logits":
                 continue
+            default = "uniform" if reads == "attentions" else "last"
             term.pairs = layer_pairs(
-                term.layers,
+                term.layers or default,
                 s_cfg.num_hidden_layers,
                 t_cfg.num_hidden_layers,
                 attention=reads == "attentions",
             )
             if reads == "attentions":
+                check_heads(s_cfg.num_attention_heads, t_cfg.num_attention_heads, term.heads)
+                if getattr(s_cfg, "attention_dropout", 0.0):
+                    raise DistilleryError(
+                        f"{term.name}: the student drops out attention weights "
+                        f"(attention_dropout={s_cfg.attention_dropout}), so its maps are not "
+                        "distributions; set model.overrides.attention_dropout=0"
+                    )
                 use_eager_attention(student)  # type: ignore[arg-type]
             elif term.projection == "linear" or s_cfg.hidden_size != t_cfg.hidden_size:
                 self.projections[term.name] = nn.Linear(
@@ -159,33 +174,38 @@ class LossMix:
         """Every logit term's unweighted sum on one set of signals, stacked ``(K,)``."""
         return torch.stack([t.objective(signals, **t.params) for t in self.logit_terms])
 
-    def _internal_signals(
+    def _representation_sum(
         self, term: Term, student: Any, teacher: TeacherOutput, mask: torch.Tensor
-    ) -> dict[str, torch.Tensor | None]:
-        """The mapped layers of both models, stacked and flattened for one representation term."""
-        if term.objective.reads == "states":
+    ) -> torch.Tensor:
+        """One representation term's sum: the mapped layers of both models, flattened to
+        positions, in float32 (projection included, outside autocast)."""
+        fn = term.objective
+        if fn.reads == "states":
             assert teacher.hidden_states is not None
-            s = torch.stack([student.hidden_states[i] for i, _ in term.pairs])  # (L, B, T, D_s)
+            s = torch.stack([student.hidden_states[i] for i, _ in term.pairs]).flatten(1, 2)
+            s = torch.where(mask[None, :, None], s.float(), 0.0)  # (L, N, D_s); padding → 0
             if term.name in self.projections:
-                s = self.projections[term.name](s)  # (L, B, T, D_t)
-            t = torch.stack([teacher.hidden_states[j] for _, j in term.pairs])  # (L, B, T, D_t)
-            return {
-                "student_states": s.flatten(1, 2),
-                "teacher_states": t.flatten(1, 2),
+                with torch.autocast(s.device.type, enabled=False):
+                    s = self.projections[term.name](s)  # (L, N, D_t)
+            t = torch.stack([teacher.hidden_states[j] for _, j in term.pairs]).flatten(1, 2)
+            signals = {"student_states": s, "teacher_states": t.float(), "mask": mask}
+            return fn(signals, **term.params)
+        # Attention maps: one layer pair at a time (the maps are the big tensors here); the
+        # objective averages over layers, so the mean over pairs is the same value.
+        assert teacher.attentions is not None
+        total = torch.zeros((), device=mask.device)
+        for i, j in term.pairs:
+            s, t = match_heads(
+                student.attentions[i - 1].float(), teacher.attentions[j - 1].float(), term.heads
+            )
+            # (B, A, T, T) -> (1, B·T, A, T): each query position's rows, one per head
+            signals = {
+                "student_attentions": s.transpose(1, 2).flatten(0, 1)[None],
+                "teacher_attentions": t.transpose(1, 2).flatten(0, 1)[None],
                 "mask": mask,
             }
-        assert teacher.attentions is not None
-        rows_s, rows_t = [], []
-        for i, j in term.pairs:
-            s, t = match_heads(student.attentions[i - 1], teacher.attentions[j - 1], term.heads)
-            # (B, A, T, T) -> (B·T, A, T): each query position's rows, one per head
-            rows_s.append(s.transpose(1, 2).flatten(0, 1))
-            rows_t.append(t.transpose(1, 2).flatten(0, 1))
-        return {
-            "student_attentions": torch.stack(rows_s),
-            "teacher_attentions": torch.stack(rows_t),
-            "mask": mask,
-        }
+            total = total + fn(signals, **term.params)
+        return total / len(term.pairs)
 
     def __call__(
         self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
@@ -257,7 +277,7 @@ class LossMix:
             sums[term.name] = logit_sums[i]
         for term in self.terms:
             if term.objective.reads != "logits":
-                value = term.objective(self._internal_signals(term, student, teacher, mask))
+                value = self._representation_sum(term, student, teacher, mask)
                 sums[term.name] = value
                 total = total + term.weight * value
         return total, {t.name: sums[t.name] for t in self.terms}

@@ -2,9 +2,11 @@
 
 Which layers are compared is a *layer map*: pairs ``(student_layer, teacher_layer)`` where layer
 0 is the embedding output and layer i the output of block i (HF ``output_hidden_states``
-numbering; for attention maps, i is block i and 0 is not allowed). The mix (``objectives.mix``)
-gathers the mapped tensors, projects the student's hidden states to the teacher's width when
-they differ, and hands the losses below plain stacked tensors:
+numbering; for attention maps, i is block i and 0 is not allowed). As in HF, the last entry
+(i = L) is taken after the model's final norm, the others are the raw residual stream: map last
+layers to last layers (``uniform`` and ``last`` do) or use ``hidden_cosine``, which ignores scale.
+The mix (``objectives.mix``) gathers the mapped tensors, projects the student's hidden states
+to the teacher's width when they differ, and hands the losses below plain stacked tensors:
 
 - ``student_states`` / ``teacher_states``: ``(L, N, D)``, L mapped layers, N flattened positions;
 - ``student_attentions`` / ``teacher_attentions``: ``(L, N, A, T)``, the attention rows of
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from distillery.errors import DistilleryError
+from distillery.objectives.logits import _masked_sum
 from distillery.objectives.registry import register_objective
 
 LayerSpec = Literal["uniform", "last", "embeddings"] | list[tuple[int, int]]
@@ -35,11 +38,6 @@ def _counted(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, x.float(), 0.0)
 
 
-def _sum_over_mask(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-position values ``(N,)`` summed over ``mask``."""
-    return torch.where(mask, per_position, 0.0).sum()
-
-
 @register_objective("hidden_cosine")
 def hidden_cosine(
     student_states: torch.Tensor, teacher_states: torch.Tensor, mask: torch.Tensor
@@ -47,7 +45,7 @@ def hidden_cosine(
     """1 − cos(student, teacher) per position and mapped layer (DistilBERT's L_cos)."""
     s, t = _counted(student_states, mask), _counted(teacher_states, mask)
     per_position = (1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)).mean(0)  # (N,)
-    return _sum_over_mask(per_position, mask)
+    return _masked_sum(per_position, mask)
 
 
 @register_objective("hidden_mse")
@@ -57,7 +55,7 @@ def hidden_mse(
     """Mean squared error over features per position and mapped layer (TinyBERT's L_hidn)."""
     s, t = _counted(student_states, mask), _counted(teacher_states, mask)
     per_position = (s - t).pow(2).mean(-1).mean(0)  # (N,)
-    return _sum_over_mask(per_position, mask)
+    return _masked_sum(per_position, mask)
 
 
 @register_objective("attention_kl")
@@ -70,7 +68,7 @@ def attention_kl(
     tiny = torch.finfo(torch.float32).tiny
     kl = torch.where(t > 0, t * (t.clamp_min(tiny).log() - s.clamp_min(tiny).log()), 0.0)
     per_position = kl.sum(-1).mean(dim=(0, 2))  # (L, N, A, T) -> (N,)
-    return _sum_over_mask(per_position, mask)
+    return _masked_sum(per_position, mask)
 
 
 def layer_pairs(
@@ -78,12 +76,13 @@ def layer_pairs(
 ) -> list[tuple[int, int]]:
     """The ``(student, teacher)`` layer pairs a spec names, checked against both depths.
 
-    ``uniform``: student block i ↔ teacher block round(i·L_t/L_s), i = 1..L_s (the last blocks
-    meet); ``last``: the last blocks only; ``embeddings``: the embedding outputs (hidden states
-    only); a list of pairs: exactly those.
+    ``uniform``: student block i ↔ teacher block ⌊i·L_t/L_s + ½⌋ (at least 1), i = 1..L_s (the
+    last blocks meet); ``last``: the last blocks only; ``embeddings``: the embedding outputs
+    (hidden states only); a list of pairs: exactly those.
     """
     if spec == "uniform":
-        pairs = [(i, round(i * n_teacher / n_student)) for i in range(1, n_student + 1)]
+        half_up = [(i * n_teacher + n_student // 2) // n_student for i in range(1, n_student + 1)]
+        pairs = [(i, max(1, j)) for i, j in enumerate(half_up, start=1)]
     elif spec == "last":
         pairs = [(n_student, n_teacher)]
     elif spec == "embeddings":
@@ -103,6 +102,15 @@ def layer_pairs(
     return pairs
 
 
+def check_heads(n_student: int, n_teacher: int, policy: HeadPolicy) -> None:
+    """Refuse ``heads: map`` when the teacher's head count is not a multiple of the student's."""
+    if policy == "map" and n_teacher % n_student:
+        raise DistilleryError(
+            f"attention heads: the teacher's {n_teacher} heads cannot be mapped onto the "
+            f"student's {n_student} (not a multiple); use heads: average"
+        )
+
+
 def match_heads(
     student: torch.Tensor, teacher: torch.Tensor, policy: HeadPolicy
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,10 +126,6 @@ def match_heads(
         policy = "map" if a_t % a_s == 0 else "average"
     if policy == "average":
         return student.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
-    if a_t % a_s:
-        raise DistilleryError(
-            f"attention heads: the teacher's {a_t} heads cannot be mapped onto the student's "
-            f"{a_s} (not a multiple); use heads: average"
-        )
+    check_heads(a_s, a_t, policy)
     b, _, q, k = teacher.shape
     return student, teacher.reshape(b, a_s, a_t // a_s, q, k).mean(2)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from distillery.config import AblationConfig, ModelSpec, RunConfig, config_to_yaml
+from distillery.errors import DistilleryError
 from distillery.files import atomic_write_text, write_json
 from distillery.recipes.common import prepare_out_dir
 from distillery.recipes.quickstart import teacher_config
@@ -31,17 +32,33 @@ METRICS = ("val_ppl", "val_loss", "agreement", "kl_teacher_student", "accuracy")
 KEPT = (*METRICS, "flops", "train_seconds")
 
 
-def run_or_reuse(cfg: RunConfig, name: str, *, reuse: bool = True) -> dict[str, Any]:
-    """``run(cfg)``, unless ``cfg.out`` holds a finished run of exactly this config."""
+def run_or_reuse(cfg: RunConfig, name: str, *, reuse: bool = True) -> tuple[dict[str, Any], bool]:
+    """(summary, reused): ``run(cfg)``, unless ``cfg.out`` holds a finished run of exactly this
+    config. The summary is read back from disk, so every rank of a torchrun job has it."""
     out = Path(cfg.out)
     saved, summary = out / "config.yaml", out / "summary.json"
-    same = saved.is_file() and saved.read_text(encoding="utf-8") == config_to_yaml(cfg)
-    if reuse and same and summary.is_file():
+
+    def finished() -> dict[str, Any] | None:
+        if not summary.is_file():
+            return None
         result = json.loads(summary.read_text(encoding="utf-8"))
-        if result.get("finished"):
+        return result if result.get("finished") else None
+
+    same = saved.is_file() and saved.read_text(encoding="utf-8") == config_to_yaml(cfg)
+    if reuse and same and (result := finished()):
+        if is_main_process():
             print(f"[ablate] {name}: finished before, reusing {out}", flush=True)
-            return result
-    return run(cfg, overwrite=True, name=name)
+        return result, True
+    run(cfg, overwrite=True, name=name)
+    result = finished()
+    if result is None:
+        raise DistilleryError(f"{name}: the run in {out} did not finish")
+    return result, False
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a lone process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def hardware() -> str:
@@ -63,9 +80,11 @@ def ablate(cfg: AblationConfig, *, overwrite: bool = False) -> dict[str, Any]:
     """Run every arm × seed into ``cfg.out`` (``overwrite``: rerun even finished runs); return
     the table's data."""
     out = Path(cfg.out)
-    prepare_out_dir(out, resume=False, overwrite=True, resumable=False)  # writable, or one line
-    reuse = not overwrite
-    teacher = run_or_reuse(teacher_config(cfg, out / "teacher"), "teacher", reuse=reuse)
+    prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
+    teacher, reused = run_or_reuse(
+        teacher_config(cfg, out / "teacher"), "teacher", reuse=not overwrite
+    )
+    reuse = reused  # students of another teacher (retrained now) are never reused
     teacher_model = out / "teacher" / "model"
     student_data = cfg.data.model_copy(update={"tokenizer": teacher_model})
     overrides = {**cfg.teacher.overrides, "num_hidden_layers": cfg.student_layers}
@@ -87,7 +106,7 @@ def ablate(cfg: AblationConfig, *, overwrite: bool = False) -> dict[str, Any]:
                 train=cfg.student_train.model_copy(update={"seed": seed}),
                 out=out / name / f"seed-{seed}",
             )
-            summary = run_or_reuse(run_cfg, f"{name}/seed-{seed}", reuse=reuse)
+            summary, _ = run_or_reuse(run_cfg, f"{name}/seed-{seed}", reuse=reuse)
             runs.append({"seed": seed, **{k: summary[k] for k in KEPT}})
         stats = {}
         for key in METRICS:
@@ -111,6 +130,8 @@ def ablate(cfg: AblationConfig, *, overwrite: bool = False) -> dict[str, Any]:
         "config": cfg.model_dump(mode="json"),
     }
     table = ablation_markdown(result)
+    if not is_main_process():
+        return result
     for folder in [out, *([cfg.results] if cfg.results else [])]:
         Path(folder).mkdir(parents=True, exist_ok=True)
         write_json(Path(folder) / "ablation.json", result)
