@@ -32,6 +32,16 @@ TORCHRUN_2 = [
 ]
 
 
+def run_one_and_two_processes(command: str, args: list[str], tmp_path: Path) -> None:
+    """``distillery COMMAND ARGS`` alone into tmp_path/one and under torchrun ×2 into /two."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    single = [sys.executable, "-m", "distillery", command, f"--out={tmp_path / 'one'}", *args]
+    dual = [*TORCHRUN_2, command, f"--out={tmp_path / 'two'}", *args]
+    for cmd in (single, dual):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "model" / "model.safetensors"))
 
@@ -196,12 +206,7 @@ def test_two_gloo_processes_match_one_process_with_a_learned_projection(
         "train.lr=3e-3",
         "train.tensorboard=false",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    single = [sys.executable, "-m", "distillery", "distill", f"--out={tmp_path / 'one'}", *common]
-    dual = [*TORCHRUN_2, "distill", f"--out={tmp_path / 'two'}", *common]
-    for cmd in (single, dual):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+    run_one_and_two_processes("distill", common, tmp_path)
     for name in ("model.safetensors", "objectives.safetensors"):
         a, b = (
             load_file(str(tmp_path / run_dir / "checkpoints" / "step-0000003" / name))
@@ -229,12 +234,7 @@ def test_two_gloo_processes_match_one_process(corpus, cache_dir, tmp_path):
         "train.lr=3e-3",
         "train.tensorboard=false",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    single = [sys.executable, "-m", "distillery", "train", f"--out={tmp_path / 'one'}", *common]
-    dual = [*TORCHRUN_2, "train", f"--out={tmp_path / 'two'}", *common]
-    for cmd in (single, dual):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+    run_one_and_two_processes("train", common, tmp_path)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")

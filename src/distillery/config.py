@@ -206,45 +206,47 @@ class RunConfig(Strict):
         return self
 
 
-class QuickstartConfig(Strict):
-    """The main job: train a teacher, distil a half-depth student, train it from scratch too."""
+class TeacherStudentRecipe(Strict):
+    """What recipes that train their own teacher and then half-depth students share."""
 
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: ModelSpec = Field(default_factory=ModelSpec)
     teacher_train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(steps=240, lr=2e-3, warmup_steps=20)
     )
-    student_layers: int = Field(2, gt=0)
+    student_layers: int = Field(2, gt=0)  # initialised from every other teacher layer
     student_train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(steps=100, lr=2e-3, warmup_steps=10)
     )
+
+    @model_validator(mode="after")
+    def _student_fits_teacher(self) -> TeacherStudentRecipe:
+        from distillery.models.presets import PRESETS
+
+        recipe = type(self).__name__.removesuffix("Config").lower()
+        teacher = self.teacher
+        if teacher.path is not None or teacher.init_from_teacher is not None:
+            raise ValueError(f"teacher: {recipe} trains its teacher from a preset (teacher.preset)")
+        layers = int(
+            teacher.overrides.get(
+                "num_hidden_layers", PRESETS[teacher.preset or "mini"]["num_hidden_layers"]
+            )
+        )
+        if 2 * self.student_layers - 1 > layers:
+            raise ValueError(
+                f"student_layers={self.student_layers} needs a teacher with at least "
+                f"{2 * self.student_layers - 1} layers (every other layer); it has {layers}"
+            )
+        return self
+
+
+class QuickstartConfig(TeacherStudentRecipe):
+    """The main job: train a teacher, distil a half-depth student, train it from scratch too."""
+
     objectives: list[ObjectiveConfig] = Field(
         default_factory=lambda: [CrossEntropyObjective(weight=1.0), ForwardKLObjective(weight=1.0)]
     )
     out: Path = Path("runs/quickstart")
-
-    @model_validator(mode="after")
-    def _student_fits_teacher(self) -> QuickstartConfig:
-        check_trained_teacher(self.teacher, self.student_layers, "quickstart")
-        return self
-
-
-def check_trained_teacher(teacher: ModelSpec, student_layers: int, recipe: str) -> None:
-    """A recipe's teacher is trained from a preset, deep enough for an every-other-layer student."""
-    from distillery.models.presets import PRESETS
-
-    if teacher.path is not None or teacher.init_from_teacher is not None:
-        raise ValueError(f"teacher: {recipe} trains its teacher from a preset (teacher.preset)")
-    layers = int(
-        teacher.overrides.get(
-            "num_hidden_layers", PRESETS[teacher.preset or "mini"]["num_hidden_layers"]
-        )
-    )
-    if 2 * student_layers - 1 > layers:
-        raise ValueError(
-            f"student_layers={student_layers} needs a teacher with at least "
-            f"{2 * student_layers - 1} layers (every other layer); it has {layers}"
-        )
 
 
 class AblationArm(Strict):
@@ -274,19 +276,10 @@ def _distilbert_arms() -> dict[str, AblationArm]:
     }
 
 
-class AblationConfig(Strict):
+class AblationConfig(TeacherStudentRecipe):
     """``distillery ablate``: one teacher, then the same student distilled with the full mix
     and with each part removed, over several seeds."""
 
-    data: DataConfig = Field(default_factory=DataConfig)
-    teacher: ModelSpec = Field(default_factory=ModelSpec)
-    teacher_train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(steps=240, lr=2e-3, warmup_steps=20)
-    )
-    student_layers: int = Field(2, gt=0)
-    student_train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(steps=100, lr=2e-3, warmup_steps=10)
-    )
     objectives: list[ObjectiveConfig] = Field(default_factory=_distilbert_mix, min_length=1)
     arms: dict[str, AblationArm] = Field(default_factory=_distilbert_arms, min_length=1)
     seeds: list[Annotated[int, Field(ge=0)]] = Field(
@@ -297,7 +290,6 @@ class AblationConfig(Strict):
 
     @model_validator(mode="after")
     def _arms_make_sense(self) -> AblationConfig:
-        check_trained_teacher(self.teacher, self.student_layers, "ablate")
         kinds = [o.kind for o in self.objectives]
         if len(set(kinds)) != len(kinds):
             raise ValueError("objectives: each kind once (arms drop objectives by kind)")

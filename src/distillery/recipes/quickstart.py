@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from distillery.config import (
-    AblationConfig,
     CrossEntropyObjective,
     ModelSpec,
     QuickstartConfig,
     RunConfig,
+    TeacherStudentRecipe,
 )
 from distillery.errors import DistilleryError
 from distillery.recipes.common import prepare_out_dir
@@ -57,7 +57,7 @@ def report_notes(source: str, models: dict[str, dict[str, Any]]) -> list[str]:
     ]
 
 
-def teacher_config(cfg: QuickstartConfig | AblationConfig, out: Path) -> RunConfig:
+def teacher_config(cfg: TeacherStudentRecipe, out: Path) -> RunConfig:
     """The teacher's run: ``cfg.teacher`` trained on the data with the task loss alone."""
     return RunConfig(
         data=cfg.data,
