@@ -65,8 +65,7 @@ def measure(
             labels,
             mask,
             chunk_size=chunk,
-            teacher_hidden=t_hidden,
-            teacher_head=t_head,
+            teacher_logits=lambda part: t_head(t_hidden[part]),
         )
         return total
 

@@ -68,8 +68,7 @@ def test_chunked_sums_equal_unchunked_values_and_gradients():
         labels,
         mask,
         chunk_size=10,
-        teacher_hidden=t_hidden,
-        teacher_head=t_head,
+        teacher_logits=lambda part: t_head(t_hidden[part]),
         vocab=v,
     )
     assert torch.allclose(sums, expected, rtol=1e-5, atol=1e-5)

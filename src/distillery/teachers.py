@@ -1,16 +1,24 @@
-"""The teacher signal: one call that gives what the objectives need of the teacher for a batch."""
+"""The teacher signal: one call that gives what the objectives need of the teacher(s) for a batch.
+
+A live model (``LiveTeacher``) or several combined (``EnsembleTeacher``); objectives and the
+engine see only ``run`` and its ``TeacherOutput``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from transformers import PreTrainedModel
 
+from distillery.errors import DistilleryError
 from distillery.models.loading import compute_params
-from distillery.objectives.chunked import head_inputs
+from distillery.objectives.chunked import head_inputs, is_plain_head
+
+Combine = Literal["mean", "confident"]
 
 
 @dataclass
@@ -18,7 +26,9 @@ class TeacherOutput:
     """A teacher's view of one batch; fields not asked for are None."""
 
     logits: torch.Tensor | None = None  # (B, T, V)
-    head_input: torch.Tensor | None = None  # (B, T, H): what ``head`` projects to the logits
+    # Instead of ``logits`` (``run(logits=False)``): the logits ``(C, V)`` of the flattened
+    # positions ``part``, made on demand, so a whole batch of them never exists at once.
+    chunk_logits: Callable[[slice], torch.Tensor] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None  # L+1 × (B, T, H), 0 = embeddings
     attentions: tuple[torch.Tensor, ...] | None = None  # L × (B, A, T, T)
 
@@ -26,9 +36,9 @@ class TeacherOutput:
 class TeacherSignal(Protocol):
     """What a distillation run reads of its teacher(s), however it is produced."""
 
-    compute_params: int
-    config: Any  # the model config: widths, depth and heads for representation objectives
-    head: torch.nn.Module  # the output projection, applied to ``head_input`` chunk by chunk
+    compute_params: int  # parameters doing matmuls in one forward (all members of an ensemble)
+    config: Any  # widths, depth and heads, for representation objectives
+    has_internals: bool  # whether hidden states and attention maps can be asked for
 
     def run(
         self,
@@ -51,6 +61,8 @@ def use_eager_attention(model: PreTrainedModel) -> None:
 class LiveTeacher:
     """A frozen model run forward on every batch: eval mode, no gradients."""
 
+    has_internals = True
+
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model.eval()
         for p in self.model.parameters():
@@ -58,6 +70,7 @@ class LiveTeacher:
         self.compute_params = compute_params(model)
         self.config = model.config
         self.head = model.get_output_embeddings()
+        self._plain_head = is_plain_head(self.head, model.config)
 
     @torch.no_grad()
     def run(
@@ -68,25 +81,106 @@ class LiveTeacher:
         hidden_states: bool = False,
         attentions: bool = False,
     ) -> TeacherOutput:
-        """One forward pass. ``logits=False`` skips the output projection and returns its input
-        (``head_input``) instead, for chunked losses."""
+        """One forward pass. ``logits=False`` skips the output projection and returns
+        ``chunk_logits``, which projects the final hidden states a chunk at a time (models
+        that post-process their logits get them made whole and sliced)."""
         if attentions:
             use_eager_attention(self.model)
-        with nullcontext({}) if logits else head_inputs(self.model) as captured:
+        project = logits or not self._plain_head
+        with nullcontext({}) if project else head_inputs(self.model) as captured:
             out = self.model(
                 input_ids=input_ids,
                 output_hidden_states=hidden_states,
                 output_attentions=attentions,
             )
-        return TeacherOutput(
-            logits=out.logits if logits else None,
-            head_input=captured.get("hidden"),
+        result = TeacherOutput(
             hidden_states=out.hidden_states if hidden_states else None,
             attentions=out.attentions if attentions else None,
         )
+        if logits:
+            result.logits = out.logits
+        elif project:
+            full = out.logits.reshape(input_ids.numel(), -1)  # (N, V)
+            result.chunk_logits = lambda part: full[part]
+        else:
+            hidden = captured["hidden"].reshape(input_ids.numel(), -1)  # (N, H)
+            result.chunk_logits = torch.no_grad()(lambda part: self.head(hidden[part]))
+        return result
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The teacher's logits ``(B, T, V)``."""
+        out = self.run(input_ids).logits
+        assert out is not None
+        return out
+
+
+class EnsembleTeacher:
+    """Several teachers sharing a tokenizer, seen as one: their next-token distributions combined.
+
+    ``mean``: the weighted mean of their probabilities (the logits handed out are its logs);
+    ``confident``: at each position, the distribution of the teacher whose top probability is
+    highest (each next-token prediction is an example). Logits are cut to ``vocab`` (the shared
+    tokenizer's tokens) before combining, so differently padded tables line up.
+    """
+
+    has_internals = False
+
+    def __init__(
+        self,
+        members: Sequence[LiveTeacher],
+        *,
+        vocab: int,
+        weights: Sequence[float] | None = None,
+        combine: Combine = "mean",
+    ) -> None:
+        if len(members) < 2:
+            raise DistilleryError("an ensemble needs at least two teachers")
+        weights = list(weights) if weights is not None else [1.0] * len(members)
+        if len(weights) != len(members) or min(weights) < 0 or sum(weights) <= 0:
+            raise DistilleryError(
+                f"teacher_weights: give {len(members)} non-negative weights, not all zero "
+                f"(got {weights})"
+            )
+        self.members, self.vocab, self.combine = list(members), vocab, combine
+        self.log_weights = torch.tensor(weights, dtype=torch.float32).div(sum(weights)).log()
+        self.compute_params = sum(m.compute_params for m in members)
+        self.config = members[0].config
+
+    def combined(self, member_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Combined logits ``(..., vocab)`` (float32 log-probabilities) from each member's."""
+        logp = torch.stack(
+            [torch.log_softmax(z[..., : self.vocab].float(), dim=-1) for z in member_logits]
+        )  # (M, ..., V)
+        if self.combine == "mean":
+            w = self.log_weights.to(logp.device).reshape(-1, *([1] * (logp.ndim - 1)))
+            return torch.logsumexp(logp + w, dim=0)
+        best = logp.max(dim=-1).values.argmax(dim=0)  # (...,): the most confident member
+        return logp.gather(0, best[None, ..., None].expand(1, *logp.shape[1:]))[0]
+
+    @torch.no_grad()
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        logits: bool = True,
+        hidden_states: bool = False,
+        attentions: bool = False,
+    ) -> TeacherOutput:
+        """The members' combined logits (whole, or a chunk of positions at a time)."""
+        if hidden_states or attentions:
+            raise DistilleryError(
+                "hidden-state and attention objectives need a single teacher, not an ensemble"
+            )
+        outs = [m.run(input_ids, logits=logits) for m in self.members]
+        if logits:
+            return TeacherOutput(logits=self.combined([o.logits for o in outs]))
+        chunks = [o.chunk_logits for o in outs]
+        return TeacherOutput(
+            chunk_logits=torch.no_grad()(lambda part: self.combined([c(part) for c in chunks]))
+        )
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The combined logits ``(B, T, vocab)``."""
         out = self.run(input_ids).logits
         assert out is not None
         return out

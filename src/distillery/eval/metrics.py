@@ -29,7 +29,7 @@ def _logits_by_chunk(
     n = ids.numel()
     head = model.get_output_embeddings()
     plain = is_plain_head(head, model.config)
-    if not plain or (teacher is not None and not is_plain_head(teacher.head, teacher.config)):
+    if not plain:
         logits = model(input_ids=ids).logits[..., :vocab].float().reshape(n, -1)
         t_logits = None
         if teacher is not None:
@@ -39,17 +39,15 @@ def _logits_by_chunk(
     with head_inputs(model) as captured:
         model(input_ids=ids)
     hidden = captured["hidden"].reshape(n, -1)  # (N, H)
-    t_hidden = None
-    if teacher is not None:
-        t_hidden = teacher.run(ids, logits=False).head_input.reshape(n, -1)  # (N, H_t)
+    teacher_logits = teacher.run(ids, logits=False).chunk_logits if teacher is not None else None
     rows = vocab or head.weight.shape[0]
     chunk = max(1, EVAL_CHUNK_LOGITS // rows)
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
         logits = head(hidden[part])[..., :vocab].float()  # (C, V)
         t_logits = None
-        if teacher is not None and t_hidden is not None:
-            t_logits = teacher.head(t_hidden[part])[..., :vocab].float()
+        if teacher_logits is not None:
+            t_logits = teacher_logits(part)[..., :vocab].float()
         yield part, logits, t_logits
 
 

@@ -9,7 +9,7 @@ their sums add up exactly (the loss contract).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -88,16 +88,16 @@ def chunked_loss(
     mask: torch.Tensor,
     *,
     chunk_size: int,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher_head: nn.Module | None = None,
+    teacher_logits: Callable[[slice], torch.Tensor] | None = None,
     vocab: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ_k weights_k · term_k, terms (K,))`` with logits projected a chunk at a time.
 
-    ``term_fn(signals) -> (K,)`` sums; ``student_hidden`` ``(N, H)``, ``teacher_hidden``
-    ``(N, H_t)``, ``labels``/``mask`` ``(N,)``. The gradients of the weighted total with respect
-    to the hidden states and the head are computed in the forward pass, one chunk of logits at a
-    time (as Liger's fused losses do), so nothing is recomputed; only the total is
+    ``term_fn(signals) -> (K,)`` sums; ``student_hidden`` ``(N, H)``, ``labels``/``mask``
+    ``(N,)``; ``teacher_logits(part)`` gives the teacher's logits ``(C, V_t)`` of the flattened
+    positions ``part`` (``TeacherOutput.chunk_logits``). The gradients of the weighted total
+    with respect to the hidden states and the head are computed in the forward pass, one chunk
+    of logits at a time (as Liger's fused losses do), so nothing is recomputed; only the total is
     differentiable. Logits are cut to the first ``vocab`` columns (padding rows are no tokens).
     """
     weight = student_head.weight
@@ -117,17 +117,17 @@ def chunked_loss(
         for start in range(0, hidden.shape[0], chunk_size):
             part = slice(start, start + chunk_size)
             h = hidden[part]  # (C, H)
-            teacher_logits = None
-            if teacher_hidden is not None and teacher_head is not None:
+            teacher_chunk = None
+            if teacher_logits is not None:
                 with torch.no_grad():
-                    teacher_logits = teacher_head(teacher_hidden[part])[..., :rows]  # (C, V)
+                    teacher_chunk = teacher_logits(part)[..., :rows]  # (C, V)
             with torch.enable_grad():
                 with torch.autocast(h.device.type, enabled=False):
                     student_logits = F.linear(h, w, b)  # (C, V)
                 student_logits.requires_grad_(True)
                 signals = {
                     "student_logits": student_logits,
-                    "teacher_logits": teacher_logits,
+                    "teacher_logits": teacher_chunk,
                     "labels": labels[part],
                     "mask": mask[part],
                 }

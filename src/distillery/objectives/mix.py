@@ -132,6 +132,9 @@ class LossMix:
 
     def _resolve(self, student: nn.Module, teacher: TeacherSignal) -> None:
         """Layer pairs and projections of the representation terms, from both configs."""
+        if not teacher.has_internals:
+            names = [t.name for t in self.terms if t.objective.reads != "logits"]
+            raise DistilleryError(f"objectives {names} need a single teacher, not an ensemble")
         s_cfg, t_cfg = student.config, teacher.config
         for term in self.terms:
             reads = term.objective.reads
@@ -237,10 +240,6 @@ class LossMix:
         sums: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=input_ids.device)
         if self.logit_terms and self.chunk_size:
-            teacher_hidden = teacher_head = None
-            if teacher_logits_needed:
-                assert self.teacher is not None and teacher.head_input is not None
-                teacher_hidden, teacher_head = teacher.head_input.reshape(n, -1), self.teacher.head
             total, logit_sums = chunked_loss(
                 self.term_sums,
                 self._weights(self.logit_terms, captured["hidden"].device),
@@ -249,8 +248,7 @@ class LossMix:
                 flat_labels,
                 mask,
                 chunk_size=self.chunk_size,
-                teacher_hidden=teacher_hidden,
-                teacher_head=teacher_head,
+                teacher_logits=teacher.chunk_logits if teacher_logits_needed else None,
                 vocab=self.vocab,
             )
         elif self.logit_terms:
