@@ -34,8 +34,8 @@ def _run_config(args: argparse.Namespace, command: str) -> Any:
     shorthands: dict[str, Any] = {}
     if args.data:
         shorthands["data"] = {"source": args.data}
-    if getattr(args, "teacher", None):
-        shorthands["teacher"] = args.teacher
+    if getattr(args, "teacher", None):  # --teacher A [--teacher B ...]: an ensemble
+        shorthands["teacher"] = args.teacher[0] if len(args.teacher) == 1 else args.teacher
     if args.student:
         shorthands["model"] = _model_spec(args.student)
     if args.out:
@@ -129,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
         common(p)
         p.add_argument("--student", "--model", dest="student", help="preset name or model folder")
         if name == "distill":
-            p.add_argument("--teacher", help="teacher model folder (HF format)")
+            p.add_argument(
+                "--teacher",
+                action="append",
+                help="teacher model folder (HF format); repeat for an ensemble of teachers",
+            )
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
         p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
         p.set_defaults(func=cmd_run)

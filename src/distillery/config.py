@@ -189,15 +189,34 @@ class RunConfig(Strict):
 
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelSpec = Field(default_factory=ModelSpec)
-    teacher: Path | None = None
+    # One teacher folder, or several sharing a tokenizer (an ensemble; the first one also
+    # provides the tokenizer and the layers for init_from_teacher).
+    teacher: Path | list[Path] | None = None
+    teacher_weights: list[Annotated[float, Field(ge=0.0)]] | None = None  # one per teacher
+    ensemble: Literal["mean", "confident"] = "mean"  # how several teachers are combined
     objectives: list[ObjectiveConfig] = Field(
         default_factory=lambda: [CrossEntropyObjective()], min_length=1
     )
     train: TrainConfig = Field(default_factory=TrainConfig)
     out: Path = Path("runs/run")
 
+    @property
+    def teacher_paths(self) -> list[Path]:
+        """The teacher folders, in order (empty without a teacher)."""
+        if self.teacher is None:
+            return []
+        return list(self.teacher) if isinstance(self.teacher, list) else [self.teacher]
+
     @model_validator(mode="after")
     def _teacher_needed(self) -> RunConfig:
+        if isinstance(self.teacher, list) and not self.teacher:
+            raise ValueError("teacher: give a folder, or a list of at least one")
+        if self.teacher_weights is not None and len(self.teacher_weights) != len(
+            self.teacher_paths
+        ):
+            raise ValueError(
+                f"teacher_weights: give one weight per teacher ({len(self.teacher_paths)})"
+            )
         needs = [o.kind for o in self.objectives if o.kind != "ce"]
         if needs and self.teacher is None:
             raise ValueError(f"objectives {needs} need a teacher: set 'teacher' (--teacher DIR)")

@@ -30,7 +30,7 @@ from distillery.models import (
 from distillery.objectives.chunked import check_plain_head
 from distillery.objectives.mix import LossMix, terms_from_config
 from distillery.recipes.common import export_model, once_per_job, prepare_data, prepare_out_dir
-from distillery.teachers import LiveTeacher
+from distillery.teachers import EnsembleTeacher, LiveTeacher, TeacherSignal
 
 
 def _student(cfg: RunConfig, folder_model: PreTrainedModel | None, vocab: int, tok: Any):
@@ -68,28 +68,27 @@ def run(
             everyone=False,
         )
 
-        # Models given as folders: the teacher (frozen) and perhaps the student.
-        teacher_model = load_causal_lm(cfg.teacher, "teacher") if cfg.teacher else None
+        # Models given as folders: the teacher(s) (frozen) and perhaps the student.
+        teacher_paths = cfg.teacher_paths
+        teacher_models = [load_causal_lm(p, "teacher") for p in teacher_paths]
+        teacher_model = teacher_models[0] if teacher_models else None
         folder_model = load_causal_lm(cfg.model.path, "student") if cfg.model.path else None
-        tokenizer_dir = cfg.teacher or cfg.model.path
+        tokenizer_dir = teacher_paths[0] if teacher_paths else cfg.model.path
         tokenizer, train_data, val_data = prepare_data(cfg.data, env, tokenizer_dir)
-        if (
-            cfg.teacher is not None
-            and cfg.data.tokenizer is not None
-            and has_tokenizer(cfg.teacher)
-        ):
-            check_same_tokenizer(load_tokenizer(cfg.teacher), tokenizer)
-        if cfg.teacher is not None and cfg.model.path is not None and has_tokenizer(cfg.model.path):
-            check_same_tokenizer(load_tokenizer(cfg.teacher), load_tokenizer(cfg.model.path))
+        # Every teacher (and a student folder) must use the tokenizer the data was cut with.
+        others = teacher_paths[1:] if cfg.data.tokenizer is None else teacher_paths
+        for folder in [*others, *([cfg.model.path] if teacher_paths and cfg.model.path else [])]:
+            if has_tokenizer(folder):
+                check_same_tokenizer(load_tokenizer(folder), tokenizer)
 
         # The student: its vocabulary is the teacher's (same output rows) or the tokenizer's.
         vocab = teacher_model.get_output_embeddings().weight.shape[0] if teacher_model else None
         model = _student(cfg, folder_model, vocab or len(tokenizer), tokenizer)
         check_fits_data(model, tokenizer, cfg.data.seq_len, "model")
-        if teacher_model is not None:
+        for teacher_i in teacher_models:
             # Same tokenizer (checked above); embedding tables padded to different sizes are
             # reconciled by cutting both sides' logits to the tokenizer's real tokens.
-            check_fits_data(teacher_model, tokenizer, cfg.data.seq_len, "teacher")
+            check_fits_data(teacher_i, tokenizer, cfg.data.seq_len, "teacher")
         if cfg.model.init_from_teacher is not None and teacher_model is not None:
             layer_map = (
                 every_other(teacher_model.config.num_hidden_layers, model.config.num_hidden_layers)
@@ -99,12 +98,15 @@ def run(
             init_from_teacher(model, teacher_model, layer_map)
 
         # Objectives and the teacher signal; compute charged per trained token.
-        teacher = LiveTeacher(teacher_model.to(device)) if teacher_model is not None else None
+        members = [LiveTeacher(m.to(device)) for m in teacher_models]
+        teacher: TeacherSignal | None = members[0] if members else None
+        if len(members) > 1:
+            teacher = EnsembleTeacher(
+                members, vocab=len(tokenizer), weights=cfg.teacher_weights, combine=cfg.ensemble
+            )
         chunk = cfg.train.logit_chunk_size
         if chunk:
             check_plain_head(model, "model")
-            if teacher_model is not None:
-                check_plain_head(teacher_model, "teacher")
         seed_everything(cfg.train.seed)  # the objectives' projections start the same each run
         loss = LossMix(
             terms_from_config(cfg.objectives),
