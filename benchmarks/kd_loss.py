@@ -65,7 +65,7 @@ def measure(
             labels,
             mask,
             chunk_size=chunk,
-            teacher_logits=lambda part: t_head(t_hidden[part]),
+            teacher_logits=lambda part, _student: t_head(t_hidden[part]),
         )
         return total
 

@@ -64,7 +64,7 @@ def test_chunk_logits_equal_the_whole_logits(members, ids, combine):
     for teacher in [members[0], EnsembleTeacher(members, vocab=VOCAB, combine=combine)]:
         whole = teacher.logits(ids).reshape(n, -1)
         chunk_logits = teacher.run(ids, logits=False).chunk_logits
-        parts = [chunk_logits(slice(s, s + 7)) for s in range(0, n, 7)]
+        parts = [chunk_logits(slice(s, s + 7), None) for s in range(0, n, 7)]
         torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-5)
 
 
@@ -73,7 +73,7 @@ def test_a_teacher_that_rescales_logits_is_chunked_from_its_whole_logits(ids):
     model.config.logits_scaling = 2.0  # as Granite: head(hidden) is not the logits
     teacher = LiveTeacher(model)
     whole = teacher.logits(ids).reshape(ids.numel(), -1)
-    got = teacher.run(ids, logits=False).chunk_logits(slice(5, 12))
+    got = teacher.run(ids, logits=False).chunk_logits(slice(5, 12), None)
     torch.testing.assert_close(got, whole[5:12])
 
 

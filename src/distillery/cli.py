@@ -111,6 +111,17 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from distillery.config import CacheTeacherConfig
+    from distillery.recipes.cache import cache_teacher
+
+    if args.teacher:
+        args.overrides = [f"teacher={args.teacher}", *args.overrides]
+    meta = cache_teacher(_recipe_config(CacheTeacherConfig, args), overwrite=args.overwrite)
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distillery", description="Distil transformer language models into smaller students."
@@ -155,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(p)
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser(
+        "cache-teacher", help="store a teacher's top-k over the training data, to distil from"
+    )
+    common(p)
+    p.add_argument("--teacher", help="teacher model folder (HF format)")
+    p.set_defaults(func=cmd_cache_teacher)
     return parser
 
 

@@ -194,6 +194,9 @@ class RunConfig(Strict):
     teacher: Path | list[Path] | None = None
     teacher_weights: list[Annotated[float, Field(ge=0.0)]] | None = None  # one per teacher
     ensemble: Literal["mean", "confident"] = "mean"  # how several teachers are combined
+    # Read the teacher's top-k from this cache (`distillery cache-teacher`) instead of running
+    # it while training; the teacher folder is still needed (tokenizer, init, final evaluation).
+    teacher_cache: Path | None = None
     objectives: list[ObjectiveConfig] = Field(
         default_factory=lambda: [CrossEntropyObjective()], min_length=1
     )
@@ -220,9 +223,23 @@ class RunConfig(Strict):
         needs = [o.kind for o in self.objectives if o.kind != "ce"]
         if needs and self.teacher is None:
             raise ValueError(f"objectives {needs} need a teacher: set 'teacher' (--teacher DIR)")
+        if self.teacher_cache is not None and len(self.teacher_paths) != 1:
+            raise ValueError("teacher_cache: give the one teacher the cache was made from")
         if self.model.init_from_teacher is not None and self.teacher is None:
             raise ValueError("model.init_from_teacher needs a teacher: set 'teacher'")
         return self
+
+
+class CacheTeacherConfig(Strict):
+    """``distillery cache-teacher``: the teacher's top-k over the training blocks, on disk."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: Path
+    top_k: int = Field(64, gt=0)
+    temperature: float = Field(2.0, gt=0.0)  # must equal the soft objectives' temperature
+    batch_size: int = Field(16, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out: Path = Path("runs/teacher-cache")
 
 
 class TeacherStudentRecipe(Strict):

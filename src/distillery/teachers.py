@@ -26,9 +26,11 @@ class TeacherOutput:
     """A teacher's view of one batch; fields not asked for are None."""
 
     logits: torch.Tensor | None = None  # (B, T, V)
-    # Instead of ``logits`` (``run(logits=False)``): the logits ``(C, V)`` of the flattened
-    # positions ``part``, made on demand, so a whole batch of them never exists at once.
-    chunk_logits: Callable[[slice], torch.Tensor] | None = None
+    # Instead of ``logits`` (``run(logits=False)``, or always for a teacher that must see the
+    # student's logits): ``chunk_logits(part, student_logits)`` gives the logits ``(C, V)`` of
+    # the flattened positions ``part``, made on demand, so a whole batch of them never exists at
+    # once. ``student_logits`` ``(C, V)`` (detached) lets a sparse teacher complete its tail.
+    chunk_logits: Callable[[slice, torch.Tensor | None], torch.Tensor] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None  # L+1 × (B, T, H), 0 = embeddings
     attentions: tuple[torch.Tensor, ...] | None = None  # L × (B, A, T, T)
 
@@ -101,10 +103,12 @@ class LiveTeacher:
             result.logits = out.logits
         elif project:
             full = out.logits.reshape(input_ids.numel(), -1)  # (N, V)
-            result.chunk_logits = lambda part: full[part]
+            result.chunk_logits = lambda part, _student=None: full[part]
         else:
             hidden = captured["hidden"].reshape(input_ids.numel(), -1)  # (N, H)
-            result.chunk_logits = torch.no_grad()(lambda part: self.head(hidden[part]))
+            result.chunk_logits = torch.no_grad()(
+                lambda part, _student=None: self.head(hidden[part])
+            )
         return result
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -173,10 +177,12 @@ class EnsembleTeacher:
             )
         outs = [m.run(input_ids, logits=logits) for m in self.members]
         if logits:
-            return TeacherOutput(logits=self.combined([o.logits for o in outs]))
+            return TeacherOutput(logits=self.combined([o.logits for o in outs]))  # type: ignore[misc]
         chunks = [o.chunk_logits for o in outs]
         return TeacherOutput(
-            chunk_logits=torch.no_grad()(lambda part: self.combined([c(part) for c in chunks]))
+            chunk_logits=torch.no_grad()(
+                lambda part, _student=None: self.combined([c(part, None) for c in chunks])
+            )
         )
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

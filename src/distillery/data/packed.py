@@ -122,7 +122,7 @@ class PackedTokens:
                 f"split '{split}' has {n_tokens} tokens, fewer than seq_len={seq_len}: "
                 "use a smaller seq_len or more data"
             )
-        self._split = split
+        self.folder, self._split = folder, split
         self._seq_len = seq_len
         self._vocab_size = vocab_size
         self._data = np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
@@ -130,6 +130,11 @@ class PackedTokens:
     @property
     def seq_len(self) -> int:
         return self._seq_len
+
+    @property
+    def identity(self) -> str:
+        """What these blocks are: the token cache's content key, the split and the block size."""
+        return f"{self.folder.name}/{self._split}/{self._seq_len}"
 
     @property
     def num_tokens(self) -> int:

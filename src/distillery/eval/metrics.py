@@ -47,7 +47,7 @@ def _logits_by_chunk(
         logits = head(hidden[part])[..., :vocab].float()  # (C, V)
         t_logits = None
         if teacher_logits is not None:
-            t_logits = teacher_logits(part)[..., :vocab].float()
+            t_logits = teacher_logits(part, logits)[..., :vocab].float()
         yield part, logits, t_logits
 
 

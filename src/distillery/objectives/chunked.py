@@ -88,17 +88,18 @@ def chunked_loss(
     mask: torch.Tensor,
     *,
     chunk_size: int,
-    teacher_logits: Callable[[slice], torch.Tensor] | None = None,
+    teacher_logits: Callable[[slice, torch.Tensor | None], torch.Tensor] | None = None,
     vocab: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ_k weights_k · term_k, terms (K,))`` with logits projected a chunk at a time.
 
     ``term_fn(signals) -> (K,)`` sums; ``student_hidden`` ``(N, H)``, ``labels``/``mask``
-    ``(N,)``; ``teacher_logits(part)`` gives the teacher's logits ``(C, V_t)`` of the flattened
-    positions ``part`` (``TeacherOutput.chunk_logits``). The gradients of the weighted total
-    with respect to the hidden states and the head are computed in the forward pass, one chunk
-    of logits at a time (as Liger's fused losses do), so nothing is recomputed; only the total is
-    differentiable. Logits are cut to the first ``vocab`` columns (padding rows are no tokens).
+    ``(N,)``; ``teacher_logits(part, student_logits)`` gives the teacher's logits ``(C, V_t)``
+    of the flattened positions ``part`` (``TeacherOutput.chunk_logits``). The gradients of the
+    weighted total with respect to the hidden states and the head are computed in the forward
+    pass, one chunk of logits at a time (as Liger's fused losses do), so nothing is recomputed;
+    only the total is differentiable. Logits are cut to the first ``vocab`` columns (padding
+    rows are no tokens).
     """
     weight = student_head.weight
     bias = getattr(student_head, "bias", None)
@@ -117,14 +118,14 @@ def chunked_loss(
         for start in range(0, hidden.shape[0], chunk_size):
             part = slice(start, start + chunk_size)
             h = hidden[part]  # (C, H)
-            teacher_chunk = None
-            if teacher_logits is not None:
-                with torch.no_grad():
-                    teacher_chunk = teacher_logits(part)[..., :rows]  # (C, V)
             with torch.enable_grad():
                 with torch.autocast(h.device.type, enabled=False):
                     student_logits = F.linear(h, w, b)  # (C, V)
                 student_logits.requires_grad_(True)
+                teacher_chunk = None
+                if teacher_logits is not None:
+                    with torch.no_grad():
+                        teacher_chunk = teacher_logits(part, student_logits.detach())[..., :rows]
                 signals = {
                     "student_logits": student_logits,
                     "teacher_logits": teacher_chunk,

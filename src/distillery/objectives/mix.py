@@ -261,14 +261,20 @@ class LossMix:
                 "teacher_logits": None,
             }
             if teacher_logits_needed:
-                assert teacher.logits is not None
-                teacher_logits = teacher.logits[..., : self.vocab]  # (B, T, V)
+                if teacher.logits is not None:
+                    teacher_logits = teacher.logits[..., : self.vocab].reshape(n, -1)  # (N, V)
+                else:  # a teacher that answers chunk-wise (e.g. from a cache): all at once
+                    assert teacher.chunk_logits is not None
+                    flat = signals["student_logits"]
+                    assert flat is not None
+                    teacher_logits = teacher.chunk_logits(slice(None), flat.detach())
+                    teacher_logits = teacher_logits[..., : self.vocab]
                 if teacher_logits.shape[-1] != vocab:
                     raise DistilleryError(
                         f"teacher has {teacher_logits.shape[-1]} output tokens, student {vocab}: "
                         "they must share a tokenizer (set the vocabulary both use)"
                     )
-                signals["teacher_logits"] = teacher_logits.reshape(-1, vocab)
+                signals["teacher_logits"] = teacher_logits
             logit_sums = self.term_sums(signals)
             total = (self._weights(self.logit_terms, logit_sums.device) * logit_sums).sum()
         for i, term in enumerate(self.logit_terms):

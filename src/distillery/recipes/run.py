@@ -30,6 +30,7 @@ from distillery.models import (
 from distillery.objectives.chunked import check_plain_head
 from distillery.objectives.mix import LossMix, terms_from_config
 from distillery.recipes.common import export_model, once_per_job, prepare_data, prepare_out_dir
+from distillery.teacher_cache import CachedTeacher, cache_key, check_temperatures
 from distillery.teachers import EnsembleTeacher, LiveTeacher, TeacherSignal
 
 
@@ -104,6 +105,11 @@ def run(
             teacher = EnsembleTeacher(
                 members, vocab=len(tokenizer), weights=cfg.teacher_weights, combine=cfg.ensemble
             )
+        live_teacher = teacher  # the final evaluation always asks the real teacher
+        if cfg.teacher_cache is not None:
+            expect = cache_key(teacher_paths[0], tokenizer, train_data)
+            teacher = CachedTeacher(cfg.teacher_cache, train_data, expect)
+            check_temperatures(cfg.objectives, teacher.temperature, cfg.teacher_cache)
         chunk = cfg.train.logit_chunk_size
         if chunk:
             check_plain_head(model, "model")
@@ -142,7 +148,7 @@ def run(
             export_model(model, tokenizer, out / "model")
             # One full evaluation (fp32, whole validation split), logged and summarised.
             metrics = evaluate_lm(
-                model, val_data, device=device, teacher=teacher, vocab=len(tokenizer)
+                model, val_data, device=device, teacher=live_teacher, vocab=len(tokenizer)
             )
             engine.log({"step": progress.step, **metrics, "final": True})
             summary = {
@@ -152,6 +158,11 @@ def run(
                 "layers": model.config.num_hidden_layers,
                 **metrics,
                 "flops": progress.flops,
+                **(
+                    {"teacher_cache_flops": teacher.meta["teacher_flops"]}
+                    if isinstance(teacher, CachedTeacher)
+                    else {}
+                ),
                 "tokens": progress.tokens,
                 "train_seconds": progress.seconds,
                 "tokens_per_s": progress.tokens / max(progress.seconds, 1e-9),

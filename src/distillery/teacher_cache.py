@@ -1,0 +1,243 @@
+"""The offline teacher: run the teacher once over the training blocks, keep its top-k.
+
+A cache folder holds, for every position of every training block, the teacher's k most likely
+tokens (``ids.npy``, int32 ``(blocks, T, k)``), their log-probabilities at the cache's
+temperature (``logp.npy``, float32) and the log of the probability mass left over
+(``rest.npy``, ``(blocks, T)``), as memory-mapped NumPy arrays, plus ``cache.json``: what it was
+made from (teacher weights, tokenizer, data, block size, k, temperature). A cache that does not
+match the run reading it is refused.
+
+Reading it (``CachedTeacher``), the teacher's distribution is rebuilt a chunk of positions at a
+time: the top-k probabilities exactly, the left-over mass spread evenly over the other tokens
+(the least committal completion), so every logit objective runs unchanged; with k covering most
+of the mass it matches the live teacher closely (see the tests for the tolerance). The logits
+handed out are ``T_cache · log p``, so an objective softening them at the cache's temperature
+recovers the cached distribution exactly; objectives at another temperature are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distillery.data import PackedTokens, sequential_batches, tokenizer_fingerprint
+from distillery.errors import DistilleryError
+from distillery.files import publish_folder, temp_folder_next_to, write_json
+from distillery.teachers import LiveTeacher, TeacherOutput
+
+CACHE_VERSION = "distillery-teacher-cache-v1"
+KEY_FIELDS = ("teacher", "tokenizer", "data", "vocab", "top_k", "temperature")
+
+
+def model_fingerprint(folder: Path) -> str:
+    """sha256 of a model folder's config and weight files (what decides its outputs)."""
+    digest = hashlib.sha256()
+    files = [*sorted(Path(folder).glob("*.safetensors")), Path(folder) / "config.json"]
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(teacher_dir: Path, tokenizer: Any, data: PackedTokens) -> dict[str, Any]:
+    """What a cache must have been made from for a run: teacher, tokenizer, data, vocabulary."""
+    return {
+        "teacher": model_fingerprint(teacher_dir),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "data": data.identity,
+        "vocab": len(tokenizer),
+    }
+
+
+def check_temperatures(objectives: list[Any], temperature: float, folder: Path) -> None:
+    """Soft objectives must soften at the cache's temperature (the cache holds p at T only)."""
+    wrong = [o.kind for o in objectives if getattr(o, "temperature", temperature) != temperature]
+    if wrong:
+        raise DistilleryError(
+            f"objectives {wrong} use another temperature than the teacher cache {folder} "
+            f"(T={temperature:g}); set their temperature to {temperature:g} or rebuild the cache"
+        )
+
+
+def _block_hash(row: np.ndarray) -> bytes:
+    return hashlib.blake2b(
+        np.ascontiguousarray(row, dtype=np.int64).tobytes(), digest_size=16
+    ).digest()
+
+
+@torch.no_grad()
+def build_teacher_cache(
+    teacher: LiveTeacher,
+    data: PackedTokens,
+    dest: Path,
+    *,
+    key: dict[str, Any],
+    device: torch.device,
+    batch_size: int = 16,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``teacher`` over every block of ``data`` into the cache folder ``dest``; its meta."""
+    k, temperature, vocab = int(key["top_k"]), float(key["temperature"]), int(key["vocab"])
+    if not 1 <= k < vocab:
+        raise DistilleryError(f"top_k={k}: give 1 ≤ top_k < the vocabulary ({vocab})")
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise DistilleryError(f"--out {dest} already exists; use --overwrite to rebuild it")
+    n, t = data.num_blocks, data.seq_len
+    tmp = temp_folder_next_to(dest)
+    start = time.perf_counter()
+    try:
+        ids = np.lib.format.open_memmap(tmp / "ids.npy", "w+", np.int32, (n, t, k))
+        logp = np.lib.format.open_memmap(tmp / "logp.npy", "w+", np.float32, (n, t, k))
+        rest = np.lib.format.open_memmap(tmp / "rest.npy", "w+", np.float32, (n, t))
+        chunk = max(1, 2**22 // vocab)  # positions whose full-vocabulary logits exist at once
+        done = 0
+        for batch in sequential_batches(data, batch_size):
+            rows = slice(done, done + batch.shape[0])
+            out = teacher.run(batch.to(device), logits=False)
+            assert out.chunk_logits is not None
+            flat_ids = np.empty((batch.numel(), k), np.int32)
+            flat_logp = np.empty((batch.numel(), k), np.float32)
+            flat_rest = np.empty(batch.numel(), np.float32)
+            for s in range(0, batch.numel(), chunk):
+                part = slice(s, s + chunk)
+                lp = torch.log_softmax(out.chunk_logits(part)[:, :vocab].float() / temperature, -1)
+                top = lp.topk(k, dim=-1)
+                covered = torch.logsumexp(top.values, dim=-1).clamp(max=0.0)
+                flat_ids[part] = top.indices.cpu().numpy()
+                flat_logp[part] = top.values.cpu().numpy()
+                flat_rest[part] = torch.log(-torch.expm1(covered)).cpu().numpy()  # log(1 − Σ p)
+            ids[rows] = flat_ids.reshape(-1, t, k)
+            logp[rows] = flat_logp.reshape(-1, t, k)
+            rest[rows] = flat_rest.reshape(-1, t)
+            done += batch.shape[0]
+            if progress:
+                progress(done, n)
+        for array in (ids, logp, rest):
+            array.flush()
+        del ids, logp, rest
+        meta = {
+            "version": CACHE_VERSION,
+            **{f: key[f] for f in KEY_FIELDS},
+            "blocks": n,
+            "seq_len": t,
+            "teacher_flops": 2.0 * teacher.compute_params * n * t,
+            "seconds": time.perf_counter() - start,
+        }
+        write_json(tmp / "cache.json", meta)
+        publish_folder(tmp, dest, replace=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+class CachedTeacher:
+    """A teacher signal read from a cache: no teacher forward passes while distilling.
+
+    Batches are looked up by their tokens (a hash of each block), so the engine's data order,
+    seeds and processes need no coordination with the cache.
+    """
+
+    has_internals = False
+    compute_params = 0  # reading the cache costs no teacher FLOPs (the cache's own are in meta)
+
+    def __init__(self, folder: Path, data: PackedTokens, expect: dict[str, Any]) -> None:
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "cache.json").read_text(encoding="utf-8"))
+            arrays = [
+                np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("ids", "logp", "rest")
+            ]
+        except (OSError, ValueError) as exc:
+            raise DistilleryError(
+                f"teacher cache {folder} is missing or corrupt ({type(exc).__name__}); build it "
+                "with `distillery cache-teacher`"
+            ) from None
+        if meta.get("version") != CACHE_VERSION:
+            raise DistilleryError(f"teacher cache {folder} has another format; rebuild it")
+        stale = [f for f in KEY_FIELDS if f in expect and meta.get(f) != expect[f]]
+        if stale or meta.get("blocks") != data.num_blocks:
+            what = ", ".join(f"{f}: cache {meta.get(f)!r} ≠ run {expect[f]!r}" for f in stale)
+            raise DistilleryError(
+                f"teacher cache {folder} does not match this run ({what or 'data blocks differ'}); "
+                "rebuild it with `distillery cache-teacher`"
+            )
+        self.ids, self.logp, self.rest = arrays
+        self.meta, self.vocab = meta, int(meta["vocab"])
+        self.temperature, self.top_k = float(meta["temperature"]), int(meta["top_k"])
+        self.config = None
+        rows = data.blocks(np.arange(data.num_blocks)).numpy()
+        self.index = {_block_hash(row): i for i, row in enumerate(rows)}
+
+    def _lookup(self, input_ids: torch.Tensor) -> np.ndarray:
+        found = [self.index.get(_block_hash(row)) for row in input_ids.cpu().numpy()]
+        if any(i is None for i in found):
+            raise DistilleryError("a training batch is not in the teacher cache; rebuild it")
+        return np.asarray(found, dtype=np.int64)
+
+    def _dense(
+        self,
+        ids: torch.Tensor,
+        logp: torch.Tensor,
+        rest: torch.Tensor,
+        student_logits: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Logits ``(C, V)`` = T·log p: the top-k exactly; the left-over mass spread over the
+        other tokens in proportion to the student's own probabilities at T (evenly without
+        them). With that completion a divergence sees the top-k and one bucket for the rest:
+        forward KL equals Σ_topk p·log(p/q) + r·log(r/q_rest) in value and gradient, and a
+        student that matches the teacher has zero loss."""
+        c = ids.shape[0]
+        if student_logits is None:
+            tail = torch.full(
+                (c, self.vocab), -math.log(self.vocab - self.top_k), device=ids.device
+            )
+        else:
+            tail = torch.log_softmax(student_logits[:, : self.vocab].float() / self.temperature, -1)
+        tail = tail.scatter(1, ids.long(), float("-inf"))  # only the tokens outside the top-k
+        tail = tail - torch.logsumexp(tail, dim=-1, keepdim=True)  # a distribution over them
+        dense = (rest[:, None] + tail).scatter(1, ids.long(), logp)
+        return dense * self.temperature
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        logits: bool = True,
+        hidden_states: bool = False,
+        attentions: bool = False,
+    ) -> TeacherOutput:
+        """The cached distribution of these blocks, always chunk-wise (its completion needs the
+        student's logits); ``logits`` is ignored."""
+        if hidden_states or attentions:
+            raise DistilleryError("hidden-state and attention objectives need a live teacher")
+        blocks = self._lookup(input_ids)
+        device = input_ids.device
+        k = self.top_k
+        ids = torch.from_numpy(np.asarray(self.ids[blocks])).to(device).reshape(-1, k)
+        logp = torch.from_numpy(np.asarray(self.logp[blocks])).to(device).reshape(-1, k)
+        rest = torch.from_numpy(np.asarray(self.rest[blocks])).to(device).reshape(-1)
+        return TeacherOutput(
+            chunk_logits=lambda part, student=None: self._dense(
+                ids[part], logp[part], rest[part], student
+            )
+        )
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, T, V)`` with the left-over mass spread evenly (no student to follow)."""
+        out = self.run(input_ids).chunk_logits
+        assert out is not None
+        return out(slice(None), None).reshape(*input_ids.shape, -1)

@@ -1,0 +1,161 @@
+"""The offline teacher cache: built once, read instead of the teacher, refused when stale."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distillery.config import CacheTeacherConfig, RunConfig, build_config
+from distillery.distributed import DistEnv
+from distillery.errors import DistilleryError
+from distillery.models import load_causal_lm
+from distillery.objectives import forward_kl
+from distillery.objectives.mix import LossMix, shift_labels, terms_from_config
+from distillery.recipes.cache import cache_teacher
+from distillery.recipes.common import prepare_data
+from distillery.recipes.run import run
+from distillery.teacher_cache import CachedTeacher, cache_key
+from distillery.teachers import LiveTeacher
+from tests.conftest import tiny_run
+
+
+def _cache(corpus, cache_dir, teacher_dir, out, **fields) -> CacheTeacherConfig:
+    cfg = build_config(
+        CacheTeacherConfig,
+        overrides=[
+            f"data.source={corpus}",
+            "data.seq_len=32",
+            f"data.cache_dir={cache_dir}",
+            f"teacher={teacher_dir}",
+            f"out={out}",
+            *(f"{k}={v}" for k, v in fields.items()),
+        ],
+    )
+    cache_teacher(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def small(corpus, tmp_path_factory):
+    """24 of the test articles: caches of a few hundred blocks."""
+    path = tmp_path_factory.mktemp("small") / "small.jsonl"
+    path.write_text("".join(corpus.read_text().splitlines(keepends=True)[:24]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setting(small, cache_dir, teacher_dir, tmp_path_factory):
+    """Tokenizer, training blocks, the live teacher and a cache with k = V − 1 (exact)."""
+    corpus = small
+    cfg = tiny_run(corpus, cache_dir, tmp_path_factory.mktemp("r"))
+    tokenizer, train, _ = prepare_data(cfg.data, DistEnv(), teacher_dir)
+    folder = tmp_path_factory.mktemp("c") / "exact"
+    _cache(corpus, cache_dir, teacher_dir, folder, top_k=len(tokenizer) - 1, temperature=2.0)
+    return tokenizer, train, LiveTeacher(load_causal_lm(teacher_dir)), folder
+
+
+def test_cache_files_and_meta(setting, teacher_dir):
+    tokenizer, train, live, folder = setting
+    meta = json.loads((folder / "cache.json").read_text())
+    assert meta["blocks"] == train.num_blocks and meta["seq_len"] == 32
+    assert meta["teacher_flops"] == 2.0 * live.compute_params * train.num_blocks * 32
+    ids = np.load(folder / "ids.npy", mmap_mode="r")
+    assert ids.shape == (train.num_blocks, 32, len(tokenizer) - 1)
+    assert not list(folder.parent.glob(".*tmp*"))  # written atomically
+
+
+def test_cached_distribution_with_k_v_minus_1_is_the_teacher_s(setting, teacher_dir):
+    tokenizer, train, live, folder = setting
+    vocab = len(tokenizer)
+    cached = CachedTeacher(folder, train, cache_key(teacher_dir, tokenizer, train))
+    ids = train.blocks([3, 0, 5])
+    want = torch.log_softmax(live.logits(ids)[..., :vocab].float() / 2.0, -1)
+    got = torch.log_softmax(cached.logits(ids) / 2.0, -1)  # as an objective at T=2 sees it
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_cache_loss_is_the_top_k_plus_one_bucket_kl(
+    setting, small, cache_dir, teacher_dir, tmp_path
+):
+    """With k < V the cached loss is KL over the top-k plus one bucket for the rest (value and
+    gradient, against a float64 reference written from the live teacher); it is at most the
+    full KL and close to it when k covers most of the mass; a student equal to the teacher
+    has zero loss."""
+    tokenizer, train, live, _ = setting
+    vocab, k = len(tokenizer), 3 * len(tokenizer) // 4
+    _cache(small, cache_dir, teacher_dir, tmp_path / "c", top_k=k, temperature=1.0)
+    cached = CachedTeacher(tmp_path / "c", train, cache_key(teacher_dir, tokenizer, train))
+    ids = train.blocks(list(range(8)))
+    labels = shift_labels(ids)
+    mask = labels.reshape(-1) != -100
+    student = load_causal_lm(teacher_dir)
+    with torch.no_grad():
+        student.model.layers[0].mlp.down_proj.weight.mul_(0.5)  # a different model
+        z = student(input_ids=ids).logits[..., :vocab].reshape(-1, vocab)
+    z = z.detach().requires_grad_(True)
+    terms = terms_from_config([{"kind": "forward_kl", "temperature": 1.0}])
+    mix = LossMix(terms, cached, vocab=vocab)
+    signals = {"student_logits": z, "labels": labels.reshape(-1), "mask": mask}
+    out = cached.run(ids)
+    signals["teacher_logits"] = out.chunk_logits(slice(None), z.detach())
+    ours = mix.term_sums(signals)[0]
+
+    p = live.logits(ids)[..., :vocab].reshape(-1, vocab).double().softmax(-1)
+    z64 = z.detach().double().requires_grad_(True)
+    q = z64.softmax(-1)
+    top = p.topk(k, dim=-1).indices
+    in_top = torch.zeros_like(p, dtype=torch.bool).scatter(1, top, True)
+    r, q_rest = (p * ~in_top).sum(-1), (q * ~in_top).sum(-1)
+    rows = (torch.where(in_top, p * (p.log() - q.log()), 0.0)).sum(-1) + r * (r / q_rest).log()
+    reference = rows[mask].sum()
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-4, atol=1e-5)
+    (g,) = torch.autograd.grad(ours, z)
+    (g64,) = torch.autograd.grad(reference, z64)
+    torch.testing.assert_close(g.double(), g64, rtol=1e-3, atol=1e-6)
+
+    full = forward_kl(z.detach(), live.logits(ids)[..., :vocab].reshape(-1, vocab), mask)
+    assert 0 < ours <= full and (full - ours) <= 0.1 * full  # k covers > 90%: close
+    assert 1 - np.exp(np.asarray(cached.rest)).mean() > 0.9
+    teacher_as_student = live.logits(ids)[..., :vocab].reshape(-1, vocab)
+    same = {**signals, "student_logits": teacher_as_student}
+    same["teacher_logits"] = out.chunk_logits(slice(None), teacher_as_student)
+    assert abs(mix.term_sums(same)[0].item()) < 1e-3
+
+    # Chunked and whole reads agree, through the mix.
+    whole, _ = mix(student, ids, labels)
+    chunked, _ = LossMix(terms, cached, vocab=vocab, chunk_size=13)(student, ids, labels)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-4)
+
+
+def test_stale_or_mismatched_caches_are_refused(setting, small, cache_dir, teacher_dir, tmp_path):
+    tokenizer, train, _, folder = setting
+    key = cache_key(teacher_dir, tokenizer, train)
+    with pytest.raises(DistilleryError, match="teacher: cache"):
+        CachedTeacher(folder, train, {**key, "teacher": "another"})
+    other_blocks = prepare_data(
+        tiny_run(small, cache_dir, tmp_path / "r").data.model_copy(update={"seq_len": 16}),
+        DistEnv(),
+        teacher_dir,
+    )[1]
+    with pytest.raises(DistilleryError, match="rebuild it with `distillery cache-teacher`"):
+        CachedTeacher(folder, other_blocks, cache_key(teacher_dir, tokenizer, other_blocks))
+    with pytest.raises(DistilleryError, match="missing or corrupt"):
+        CachedTeacher(tmp_path / "nothing", train, key)
+
+
+def test_distilling_from_the_cache_end_to_end(setting, small, cache_dir, teacher_dir, tmp_path):
+    folder = setting[3]
+    cfg = tiny_run(small, cache_dir, tmp_path / "s", teacher=teacher_dir, steps=3).model_dump()
+    cfg["teacher_cache"] = str(folder)
+    cfg["objectives"] = [{"kind": "ce"}, {"kind": "forward_kl", "temperature": 2.0}]
+    summary = run(RunConfig.model_validate(cfg), name="distill")
+    assert summary["flops"] == pytest.approx(6 * summary["compute_params"] * 3 * 4 * 32)
+    assert summary["teacher_cache_flops"] > 0 and 0 <= summary["agreement"] <= 1
+
+    cfg["objectives"][1]["temperature"] = 1.0
+    cfg["out"] = str(tmp_path / "t")
+    with pytest.raises(DistilleryError, match="another temperature"):
+        run(RunConfig.model_validate(cfg))
