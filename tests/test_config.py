@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distillery.config import QuickstartConfig, RunConfig, build_config
+from distillery.config import AblationConfig, QuickstartConfig, RunConfig, build_config
 from distillery.errors import DistilleryError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,8 @@ def test_bad_override_syntax():
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "experiments").glob("*.yaml")))
 def test_shipped_configs_validate(name):
     path = ROOT / "experiments" / name
-    cls = QuickstartConfig if name.startswith("quickstart") else RunConfig
+    recipes = {"quickstart": QuickstartConfig, "ablation": AblationConfig}
+    cls = recipes.get(name.removesuffix(".yaml"), RunConfig)
     build_config(cls, path, ["teacher=/some/teacher"] if cls is RunConfig else [])
 
 
@@ -62,3 +63,8 @@ def test_quickstart_yaml_spells_out_the_defaults():
     assert build_config(QuickstartConfig, ROOT / "experiments" / "quickstart.yaml") == (
         QuickstartConfig()
     )
+
+
+def test_ablation_yaml_is_the_default_ablation_written_out():
+    cfg = build_config(AblationConfig, ROOT / "experiments" / "ablation.yaml")
+    assert cfg == AblationConfig(results=Path("results/ablation/cpu-2core"))
