@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--positions", type=int, default=1024)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument(
-        "--chunk-elements", type=int, default=2**22, help="logits per chunk: positions × vocab"
+        "--chunk-positions", type=int, default=64, help="train.logit_chunk_size: positions/chunk"
     )
     parser.add_argument("--vocabs", type=int, nargs="+", default=[32768, 131072, 262144])
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (fastest kept)")
@@ -108,13 +108,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         mode, vocab = args.child[0], int(args.child[1])
-        chunk = max(1, args.chunk_elements // vocab)
+        chunk = args.chunk_positions
         print(json.dumps(measure(mode, vocab, args.positions, args.hidden, chunk, args.repeats)))
         return
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.machine()
     print(
         f"device: {device}; {args.positions} positions, hidden {args.hidden}, "
-        f"chunks of {args.chunk_elements:,} logits, fp32, one forward+backward of T²·KL at T=2 "
+        f"chunks of {args.chunk_positions} positions, fp32, one forward+backward of T²·KL at T=2 "
         f"(time: fastest of {args.repeats})"
     )
     print(
@@ -133,7 +133,7 @@ def main() -> None:
                 str(vocab),
                 f"--positions={args.positions}",
                 f"--hidden={args.hidden}",
-                f"--chunk-elements={args.chunk_elements}",
+                f"--chunk-positions={args.chunk_positions}",
                 f"--repeats={args.repeats}",
             ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
