@@ -159,3 +159,38 @@ def test_distilling_from_the_cache_end_to_end(setting, small, cache_dir, teacher
     cfg["out"] = str(tmp_path / "t")
     with pytest.raises(DistilleryError, match="another temperature"):
         run(RunConfig.model_validate(cfg))
+
+
+def test_a_confident_teacher_leaves_a_finite_rest_and_reverse_kl_stays_finite(
+    setting, small, cache_dir, teacher_dir, tmp_path
+):
+    """A very peaked teacher: 1 − Σ top-k cancels to 0 in float32, the mass outside does not."""
+    from distillery.recipes.common import export_model
+    from distillery.teacher_cache import build_teacher_cache
+
+    tokenizer, train, _, _ = setting
+    model = load_causal_lm(teacher_dir)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)  # (tied) logits 40× sharper
+    peaked_dir = export_model(model, tokenizer, tmp_path / "peaked")
+    key = {**cache_key(peaked_dir, tokenizer, train), "top_k": 4, "temperature": 1.0}
+    build_teacher_cache(
+        LiveTeacher(model), train, tmp_path / "c", key=key, device=torch.device("cpu")
+    )
+    cached = CachedTeacher(tmp_path / "c", train, key)
+    rest = np.asarray(cached.rest)
+    assert np.isfinite(rest).all() and rest.min() < -17  # mass < 6e-8 somewhere, still finite
+    ids = train.blocks([0, 1])
+    labels = shift_labels(ids)
+    for kind in ("reverse_kl", "jsd", "tvd", "forward_kl"):
+        mix = LossMix(terms_from_config([{"kind": kind}]), cached, vocab=len(tokenizer))
+        total, _ = mix(load_causal_lm(teacher_dir), ids, labels)
+        assert torch.isfinite(total), kind
+
+
+def test_hard_labels_are_refused_with_a_cache(setting, small, cache_dir, teacher_dir, tmp_path):
+    cfg = tiny_run(small, cache_dir, tmp_path / "s", teacher=teacher_dir, steps=2).model_dump()
+    cfg["teacher_cache"] = str(setting[3])
+    cfg["objectives"] = [{"kind": "hard_labels"}]
+    with pytest.raises(DistilleryError, match="hard_labels cannot read a teacher cache"):
+        run(RunConfig.model_validate(cfg))

@@ -8,9 +8,10 @@ made from (teacher weights, tokenizer, data, block size, k, temperature). A cach
 match the run reading it is refused.
 
 Reading it (``CachedTeacher``), the teacher's distribution is rebuilt a chunk of positions at a
-time: the top-k probabilities exactly, the left-over mass spread evenly over the other tokens
-(the least committal completion), so every logit objective runs unchanged; with k covering most
-of the mass it matches the live teacher closely (see the tests for the tolerance). The logits
+time: the top-k probabilities exactly, the left-over mass spread over the other tokens in
+proportion to the student's own probabilities, so every logit objective runs unchanged and sees
+the top-k plus one bucket for the rest (forward KL: Σ_topk p·log(p/q) + r·log(r/q_rest)).
+``hard_labels`` is refused with a cache (a completed tail token could outrank the top-1). The logits
 handed out are ``T_cache · log p``, so an objective softening them at the cache's temperature
 recovers the cached distribution exactly; objectives at another temperature are refused.
 """
@@ -41,7 +42,8 @@ KEY_FIELDS = ("teacher", "tokenizer", "data", "vocab", "top_k", "temperature")
 def model_fingerprint(folder: Path) -> str:
     """sha256 of a model folder's config and weight files (what decides its outputs)."""
     digest = hashlib.sha256()
-    files = [*sorted(Path(folder).glob("*.safetensors")), Path(folder) / "config.json"]
+    weights = [p for ext in ("*.safetensors", "*.bin", "*.pt") for p in Path(folder).glob(ext)]
+    files = [*sorted(weights), Path(folder) / "config.json"]
     for path in files:
         digest.update(path.name.encode() + b"\0")
         with path.open("rb") as f:
@@ -60,8 +62,13 @@ def cache_key(teacher_dir: Path, tokenizer: Any, data: PackedTokens) -> dict[str
     }
 
 
-def check_temperatures(objectives: list[Any], temperature: float, folder: Path) -> None:
-    """Soft objectives must soften at the cache's temperature (the cache holds p at T only)."""
+def check_cache_objectives(objectives: list[Any], temperature: float, folder: Path) -> None:
+    """Soft objectives must soften at the cache's temperature (the cache holds p at T only);
+    ``hard_labels`` needs the teacher's argmax, which a completed tail could hide."""
+    if any(o.kind == "hard_labels" for o in objectives):
+        raise DistilleryError(
+            "hard_labels cannot read a teacher cache; use forward_kl (or drop teacher_cache)"
+        )
     wrong = [o.kind for o in objectives if getattr(o, "temperature", temperature) != temperature]
     if wrong:
         raise DistilleryError(
@@ -115,10 +122,12 @@ def build_teacher_cache(
                 part = slice(s, s + chunk)
                 lp = torch.log_softmax(out.chunk_logits(part)[:, :vocab].float() / temperature, -1)
                 top = lp.topk(k, dim=-1)
-                covered = torch.logsumexp(top.values, dim=-1).clamp(max=0.0)
+                # log of the mass outside the top-k, summed directly (not 1 − Σ top-k, which
+                # cancels to 0 in float32 for a confident teacher)
+                outside = lp.scatter(1, top.indices, float("-inf"))
                 flat_ids[part] = top.indices.cpu().numpy()
                 flat_logp[part] = top.values.cpu().numpy()
-                flat_rest[part] = torch.log(-torch.expm1(covered)).cpu().numpy()  # log(1 − Σ p)
+                flat_rest[part] = torch.logsumexp(outside, dim=-1).cpu().numpy()
             ids[rows] = flat_ids.reshape(-1, t, k)
             logp[rows] = flat_logp.reshape(-1, t, k)
             rest[rows] = flat_rest.reshape(-1, t)
@@ -161,7 +170,11 @@ class CachedTeacher:
             arrays = [
                 np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("ids", "logp", "rest")
             ]
-        except (OSError, ValueError) as exc:
+            shape = (int(meta["blocks"]), int(meta["seq_len"]), int(meta["top_k"]))
+            float(meta["temperature"]), int(meta["vocab"])
+            if [a.shape for a in arrays] != [shape, shape, shape[:2]]:
+                raise ValueError("array shapes do not match cache.json")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DistilleryError(
                 f"teacher cache {folder} is missing or corrupt ({type(exc).__name__}); build it "
                 "with `distillery cache-teacher`"
@@ -179,8 +192,10 @@ class CachedTeacher:
         self.meta, self.vocab = meta, int(meta["vocab"])
         self.temperature, self.top_k = float(meta["temperature"]), int(meta["top_k"])
         self.config = None
-        rows = data.blocks(np.arange(data.num_blocks)).numpy()
-        self.index = {_block_hash(row): i for i, row in enumerate(rows)}
+        self.index: dict[bytes, int] = {}
+        for start in range(0, data.num_blocks, 4096):  # a slice at a time, not the whole split
+            rows = data.blocks(np.arange(start, min(start + 4096, data.num_blocks))).numpy()
+            self.index.update((_block_hash(row), start + i) for i, row in enumerate(rows))
 
     def _lookup(self, input_ids: torch.Tensor) -> np.ndarray:
         found = [self.index.get(_block_hash(row)) for row in input_ids.cpu().numpy()]
@@ -209,6 +224,7 @@ class CachedTeacher:
             tail = torch.log_softmax(student_logits[:, : self.vocab].float() / self.temperature, -1)
         tail = tail.scatter(1, ids.long(), float("-inf"))  # only the tokens outside the top-k
         tail = tail - torch.logsumexp(tail, dim=-1, keepdim=True)  # a distribution over them
+        rest = rest.clamp_min(-1e4)  # finite even if nothing was left over
         dense = (rest[:, None] + tail).scatter(1, ids.long(), logp)
         return dense * self.temperature
 

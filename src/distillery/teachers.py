@@ -121,7 +121,8 @@ class LiveTeacher:
 class EnsembleTeacher:
     """Several teachers sharing a tokenizer, seen as one: their next-token distributions combined.
 
-    ``mean``: the weighted mean of their probabilities (the logits handed out are its logs);
+    ``mean``: the weighted mean of their probabilities at T=1 (the logits handed out are its
+    logs; an objective at temperature T then softens that mixture, ∝ p̄^(1/T));
     ``confident``: at each position, the distribution of the teacher whose top probability is
     highest (each next-token prediction is an example). Logits are cut to ``vocab`` (the shared
     tokenizer's tokens) before combining, so differently padded tables line up.

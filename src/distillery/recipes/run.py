@@ -30,7 +30,7 @@ from distillery.models import (
 from distillery.objectives.chunked import check_plain_head
 from distillery.objectives.mix import LossMix, terms_from_config
 from distillery.recipes.common import export_model, once_per_job, prepare_data, prepare_out_dir
-from distillery.teacher_cache import CachedTeacher, cache_key, check_temperatures
+from distillery.teacher_cache import CachedTeacher, cache_key, check_cache_objectives
 from distillery.teachers import EnsembleTeacher, LiveTeacher, TeacherSignal
 
 
@@ -99,7 +99,10 @@ def run(
             init_from_teacher(model, teacher_model, layer_map)
 
         # Objectives and the teacher signal; compute charged per trained token.
-        members = [LiveTeacher(m.to(device)) for m in teacher_models]
+        # With a teacher cache the live teacher is only for the final evaluation: it waits on
+        # the CPU meanwhile.
+        cached = cfg.teacher_cache is not None
+        members = [LiveTeacher(m if cached else m.to(device)) for m in teacher_models]
         teacher: TeacherSignal | None = members[0] if members else None
         if len(members) > 1:
             teacher = EnsembleTeacher(
@@ -109,7 +112,7 @@ def run(
         if cfg.teacher_cache is not None:
             expect = cache_key(teacher_paths[0], tokenizer, train_data)
             teacher = CachedTeacher(cfg.teacher_cache, train_data, expect)
-            check_temperatures(cfg.objectives, teacher.temperature, cfg.teacher_cache)
+            check_cache_objectives(cfg.objectives, teacher.temperature, cfg.teacher_cache)
         chunk = cfg.train.logit_chunk_size
         if chunk:
             check_plain_head(model, "model")
@@ -147,6 +150,8 @@ def run(
         if progress.step == cfg.train.steps and env.is_main:
             export_model(model, tokenizer, out / "model")
             # One full evaluation (fp32, whole validation split), logged and summarised.
+            if isinstance(teacher, CachedTeacher) and isinstance(live_teacher, LiveTeacher):
+                live_teacher.model.to(device)
             metrics = evaluate_lm(
                 model, val_data, device=device, teacher=live_teacher, vocab=len(tokenizer)
             )
