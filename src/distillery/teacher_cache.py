@@ -33,7 +33,7 @@ import torch
 from distillery.data import PackedTokens, sequential_batches, tokenizer_fingerprint
 from distillery.errors import DistilleryError
 from distillery.files import publish_folder, temp_folder_next_to, write_json
-from distillery.teachers import LiveTeacher, TeacherOutput
+from distillery.teachers import LiveTeacher, TeacherBase, TeacherOutput
 
 CACHE_VERSION = "distillery-teacher-cache-v1"
 KEY_FIELDS = ("teacher", "tokenizer", "data", "vocab", "top_k", "temperature")
@@ -153,11 +153,12 @@ def build_teacher_cache(
     return meta
 
 
-class CachedTeacher:
+class CachedTeacher(TeacherBase):
     """A teacher signal read from a cache: no teacher forward passes while distilling.
 
     Batches are looked up by their tokens (a hash of each block), so the engine's data order,
-    seeds and processes need no coordination with the cache.
+    seeds and processes need no coordination with the cache. ``logits()`` (no student to
+    follow) spreads the left-over mass evenly.
     """
 
     has_internals = False
@@ -251,9 +252,3 @@ class CachedTeacher:
                 ids[part], logp[part], rest[part], student
             )
         )
-
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, T, V)`` with the left-over mass spread evenly (no student to follow)."""
-        out = self.run(input_ids).chunk_logits
-        assert out is not None
-        return out(slice(None), None).reshape(*input_ids.shape, -1)

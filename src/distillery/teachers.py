@@ -60,7 +60,22 @@ def use_eager_attention(model: PreTrainedModel) -> None:
         model.set_attn_implementation("eager")
 
 
-class LiveTeacher:
+class TeacherBase:
+    """What every teacher signal shares: whole logits from ``run``, however it answers."""
+
+    def run(self, input_ids: torch.Tensor, **kwargs: bool) -> TeacherOutput:
+        raise NotImplementedError
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits ``(B, T, V)`` for a batch (e.g. for evaluation)."""
+        out = self.run(input_ids)
+        if out.logits is not None:
+            return out.logits
+        assert out.chunk_logits is not None
+        return out.chunk_logits(slice(None), None).reshape(*input_ids.shape, -1)
+
+
+class LiveTeacher(TeacherBase):
     """A frozen model run forward on every batch: eval mode, no gradients."""
 
     has_internals = True
@@ -111,14 +126,8 @@ class LiveTeacher:
             )
         return result
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits ``(B, T, V)``."""
-        out = self.run(input_ids).logits
-        assert out is not None
-        return out
 
-
-class EnsembleTeacher:
+class EnsembleTeacher(TeacherBase):
     """Several teachers sharing a tokenizer, seen as one: their next-token distributions combined.
 
     ``mean``: the weighted mean of their probabilities at T=1 (the logits handed out are its
@@ -185,9 +194,3 @@ class EnsembleTeacher:
                 lambda part, _student=None: self.combined([c(part, None) for c in chunks])
             )
         )
-
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The combined logits ``(B, T, vocab)``."""
-        out = self.run(input_ids).logits
-        assert out is not None
-        return out
