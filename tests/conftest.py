@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,6 +69,25 @@ def teacher_dir(corpus: Path, cache_dir: Path, tmp_path_factory: pytest.TempPath
     cfg.model.overrides = {"num_hidden_layers": 4}
     run(cfg, name="teacher")
     return out / "model"
+
+
+def tiny_llama(
+    vocab: int, *, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0
+) -> Any:
+    """A small random Llama (seeded) for loss and teacher tests that need a real HF model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=vocab,
+    )
+    return LlamaForCausalLM(config)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -10,12 +10,13 @@ import sys
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from distillery.errors import DistilleryError
 from distillery.objectives.chunked import check_plain_head, chunked_loss, head_inputs
 from distillery.objectives.mix import LossMix, shift_labels, terms_from_config
 from distillery.teachers import LiveTeacher
+from tests.conftest import tiny_llama
 
 ALL_TERMS = [
     {"kind": "ce"},
@@ -28,16 +29,7 @@ ALL_TERMS = [
 
 
 def tiny(vocab: int, hidden: int = 32, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=vocab,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(vocab, hidden=hidden, layers=layers, seed=seed)
 
 
 def test_chunked_sums_equal_unchunked_values_and_gradients():

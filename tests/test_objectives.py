@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from distillery.config import CrossEntropyObjective, ForwardKLObjective, HardLabelsObjective
 from distillery.errors import DistilleryError
@@ -20,6 +20,7 @@ from distillery.objectives import OBJECTIVES, get_objective, register_objective
 from distillery.objectives.logits import IGNORE_INDEX, cross_entropy, forward_kl, hard_labels
 from distillery.objectives.mix import LossMix, Term, shift_labels, terms_from_config
 from distillery.teachers import LiveTeacher, TeacherOutput
+from tests.conftest import tiny_llama
 
 N = 3 * 47  # positions (odd on purpose)
 V = 123  # vocabulary (odd on purpose)
@@ -431,16 +432,7 @@ VOCAB = 128
 
 
 def _tiny_llama(seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=VOCAB,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(VOCAB, hidden=64, seed=seed).eval()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from distillery.errors import DistilleryError
 from distillery.objectives import get_objective
@@ -15,6 +15,7 @@ from distillery.objectives.logits import IGNORE_INDEX
 from distillery.objectives.mix import LossMix, shift_labels, terms_from_config
 from distillery.objectives.representations import layer_pairs, match_heads
 from distillery.teachers import LiveTeacher
+from tests.conftest import tiny_llama
 
 L, N, D, A, T = 2, 15, 6, 3, 5
 VOCAB = 96
@@ -195,16 +196,7 @@ def test_match_heads():
 
 
 def _llama(seed: int, hidden: int = 32, layers: int = 2, heads: int = 4) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        vocab_size=VOCAB,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(VOCAB, hidden=hidden, layers=layers, heads=heads, seed=seed).eval()
 
 
 @pytest.fixture(scope="module")

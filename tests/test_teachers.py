@@ -6,26 +6,18 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from distillery.errors import DistilleryError
 from distillery.objectives.mix import LossMix, shift_labels, terms_from_config
 from distillery.teachers import EnsembleTeacher, LiveTeacher
+from tests.conftest import tiny_llama
 
 VOCAB = 90  # the shared tokenizer's tokens; the models below pad their tables beyond it
 
 
 def _llama(seed: int, rows: int, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=rows,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(rows, hidden=hidden, layers=layers, seed=seed).eval()
 
 
 @pytest.fixture(scope="module")
