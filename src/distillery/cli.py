@@ -111,6 +111,40 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mode(args: argparse.Namespace) -> int:
+    from distillery.config import ModesConfig
+    from distillery.recipes.modes import compare_modes
+
+    given = load_yaml_mode(args.config)
+    if given is not None and given != args.mode:
+        raise DistilleryError(
+            f"config file {args.config} is for mode {given!r}, not {args.mode!r}; run "
+            f"`distillery mode {given}` or remove its mode.kind"
+        )
+    extra = [f"mode.kind={args.mode}"]
+    if args.generations is not None:
+        if args.mode != "self-distill":
+            raise DistilleryError("--generations is for `distillery mode self-distill`")
+        extra.append(f"mode.generations={args.generations}")
+    if not args.out and not (args.config and "out" in _yaml(args.config)):
+        args.out = f"runs/modes/{args.mode}"
+    args.overrides = [*extra, *args.overrides]
+    compare_modes(_recipe_config(ModesConfig, args), overwrite=args.overwrite)
+    return 0
+
+
+def _yaml(path: str) -> dict[str, Any]:
+    from distillery.config import load_yaml
+
+    return load_yaml(Path(path))
+
+
+def load_yaml_mode(path: str | None) -> str | None:
+    """The ``mode.kind`` a config file names, if any."""
+    mode = _yaml(path).get("mode") if path else None
+    return mode.get("kind") if isinstance(mode, dict) else None
+
+
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from distillery.config import CacheTeacherConfig
     from distillery.recipes.cache import cache_teacher
@@ -166,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(p)
     p.set_defaults(func=cmd_ablate)
+
+    from distillery.config import MODES
+
+    p = sub.add_parser(
+        "mode", help="a distillation mode vs plain distillation at equal compute, over seeds"
+    )
+    p.add_argument("mode", choices=MODES, help="which mode to run")
+    common(p)
+    p.add_argument(
+        "--generations", type=int, default=None, help="self-distill: born-again generations"
+    )
+    p.set_defaults(func=cmd_mode)
 
     p = sub.add_parser(
         "cache-teacher", help="store a teacher's top-k over the training data, to distil from"

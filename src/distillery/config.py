@@ -7,6 +7,7 @@ Every problem in a config is gathered into one error line that names the fields,
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -157,6 +158,9 @@ class TrainConfig(Strict):
     """The engine's knobs. ``batch_size`` is the *global* batch in sequences per step."""
 
     steps: int = Field(200, gt=0)
+    # Set: the run takes as many whole steps as this many FLOPs pay for (training plus teacher
+    # forwards, as the meter counts them), replacing ``steps``; compare runs at equal compute.
+    flops_budget: float | None = Field(None, gt=0.0)
     batch_size: int = Field(32, gt=0)
     micro_batch_size: int | None = Field(None, gt=0)  # per process; None = batch_size / world
     lr: float = Field(1e-3, gt=0.0)
@@ -255,19 +259,21 @@ class TeacherStudentRecipe(Strict):
         default_factory=lambda: TrainConfig(steps=100, lr=2e-3, warmup_steps=10)
     )
 
-    @model_validator(mode="after")
-    def _student_fits_teacher(self) -> TeacherStudentRecipe:
+    @property
+    def teacher_layers(self) -> int:
+        """The depth of the teacher the recipe trains."""
         from distillery.models.presets import PRESETS
 
+        default = PRESETS[self.teacher.preset or "mini"]["num_hidden_layers"]
+        return int(self.teacher.overrides.get("num_hidden_layers", default))
+
+    @model_validator(mode="after")
+    def _student_fits_teacher(self) -> TeacherStudentRecipe:
         recipe = type(self).__name__.removesuffix("Config").lower()
         teacher = self.teacher
         if teacher.path is not None or teacher.init_from_teacher is not None:
             raise ValueError(f"teacher: {recipe} trains its teacher from a preset (teacher.preset)")
-        layers = int(
-            teacher.overrides.get(
-                "num_hidden_layers", PRESETS[teacher.preset or "mini"]["num_hidden_layers"]
-            )
-        )
+        layers = self.teacher_layers
         if 2 * self.student_layers - 1 > layers:
             raise ValueError(
                 f"student_layers={self.student_layers} needs a teacher with at least "
@@ -339,6 +345,90 @@ class AblationConfig(TeacherStudentRecipe):
                 raise ValueError(f"arms.{name}.drop: {unknown} not among the objectives {kinds}")
             if set(kinds) <= set(arm.drop):
                 raise ValueError(f"arms.{name}: drops every objective")
+        return self
+
+
+class MultiTeacherMode(Strict):
+    """Several teachers (trained with seeds ``teacher_train.seed + i``) distilled together into
+    one student, against the student distilled from the first teacher alone at equal FLOPs."""
+
+    kind: Literal["multi-teacher"] = "multi-teacher"
+    teachers: int = Field(3, ge=2)
+    weights: list[Annotated[float, Field(ge=0.0)]] | None = None  # one per teacher
+    ensemble: Literal["mean", "confident"] = "mean"
+
+    @model_validator(mode="after")
+    def _one_weight_each(self) -> MultiTeacherMode:
+        if self.weights is not None and len(self.weights) != self.teachers:
+            raise ValueError(f"weights: give one weight per teacher ({self.teachers})")
+        return self
+
+
+class SelfDistillMode(Strict):
+    """Born-again networks: generation k (the teacher's architecture, random init) learns from
+    generation k−1, generation 0 being the teacher; against the teacher's architecture trained
+    plainly with the FLOPs of the whole chain."""
+
+    kind: Literal["self-distill"] = "self-distill"
+    generations: int = Field(2, ge=1)
+
+
+class RoundsMode(Strict):
+    """Teacher assistants: teacher → assistants → student, each round initialised from every
+    other layer of the previous model and distilled from it; against teacher → student
+    directly with the FLOPs of all rounds."""
+
+    kind: Literal["rounds"] = "rounds"
+    assistants: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [4], min_length=1)
+
+
+class TwoStepMode(Strict):
+    """Step 1: the student trained on the data with the task loss (``first_fraction`` of
+    ``student_train.steps``); step 2: fine-tuned on the teacher's soft targets; against the
+    ``objectives`` mix from the start, at equal FLOPs."""
+
+    kind: Literal["two-step"] = "two-step"
+    first_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    finetune_objectives: list[ObjectiveConfig] = Field(
+        default_factory=lambda: [ForwardKLObjective(weight=1.0, temperature=2.0)], min_length=1
+    )
+
+
+ModeConfig = Annotated[
+    MultiTeacherMode | SelfDistillMode | RoundsMode | TwoStepMode, Field(discriminator="kind")
+]
+MODES = ("multi-teacher", "self-distill", "rounds", "two-step")
+
+
+class ModesConfig(TeacherStudentRecipe):
+    """``distillery mode NAME``: one distillation mode against plain distillation at equal
+    compute, over several seeds (the teacher is trained once and shared by every seed)."""
+
+    mode: ModeConfig = Field(default_factory=SelfDistillMode)
+    objectives: list[ObjectiveConfig] = Field(
+        default_factory=lambda: [CrossEntropyObjective(weight=1.0), ForwardKLObjective(weight=1.0)],
+        min_length=1,
+    )
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0, 1, 2], min_length=1
+    )
+    out: Path = Path("runs/modes")
+    results: Path | None = None  # also write the table and its JSON here
+
+    @model_validator(mode="after")
+    def _mode_fits(self) -> ModesConfig:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds: give each seed once")
+        if not any(o.kind != "ce" for o in self.objectives):
+            raise ValueError("objectives: give at least one teacher objective (e.g. forward_kl)")
+        if isinstance(self.mode, RoundsMode):
+            sizes = [self.teacher_layers, *self.mode.assistants, self.student_layers]
+            for big, small in itertools.pairwise(sizes):
+                if not big > small or 2 * small - 1 > big:
+                    raise ValueError(
+                        f"mode.assistants: each round must shrink the model and keep every "
+                        f"other layer ({big} → {small} layers cannot); sizes {sizes}"
+                    )
         return self
 
 

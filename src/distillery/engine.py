@@ -61,6 +61,20 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def steps_for_budget(cfg: TrainConfig, flops_per_step: float) -> TrainConfig:
+    """``cfg`` with ``steps`` set to the whole steps ``cfg.flops_budget`` pays for (unchanged
+    without a budget); a budget smaller than one step is refused."""
+    if cfg.flops_budget is None:
+        return cfg
+    steps = int(cfg.flops_budget // flops_per_step)
+    if steps < 1:
+        raise DistilleryError(
+            f"train.flops_budget={cfg.flops_budget:.3g} is less than one step "
+            f"({flops_per_step:.3g} FLOPs); raise it"
+        )
+    return cfg.model_copy(update={"steps": steps})
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast when asked for (``auto``: on GPU only), else nothing."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")

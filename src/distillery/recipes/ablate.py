@@ -13,63 +13,24 @@ see the same batches in every arm.
 
 from __future__ import annotations
 
-import json
-import os
-import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from distillery.config import AblationConfig, ModelSpec, RunConfig, config_to_yaml
-from distillery.errors import DistilleryError
+from distillery.config import AblationConfig, ModelSpec, RunConfig
 from distillery.files import atomic_write_text, write_json
-from distillery.recipes.common import prepare_out_dir
+from distillery.recipes.common import (
+    hardware,
+    is_main_process,
+    mean_std,
+    prepare_out_dir,
+    run_or_reuse,
+)
 from distillery.recipes.quickstart import teacher_config
-from distillery.recipes.run import run
 
 METRICS = ("val_ppl", "val_loss", "agreement", "kl_teacher_student", "accuracy")
 KEPT = (*METRICS, "flops", "train_seconds")
-
-
-def run_or_reuse(cfg: RunConfig, name: str, *, reuse: bool = True) -> tuple[dict[str, Any], bool]:
-    """(summary, reused): ``run(cfg)``, unless ``cfg.out`` holds a finished run of exactly this
-    config. The summary is read back from disk, so every rank of a torchrun job has it."""
-    out = Path(cfg.out)
-    saved, summary = out / "config.yaml", out / "summary.json"
-
-    def finished() -> dict[str, Any] | None:
-        if not summary.is_file():
-            return None
-        result = json.loads(summary.read_text(encoding="utf-8"))
-        return result if result.get("finished") else None
-
-    same = saved.is_file() and saved.read_text(encoding="utf-8") == config_to_yaml(cfg)
-    if reuse and same and (result := finished()):
-        if is_main_process():
-            print(f"[ablate] {name}: finished before, reusing {out}", flush=True)
-        return result, True
-    run(cfg, overwrite=True, name=name)
-    result = finished()
-    if result is None:
-        raise DistilleryError(f"{name}: the run in {out} did not finish")
-    return result, False
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a torchrun job, or a lone process."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def hardware() -> str:
-    """A short name of the machine for result folders and tables."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name().replace(" ", "-")
-    return f"cpu-{os.cpu_count()}core"
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _describe(objectives: list[Any]) -> str:
@@ -110,7 +71,7 @@ def ablate(cfg: AblationConfig, *, overwrite: bool = False) -> dict[str, Any]:
             runs.append({"seed": seed, **{k: summary[k] for k in KEPT}})
         stats = {}
         for key in METRICS:
-            mean, std = _mean_std([r[key] for r in runs])
+            mean, std = mean_std([r[key] for r in runs])
             stats[key] = {"mean": mean, "std": std}
         arms[name] = {
             "objectives": _describe(objectives),

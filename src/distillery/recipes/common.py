@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel
 
-from distillery.config import DataConfig
+from distillery.config import DataConfig, RunConfig, config_to_yaml
 from distillery.data import (
     PackedTokens,
     build_token_cache,
@@ -133,3 +137,46 @@ def export_model(model: PreTrainedModel, tokenizer: Any, dest: Path) -> Path:
         raise
     publish_folder(tmp, dest, replace=True)
     return dest
+
+
+def run_or_reuse(cfg: RunConfig, name: str, *, reuse: bool = True) -> tuple[dict[str, Any], bool]:
+    """(summary, reused): ``run(cfg)``, unless ``cfg.out`` holds a finished run of exactly this
+    config. The summary is read back from disk, so every rank of a torchrun job has it."""
+    from distillery.recipes.run import run  # run builds on this module
+
+    out = Path(cfg.out)
+    saved, summary = out / "config.yaml", out / "summary.json"
+
+    def finished() -> dict[str, Any] | None:
+        if not summary.is_file():
+            return None
+        result = json.loads(summary.read_text(encoding="utf-8"))
+        return result if result.get("finished") else None
+
+    same = saved.is_file() and saved.read_text(encoding="utf-8") == config_to_yaml(cfg)
+    if reuse and same and (result := finished()):
+        if is_main_process():
+            print(f"[distillery] {name}: finished before, reusing {out}", flush=True)
+        return result, True
+    run(cfg, overwrite=True, name=name)
+    result = finished()
+    if result is None:
+        raise DistilleryError(f"{name}: the run in {out} did not finish")
+    return result, False
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a lone process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def hardware() -> str:
+    """A short name of the machine for result folders and tables."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace(" ", "-")
+    return f"cpu-{os.cpu_count()}core"
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from distillery.config import RunConfig, config_to_yaml
 from distillery.data import has_tokenizer, load_tokenizer
 from distillery.distributed import init_distributed, resolve_device, shutdown_distributed
-from distillery.engine import Engine, seed_everything
+from distillery.engine import Engine, seed_everything, steps_for_budget
 from distillery.eval import evaluate_lm, folder_size, generation_speed
 from distillery.files import atomic_write_text, write_json
 from distillery.models import (
@@ -125,6 +125,9 @@ def run(
             chunk_size=chunk,
         )
         flops_per_token = 6.0 * compute_params(model) + loss.teacher_flops_per_token()
+        train_cfg = steps_for_budget(
+            cfg.train, flops_per_token * cfg.train.batch_size * cfg.data.seq_len
+        )
 
         def eval_fn(m: Any) -> dict[str, float]:
             return evaluate_lm(
@@ -135,7 +138,7 @@ def run(
             model,
             loss,
             train_data,
-            cfg.train,
+            train_cfg,
             out,
             device=device,
             env=env,
@@ -147,7 +150,7 @@ def run(
             atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
         progress = engine.fit(resume=resume, stop_after=stop_after)
         summary: dict[str, Any] = {"step": progress.step, "finished": False}
-        if progress.step == cfg.train.steps and env.is_main:
+        if progress.step == train_cfg.steps and env.is_main:
             export_model(model, tokenizer, out / "model")
             # One full evaluation (fp32, whole validation split), logged and summarised.
             if isinstance(teacher, CachedTeacher) and isinstance(live_teacher, LiveTeacher):
@@ -162,6 +165,7 @@ def run(
                 "compute_params": compute_params(model),
                 "layers": model.config.num_hidden_layers,
                 **metrics,
+                "steps": progress.step,
                 "flops": progress.flops,
                 **(
                     {"teacher_cache_flops": teacher.meta["teacher_flops"]}

@@ -1,0 +1,354 @@
+"""``distillery mode NAME``: one distillation mode against plain distillation at equal compute.
+
+Every mode is a set of *arms*, each a chain of runs of the one engine (``recipes.run``); a run
+is initialised from and/or distilled from the run before it:
+
+- ``multi-teacher``: K teachers (seeds ``teacher_train.seed + i``) → one student, vs the first
+  teacher alone;
+- ``self-distill``: born-again generations of the teacher's architecture (random init, each
+  distilled from the previous, generation 0 being the teacher), vs that architecture trained
+  plainly;
+- ``rounds``: teacher → assistant(s) → student, each round initialised from every other layer of
+  the previous model, vs teacher → student directly;
+- ``two-step``: the student trained with the task loss, then fine-tuned on the teacher's soft
+  targets, vs the distillation mix from the start.
+
+The comparison arm's step count comes from a FLOPs budget (``train.flops_budget``) equal to what
+the mode's arm spent for the same seed, as the engine's meter counts it (6·N per trained token
+plus 2·N per teacher-forwarded token); training the teacher(s) is shared and reported apart,
+except for self-distillation, where generation 0 is part of the chain and is charged to it.
+Finished runs of an unchanged config are reused, so an interrupted call continues.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distillery.config import (
+    CrossEntropyObjective,
+    ModelSpec,
+    ModesConfig,
+    MultiTeacherMode,
+    RoundsMode,
+    RunConfig,
+    SelfDistillMode,
+    TrainConfig,
+    TwoStepMode,
+)
+from distillery.files import atomic_write_text, write_json
+from distillery.recipes.common import (
+    hardware,
+    is_main_process,
+    mean_std,
+    prepare_out_dir,
+    run_or_reuse,
+)
+from distillery.recipes.quickstart import teacher_config
+
+METRICS = ("val_ppl", "val_loss", "accuracy", "agreement")
+KEPT = (*METRICS, "steps", "flops", "train_seconds")
+PREVIOUS = "previous"  # the run before this one in the arm (the first teacher for the first)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One run of an arm: a model of ``layers`` layers (``init``: ``every_other`` from its
+    first teacher, ``random``, or ``previous`` = continue the previous run's model) trained with
+    ``objectives`` from ``teachers`` (indices of the recipe's teachers, or ``PREVIOUS``)."""
+
+    name: str
+    layers: int
+    objectives: list[Any]
+    teachers: tuple[int | str, ...]
+    init: str
+    train: TrainConfig
+    match: str | None = None  # the arm whose total FLOPs (same seed) this arm spends
+    run_fields: dict[str, Any] = field(default_factory=dict)  # e.g. teacher_weights, ensemble
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A chain of runs; ``charged`` counts the teacher's training into the arm's FLOPs."""
+
+    stages: list[Stage]
+    charged: bool = False
+    label: str = ""
+
+
+def plan(cfg: ModesConfig) -> dict[str, Arm]:
+    """The mode's arms, the mode's own first and the equal-compute comparison after it."""
+    mode, student, objectives = cfg.mode, cfg.student_layers, cfg.objectives
+    plain = Stage("student", student, objectives, (0,), "every_other", cfg.student_train)
+    if isinstance(mode, MultiTeacherMode):
+        ensemble = {"teacher_weights": mode.weights, "ensemble": mode.ensemble}
+        teachers = tuple(range(mode.teachers))
+        return {
+            "ensemble": Arm(
+                [
+                    Stage(
+                        "student",
+                        student,
+                        objectives,
+                        teachers,
+                        "every_other",
+                        cfg.student_train,
+                        run_fields=ensemble,
+                    )
+                ],
+                label=f"{mode.teachers} teachers ({mode.ensemble})",
+            ),
+            "single": Arm([replace(plain, match="ensemble")], label="teacher 0"),
+        }
+    if isinstance(mode, SelfDistillMode):
+        depth = cfg.teacher_layers
+        gens = [
+            Stage(f"gen-{k}", depth, objectives, (PREVIOUS,), "random", cfg.teacher_train)
+            for k in range(1, mode.generations + 1)
+        ]
+        ce = [CrossEntropyObjective()]
+        return {
+            "born-again": Arm(gens, charged=True, label="gen 0 = the teacher"),
+            "plain": Arm(
+                [Stage("plain", depth, ce, (0,), "random", cfg.teacher_train, match="born-again")],
+                label="task loss only",
+            ),
+        }
+    if isinstance(mode, RoundsMode):
+        chain = [
+            Stage(f"{n}-layers", n, objectives, (PREVIOUS,), "every_other", cfg.student_train)
+            for n in [*mode.assistants, student]
+        ]
+        return {
+            "assistants": Arm(
+                chain, label=" → ".join(map(str, [cfg.teacher_layers, *mode.assistants, student]))
+            ),
+            "direct": Arm(
+                [
+                    Stage(
+                        f"{student}-layers",
+                        student,
+                        objectives,
+                        (0,),
+                        "every_other",
+                        cfg.student_train,
+                        match="assistants",
+                    )
+                ],
+                label=f"{cfg.teacher_layers} → {student}",
+            ),
+        }
+    assert isinstance(mode, TwoStepMode)
+    first = max(1, round(mode.first_fraction * cfg.student_train.steps))
+    second = max(1, cfg.student_train.steps - first)
+    task = cfg.student_train.model_copy(update={"steps": first})
+    soft = cfg.student_train.model_copy(update={"steps": second})
+    return {
+        "two-step": Arm(
+            [
+                Stage("task", student, [CrossEntropyObjective()], (0,), "every_other", task),
+                Stage("soft-targets", student, mode.finetune_objectives, (0,), PREVIOUS, soft),
+            ],
+            label="task loss, then soft targets",
+        ),
+        "from-start": Arm(
+            [replace(plain, name="distill", match="two-step")],
+            label="the objectives mix throughout",
+        ),
+    }
+
+
+def _stage_config(
+    cfg: ModesConfig,
+    stage: Stage,
+    *,
+    seed: int,
+    out: Path,
+    teachers: list[Path],
+    previous: Path | None,
+    budget: float | None,
+) -> RunConfig:
+    """The engine's config for one stage of one seed."""
+
+    def folder(ref: int | str) -> Path:
+        if ref == PREVIOUS:
+            return previous if previous is not None else teachers[0]
+        return teachers[int(ref)]
+
+    paths = [folder(ref) for ref in stage.teachers]
+    if stage.init == PREVIOUS:
+        model = ModelSpec(path=previous, preset=None)
+    else:
+        model = ModelSpec(
+            preset=cfg.teacher.preset,
+            overrides={**cfg.teacher.overrides, "num_hidden_layers": stage.layers},
+            init_from_teacher="every_other" if stage.init == "every_other" else None,
+        )
+    fields = {k: v for k, v in stage.run_fields.items() if v is not None}
+    return RunConfig(
+        data=cfg.data.model_copy(update={"tokenizer": teachers[0]}),
+        model=model,
+        teacher=paths[0] if len(paths) == 1 else paths,
+        objectives=stage.objectives,
+        train=stage.train.model_copy(update={"seed": seed, "flops_budget": budget}),
+        out=out,
+        **fields,
+    )
+
+
+def _teachers(cfg: ModesConfig, out: Path, overwrite: bool) -> tuple[list[dict[str, Any]], bool]:
+    """Train (or reuse) the mode's teachers; (summaries with ``model`` paths, all reused)."""
+    count = cfg.mode.teachers if isinstance(cfg.mode, MultiTeacherMode) else 1
+    summaries, all_reused = [], True
+    for i in range(count):
+        name = "teacher" if i == 0 else f"teacher-{i}"
+        train = cfg.teacher_train.model_copy(update={"seed": cfg.teacher_train.seed + i})
+        teacher_cfg = teacher_config(cfg, out / name).model_copy(update={"train": train})
+        summary, reused = run_or_reuse(teacher_cfg, name, reuse=not overwrite)
+        summaries.append({**summary, "model": str(out / name / "model")})
+        all_reused &= reused
+    return summaries, all_reused
+
+
+def compare_modes(cfg: ModesConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run the mode's arms for every seed into ``cfg.out``; write ``<mode>.md``/``.json`` there
+    (and to ``cfg.results``); return the table's data."""
+    out = Path(cfg.out)
+    prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
+    teachers, reuse = _teachers(cfg, out, overwrite)  # students of retrained teachers rerun
+    teacher_paths = [Path(t["model"]) for t in teachers]
+    arms = plan(cfg)
+    charged = float(teachers[0]["flops"])
+
+    runs: dict[str, list[list[dict[str, Any]]]] = {
+        a: [[] for _ in arm.stages] for a, arm in arms.items()
+    }
+    for seed in cfg.seeds:
+        totals: dict[str, float] = {}
+        for arm_name, arm in arms.items():
+            spent, previous = charged if arm.charged else 0.0, None
+            for i, stage in enumerate(arm.stages):
+                budget = totals[stage.match] - spent if stage.match else None
+                where = out / arm_name / stage.name / f"seed-{seed}"
+                run_cfg = _stage_config(
+                    cfg,
+                    stage,
+                    seed=seed,
+                    out=where,
+                    teachers=teacher_paths,
+                    previous=previous,
+                    budget=budget,
+                )
+                summary, _ = run_or_reuse(
+                    run_cfg, f"{arm_name}/{stage.name}/seed-{seed}", reuse=reuse
+                )
+                spent += float(summary["flops"])
+                previous = where / "model"
+                runs[arm_name][i].append(
+                    {"seed": seed, **{k: summary[k] for k in KEPT}, "arm_flops": spent}
+                )
+            totals[arm_name] = spent
+
+    result = {
+        "mode": cfg.mode.kind,
+        "hardware": hardware(),
+        "torch": torch.__version__,
+        "seeds": cfg.seeds,
+        "teachers": [
+            {k: t[k] for k in ("val_ppl", "accuracy", "layers", "params", "flops")}
+            for t in teachers
+        ],
+        "arms": {
+            name: {
+                "label": arm.label,
+                "charged_teacher": arm.charged,
+                "stages": [
+                    {
+                        "name": stage.name,
+                        "layers": stage.layers,
+                        "init": stage.init,
+                        "objectives": " + ".join(
+                            f"{o.weight:g}·{o.kind}" for o in stage.objectives
+                        ),
+                        "runs": stage_runs,
+                        **{
+                            k: _stats([r[k] for r in stage_runs])
+                            for k in (*METRICS, "arm_flops", "steps")
+                        },
+                    }
+                    for stage, stage_runs in zip(arm.stages, runs[name], strict=True)
+                ],
+            }
+            for name, arm in arms.items()
+        },
+        "config": cfg.model_dump(mode="json"),
+    }
+    table = modes_markdown(result)
+    if is_main_process():
+        for folder in [out, *([cfg.results] if cfg.results else [])]:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            write_json(Path(folder) / f"{cfg.mode.kind}.json", result)
+            atomic_write_text(Path(folder) / f"{cfg.mode.kind}.md", table)
+        print(table)
+    return result
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std}
+
+
+def modes_markdown(result: dict[str, Any]) -> str:
+    """One row per stage of every arm (mean ± std over seeds) and the final comparison."""
+    teacher = result["teachers"][0]
+    others = result["teachers"][1:]
+    other_ppl = ", ".join(f"{t['val_ppl']:.1f}" for t in others)
+    lines = [
+        f"# Mode `{result['mode']}` ({result['hardware']}, seeds {result['seeds']})",
+        "",
+        f"Teacher: {teacher['layers']} layers, validation perplexity {teacher['val_ppl']:.1f}, "
+        f"trained with {teacher['flops']:.3g} FLOPs"
+        + (
+            f"; other teachers {other_ppl} ({len(others)} × {others[0]['flops']:.3g} FLOPs more)"
+            if others
+            else ""
+        )
+        + ". Mean ± sample std over seeds; agreement is with each run's own teacher "
+        "(top-1 next token); arm FLOPs are cumulative along the arm.",
+        "",
+        "| arm | run | layers | init | objectives | steps | arm FLOPs | val ppl | top-1 acc "
+        "| agreement |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    finals = {}
+    for name, arm in result["arms"].items():
+        if arm["charged_teacher"]:
+            lines.append(
+                f"| {name} | gen-0 (teacher) | {teacher['layers']} | random | 1·ce | – | "
+                f"{teacher['flops']:.3g} | {teacher['val_ppl']:.1f} | {teacher['accuracy']:.3f} "
+                "| – |"
+            )
+        for stage in arm["stages"]:
+            ppl, acc, agree = stage["val_ppl"], stage["accuracy"], stage["agreement"]
+            lines.append(
+                f"| {name} | {stage['name']} | {stage['layers']} | {stage['init']} | "
+                f"{stage['objectives']} | {stage['steps']['mean']:.0f} | "
+                f"{stage['arm_flops']['mean']:.3g} | {ppl['mean']:.1f} ± {ppl['std']:.1f} | "
+                f"{acc['mean']:.3f} ± {acc['std']:.3f} | {agree['mean']:.3f} ± {agree['std']:.3f} |"
+            )
+        finals[name] = arm["stages"][-1]["val_ppl"]
+    (mode_arm, a), (base_arm, b) = list(finals.items())[:2]
+    delta = a["mean"] - b["mean"]
+    spread = max(a["std"], b["std"])
+    verdict = "lower (better)" if delta < 0 else "higher (worse)"
+    size = "larger" if abs(delta) > 2 * spread else "not larger"
+    lines += [
+        "",
+        f"Final models at equal FLOPs: **{mode_arm}** {a['mean']:.1f} ± {a['std']:.1f} vs "
+        f"**{base_arm}** {b['mean']:.1f} ± {b['std']:.1f} validation perplexity: {delta:+.1f}, "
+        f"{verdict}; the difference is {size} than twice the larger seed std ({spread:.1f}).",
+    ]
+    return "\n".join(lines) + "\n"
