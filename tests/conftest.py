@@ -90,6 +90,17 @@ def tiny_llama(
     return LlamaForCausalLM(config)
 
 
+def tiny_recipe(corpus: Path, cache_dir: Path) -> list[str]:
+    """Overrides that point a recipe's config at the test corpus with the tiny preset."""
+    return [
+        f"data.source={corpus}",
+        "data.seq_len=32",
+        "data.vocab_size=512",
+        f"data.cache_dir={cache_dir}",
+        "teacher.preset=tiny",
+    ]
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m distillery ARGS`` in a fresh process; returns the completed process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

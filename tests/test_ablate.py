@@ -6,7 +6,7 @@ import json
 
 from distillery.config import AblationConfig, build_config
 from distillery.recipes.ablate import ablate
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tiny_recipe
 
 
 def _config(corpus, cache_dir, tmp_path, *extra: str) -> AblationConfig:
@@ -14,11 +14,7 @@ def _config(corpus, cache_dir, tmp_path, *extra: str) -> AblationConfig:
     return build_config(
         AblationConfig,
         overrides=[
-            f"data.source={corpus}",
-            "data.seq_len=32",
-            "data.vocab_size=512",
-            f"data.cache_dir={cache_dir}",
-            "teacher.preset=tiny",
+            *tiny_recipe(corpus, cache_dir),
             "student_layers=1",
             f"teacher_train={small % 4}",
             f"student_train={small % 2}",

@@ -318,25 +318,34 @@ def _distilbert_arms() -> dict[str, AblationArm]:
     }
 
 
-class AblationConfig(TeacherStudentRecipe):
+class SeededStudy(TeacherStudentRecipe):
+    """A recipe repeated over seeds whose table also goes to ``results``."""
+
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0, 1, 2], min_length=1
+    )
+    results: Path | None = None  # also write the table and its JSON here
+
+    @model_validator(mode="after")
+    def _distinct_seeds(self) -> SeededStudy:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds: give each seed once")
+        return self
+
+
+class AblationConfig(SeededStudy):
     """``distillery ablate``: one teacher, then the same student distilled with the full mix
     and with each part removed, over several seeds."""
 
     objectives: list[ObjectiveConfig] = Field(default_factory=_distilbert_mix, min_length=1)
     arms: dict[str, AblationArm] = Field(default_factory=_distilbert_arms, min_length=1)
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(
-        default_factory=lambda: [0, 1, 2], min_length=1
-    )
     out: Path = Path("runs/ablation")
-    results: Path | None = None  # also write the table and its JSON here
 
     @model_validator(mode="after")
     def _arms_make_sense(self) -> AblationConfig:
         kinds = [o.kind for o in self.objectives]
         if len(set(kinds)) != len(kinds):
             raise ValueError("objectives: each kind once (arms drop objectives by kind)")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError("seeds: give each seed once")
         for name, arm in self.arms.items():
             if not name or not all(c.isalnum() or c in "-_" for c in name):
                 raise ValueError(f"arms: name {name!r} must be letters, digits, '-' or '_'")
@@ -400,7 +409,7 @@ ModeConfig = Annotated[
 MODES = ("multi-teacher", "self-distill", "rounds", "two-step")
 
 
-class ModesConfig(TeacherStudentRecipe):
+class ModesConfig(SeededStudy):
     """``distillery mode NAME``: one distillation mode against plain distillation at equal
     compute, over several seeds (the teacher is trained once and shared by every seed)."""
 
@@ -409,16 +418,10 @@ class ModesConfig(TeacherStudentRecipe):
         default_factory=lambda: [CrossEntropyObjective(weight=1.0), ForwardKLObjective(weight=1.0)],
         min_length=1,
     )
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(
-        default_factory=lambda: [0, 1, 2], min_length=1
-    )
     out: Path = Path("runs/modes")
-    results: Path | None = None  # also write the table and its JSON here
 
     @model_validator(mode="after")
     def _mode_fits(self) -> ModesConfig:
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError("seeds: give each seed once")
         if not any(o.kind != "ce" for o in self.objectives):
             raise ValueError("objectives: give at least one teacher objective (e.g. forward_kl)")
         if isinstance(self.mode, RoundsMode):
