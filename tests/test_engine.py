@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distillery.config import TrainConfig
+from distillery.config import ModelSpec, TrainConfig
 from distillery.engine import lr_factor
 from distillery.errors import DistilleryError
+from distillery.models import compute_params, load_causal_lm
 from distillery.recipes.run import run
 from tests.conftest import tiny_run
 
@@ -330,3 +331,43 @@ def test_a_failure_on_rank_0_stops_every_rank_with_one_line(tmp_path):
     assert "not found" in proc.stderr
     assert "rank 1: stopping because rank 0 failed" in proc.stderr
     assert "Connection reset" not in proc.stderr
+
+
+def test_compute_params_matches_a_hand_count():
+    """N of the FLOPs meter for a known Llama: per block q,k,v,o (4·h²), gate/up/down (3·h·i)
+    and two norms (2·h); the final norm (h); the tied output head (V·h) counted, the input
+    embedding lookup not."""
+    from tests.conftest import tiny_llama
+
+    h, layers, vocab = 32, 3, 101
+    model = tiny_llama(vocab, hidden=h, layers=layers)
+    i = model.config.intermediate_size
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    expected = layers * (4 * h * h + 3 * h * i + 2 * h) + h + vocab * h
+    assert compute_params(model) == expected
+
+
+def test_data_offset_continues_the_same_data_stream(corpus, cache_dir, tmp_path):
+    """With a negligible learning rate the weights stay put, so each step's logged loss is a
+    function of its batch: an offset of 2 sees batches 2 and 3 of the seed's order."""
+
+    def losses(out, **train):
+        run(tiny_run(corpus, cache_dir, tmp_path / out, lr=1e-12, checkpoint_every=0, **train))
+        lines = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in lines if "loss" in json.loads(x)]
+
+    whole = losses("whole", steps=4)
+    later = losses("later", steps=2, data_offset=2)
+    assert later == pytest.approx(whole[2:], abs=1e-5)
+    assert later != pytest.approx(whole[:2], abs=1e-3)
+
+
+def test_a_grown_student_trains_and_exports_deeper(corpus, cache_dir, tmp_path, teacher_dir):
+    """``model.grow``: a 4-layer folder grown by 2 identity layers on top trains as 6 layers."""
+    cfg = tiny_run(corpus, cache_dir, tmp_path / "grown", steps=2, checkpoint_every=0)
+    cfg.model = ModelSpec(path=teacher_dir, preset=None, grow={"kind": "top", "layers": 2})
+    summary = run(cfg)
+    assert summary["layers"] == 6
+    assert summary["compute_params"] > compute_params(load_causal_lm(teacher_dir))

@@ -36,6 +36,22 @@ class DataConfig(Strict):
     cache_dir: Path = Path(".distillery-cache")
 
 
+class GrowSpec(Strict):
+    """Make the model deeper before training (``distillery.models.growth``): ``layers`` new
+    blocks on ``top`` or ``interleave``d (identity-initialised unless ``identity: false``), or
+    ``stack`` (StackBERT: the blocks copied on top of themselves)."""
+
+    kind: Literal["top", "interleave", "stack"] = "top"
+    layers: int | None = Field(None, gt=0)  # top/interleave; stack doubles the depth
+    identity: bool = True
+
+    @model_validator(mode="after")
+    def _layers_given(self) -> GrowSpec:
+        if (self.kind == "stack") != (self.layers is None):
+            raise ValueError("give 'layers' to grow on top or interleave, and not to stack")
+        return self
+
+
 class ModelSpec(Strict):
     """A model: a built-in preset (plus config overrides) or an HF folder (default: ``mini``)."""
 
@@ -44,6 +60,7 @@ class ModelSpec(Strict):
     overrides: dict[str, int | float | str | bool] = Field(default_factory=dict)
     # Initialise from the teacher's layers: "every_other" (DistilBERT) or explicit indices.
     init_from_teacher: Literal["every_other"] | list[int] | None = None
+    grow: GrowSpec | None = None  # applied after loading / initialising, before training
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -179,6 +196,8 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
     seed: int = Field(0, ge=0)
+    # Start this many global batches into the seed's data order (continue another run's stream).
+    data_offset: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = Field(100, ge=0)  # 0: only at the end
     keep_checkpoints: int = Field(2, ge=1)

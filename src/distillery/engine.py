@@ -258,6 +258,7 @@ class Engine:
         return {
             "train.batch_size": self.cfg.batch_size,
             "train.seed": self.cfg.seed,
+            "train.data_offset": self.cfg.data_offset,
             "data.seq_len": self.data.seq_len,
             "data.num_blocks": self.data.num_blocks,
             "model shapes": digest(self.model.state_dict()),
@@ -331,7 +332,7 @@ class Engine:
     def _step_batches(self, step: int) -> list[torch.Tensor]:
         """This rank's micro-batches of global batch ``step``."""
         indices = global_batch_indices(
-            self.data.num_blocks, step, self.cfg.batch_size, self.cfg.seed
+            self.data.num_blocks, self.cfg.data_offset + step, self.cfg.batch_size, self.cfg.seed
         )
         mine = indices[self.env.rank * self.per_rank : (self.env.rank + 1) * self.per_rank]
         blocks = self.data.blocks(mine)  # (per_rank, T)

@@ -27,6 +27,7 @@ from distillery.models import (
     load_causal_lm,
     num_params,
 )
+from distillery.models.growth import grow_layers, stack_layers
 from distillery.objectives.chunked import check_plain_head
 from distillery.objectives.mix import LossMix, terms_from_config
 from distillery.recipes.common import export_model, once_per_job, prepare_data, prepare_out_dir
@@ -97,6 +98,12 @@ def run(
                 else list(cfg.model.init_from_teacher)
             )
             init_from_teacher(model, teacher_model, layer_map)
+        if cfg.model.grow is not None:
+            grow = cfg.model.grow
+            if grow.kind == "stack":
+                stack_layers(model)
+            else:
+                grow_layers(model, grow.layers or 0, where=grow.kind, identity=grow.identity)
 
         # Objectives and the teacher signal; compute charged per trained token.
         # With a teacher cache the live teacher is only for the final evaluation: it waits on
