@@ -133,6 +133,17 @@ def cmd_mode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from distillery.config import DistillExpandConfig
+    from distillery.recipes.distill_expand import distill_expand
+
+    cfg = _recipe_config(DistillExpandConfig, args)
+    if args.quick:  # one seed, one sweep point: a smoke run of the whole protocol
+        cfg = cfg.model_copy(update={"seeds": cfg.seeds[:1], "sweep": cfg.sweep[:1]})
+    distill_expand(cfg, overwrite=args.overwrite)
+    return 0
+
+
 def _yaml(path: str) -> dict[str, Any]:
     from distillery.config import load_yaml
 
@@ -212,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--generations", type=int, default=None, help="self-distill: born-again generations"
     )
     p.set_defaults(func=cmd_mode)
+
+    p = sub.add_parser(
+        "experiment", help="a lab experiment: distill-expand (distil mid-training, grow back)"
+    )
+    p.add_argument("experiment", choices=["distill-expand"], help="which experiment")
+    common(p)
+    p.add_argument("--quick", action="store_true", help="one seed and one sweep point")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser(
         "cache-teacher", help="store a teacher's top-k over the training data, to distil from"

@@ -1,0 +1,290 @@
+"""``distillery experiment distill-expand``: distil in the middle of training, then grow back.
+
+Every arm ends in the same 2n-layer model, spends the same FLOPs budget B (each phase takes the
+whole steps its share pays for, as the engine's meter counts them) and reads the same data
+stream (each phase starts where the previous one stopped, ``train.data_offset``):
+
+1. ``baseline``: the 2n-layer model trained for B;
+2. ``distill-expand`` (f_train, f_distill): 2n layers trained for f_train·B; distilled into n
+   layers (every other teacher layer) for f_distill·B; n identity layers grown on top; the
+   2n-layer model trained with the rest;
+3. ``shrink-expand`` (f_train): as 2 without the distillation phase;
+4. ``stacking``: n layers trained for ``stack_fraction``·B, stacked to 2n (StackBERT), trained
+   with the rest.
+
+Writes ``distill-expand.{md,json}``, ``final_loss.png`` and ``loss_vs_flops.png``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distillery.config import (
+    CrossEntropyObjective,
+    DistillExpandConfig,
+    GrowSpec,
+    ModelSpec,
+    RunConfig,
+)
+from distillery.files import atomic_write_text, write_json
+from distillery.models.presets import PRESETS
+from distillery.recipes.common import (
+    hardware,
+    is_main_process,
+    mean_std,
+    prepare_out_dir,
+    run_or_reuse,
+)
+from distillery.report import read_metrics
+
+
+def _depth(cfg: DistillExpandConfig) -> int:
+    default = PRESETS[cfg.model.preset or "mini"]["num_hidden_layers"]
+    return int(cfg.model.overrides.get("num_hidden_layers", default))
+
+
+class _Arm:
+    """The phases of one arm for one seed, run in order on one data stream."""
+
+    def __init__(self, cfg: DistillExpandConfig, seed: int, name: str) -> None:
+        self.cfg, self.seed, self.name = cfg, seed, name
+        self.phases: list[dict[str, Any]] = []
+
+    @property
+    def spent(self) -> float:
+        return sum(p["flops"] for p in self.phases)
+
+    def spec(self, layers: int, **fields: Any) -> ModelSpec:
+        overrides = {**self.cfg.model.overrides, "num_hidden_layers": layers}
+        return ModelSpec(preset=self.cfg.model.preset, overrides=overrides, **fields)
+
+    def phase(
+        self,
+        name: str,
+        out: Path,
+        model: ModelSpec,
+        share: float | None,
+        *,
+        teacher: Path | None = None,
+        objectives: list[Any] | None = None,
+    ) -> Path:
+        """Run (or reuse) one phase with ``share``·B FLOPs (None: what is left of B)."""
+        budget = self.cfg.budget_flops
+        train = self.cfg.train.model_copy(
+            update={
+                "seed": self.seed,
+                "flops_budget": share * budget if share is not None else budget - self.spent,
+                "data_offset": sum(p["steps"] for p in self.phases),
+            }
+        )
+        run_cfg = RunConfig(
+            data=self.cfg.data,
+            model=model,
+            teacher=teacher,
+            objectives=objectives or [CrossEntropyObjective()],
+            train=train,
+            out=out,
+        )
+        summary, _ = run_or_reuse(run_cfg, f"{self.name}/{name}/seed-{self.seed}")
+        per_step = summary["flops"] / summary["steps"]
+        curve = [
+            (self.spent + r["step"] * per_step, r["val_loss"])
+            for r in read_metrics(out)
+            if "val_loss" in r
+        ]
+        self.phases.append({**summary, "name": name, "dir": str(out), "curve": curve})
+        return out / "model"
+
+
+def run_arm(cfg: DistillExpandConfig, arm: str, point: tuple[float, float], seed: int) -> _Arm:
+    """One arm (at sweep ``point`` = (f_train, f_distill)) for one seed."""
+    n = _depth(cfg) // 2
+    f_train, f_distill = point
+    root = Path(cfg.out) / f"seed-{seed}"
+    label = arm if arm in ("baseline", "stacking") else arm_label(arm, point)
+    a = _Arm(cfg, seed, label)
+    if arm == "baseline":
+        a.phase("train-2n", root / "baseline", a.spec(2 * n), 1.0)
+    elif arm == "stacking":
+        small = a.phase("train-n", root / "stacking" / "train-n", a.spec(n), cfg.stack_fraction)
+        stacked = ModelSpec(path=small, preset=None, grow=GrowSpec(kind="stack"))
+        a.phase("stack-train-2n", root / "stacking" / "train-2n", stacked, None)
+    else:
+        # The first phase is the same run for both arms at one f_train: run once, reused.
+        big = a.phase("train-2n", root / f"train-2n-{f_train:g}", a.spec(2 * n), f_train)
+        where = root / label
+        grow = GrowSpec(kind="top", layers=n)
+        if arm == "distill-expand":
+            small = a.phase(
+                "distill-n",
+                where / "distill-n",
+                a.spec(n, init_from_teacher="every_other"),
+                f_distill,
+                teacher=big,
+                objectives=cfg.distill_objectives,
+            )
+            a.phase(
+                "grow-train-2n",
+                where / "train-2n",
+                ModelSpec(path=small, preset=None, grow=grow),
+                None,
+            )
+        else:  # the n layers taken from the teacher as they are, then grown
+            shrunk = a.spec(n, init_from_teacher="every_other", grow=grow)
+            a.phase("grow-train-2n", where / "train-2n", shrunk, None, teacher=big)
+    return a
+
+
+def arm_label(arm: str, point: tuple[float, float]) -> str:
+    """Folder and row name of an arm at a sweep point."""
+    if arm == "distill-expand":
+        return f"distill-expand-{point[0]:g}-{point[1]:g}"
+    if arm == "shrink-expand":
+        return f"shrink-expand-{point[0]:g}"
+    return arm
+
+
+def distill_expand(cfg: DistillExpandConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run every arm × sweep point × seed into ``cfg.out``; write the table and plots."""
+    out = Path(cfg.out)
+    prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
+    plan: dict[str, tuple[str, tuple[float, float]]] = {}
+    for arm in cfg.arms:
+        for point in cfg.sweep if arm in ("distill-expand", "shrink-expand") else [(0.0, 0.0)]:
+            plan.setdefault(arm_label(arm, point), (arm, point))
+
+    rows: dict[str, Any] = {}
+    for label, (arm, point) in plan.items():
+        seeds = [run_arm(cfg, arm, point, seed) for seed in cfg.seeds]
+        finals = [s.phases[-1] for s in seeds]
+        loss = mean_std([f["val_loss"] for f in finals])
+        ppl = mean_std([f["val_ppl"] for f in finals])
+        rows[label] = {
+            "arm": arm,
+            "f_train": point[0] if arm in ("distill-expand", "shrink-expand") else None,
+            "f_distill": point[1] if arm == "distill-expand" else None,
+            "val_loss": {"mean": loss[0], "std": loss[1]},
+            "val_ppl": {"mean": ppl[0], "std": ppl[1]},
+            "flops": statistics.fmean(s.spent for s in seeds),
+            "phases": [
+                {"name": p["name"], "layers": p["layers"], "steps": p["steps"], "flops": p["flops"]}
+                for p in seeds[0].phases
+            ],
+            "runs": [
+                {
+                    "seed": seed,
+                    "val_loss": s.phases[-1]["val_loss"],
+                    "val_ppl": s.phases[-1]["val_ppl"],
+                    "flops": s.spent,
+                    "curve": [pt for p in s.phases for pt in p["curve"]],
+                }
+                for seed, s in zip(cfg.seeds, seeds, strict=True)
+            ],
+        }
+    result = {
+        "hardware": hardware(),
+        "torch": torch.__version__,
+        "seeds": cfg.seeds,
+        "budget_flops": cfg.budget_flops,
+        "layers": _depth(cfg),
+        "rows": rows,
+        "config": cfg.model_dump(mode="json"),
+    }
+    if is_main_process():
+        table = expand_markdown(result)
+        for folder in [out, *([cfg.results] if cfg.results else [])]:
+            folder = Path(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(folder / "distill-expand.json", result)
+            atomic_write_text(folder / "distill-expand.md", table)
+            plot_expand(result, folder)
+        print(table)
+    return result
+
+
+def expand_markdown(result: dict[str, Any]) -> str:
+    """The table (final validation loss at budget B, mean ± std) and the plain answer."""
+    rows = result["rows"]
+    lines = [
+        f"# Distill-expand ({result['hardware']}, seeds {result['seeds']})",
+        "",
+        f"Every arm ends in a {result['layers']}-layer model after at most "
+        f"B = {result['budget_flops']:.3g} FLOPs on the same data stream. Mean ± sample std "
+        "over seeds; Δ against the baseline.",
+        "",
+        "| arm | f_train | f_distill | phases (layers × steps) | FLOPs / B | val loss | Δ loss "
+        "| val ppl |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    base = rows.get("baseline")
+    for label, row in rows.items():
+        loss, ppl = row["val_loss"], row["val_ppl"]
+        delta = f"{loss['mean'] - base['val_loss']['mean']:+.3f}" if base else "–"
+        phases = " → ".join(f"{p['layers']}×{p['steps']}" for p in row["phases"])
+        f_t = f"{row['f_train']:g}" if row["f_train"] is not None else "–"
+        f_d = f"{row['f_distill']:g}" if row["f_distill"] is not None else "–"
+        lines.append(
+            f"| {label} | {f_t} | {f_d} | {phases} | {row['flops'] / result['budget_flops']:.3f} "
+            f"| {loss['mean']:.3f} ± {loss['std']:.3f} | {delta} | "
+            f"{ppl['mean']:.1f} ± {ppl['std']:.1f} |"
+        )
+    best = min(rows, key=lambda k: rows[k]["val_loss"]["mean"])
+    if base and best != "baseline":
+        gap = base["val_loss"]["mean"] - rows[best]["val_loss"]["mean"]
+        spread = max(base["val_loss"]["std"], rows[best]["val_loss"]["std"])
+        size = "larger" if gap > 2 * spread else "not larger"
+        lines += [
+            "",
+            f"Best at B: **{best}**, {gap:.3f} lower validation loss than the baseline; the "
+            f"gap is {size} than twice the larger seed std ({spread:.3f}).",
+        ]
+    elif base:
+        lines += ["", "Best at B: **the baseline** (plain end-to-end training)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_expand(result: dict[str, Any], folder: Path) -> None:
+    """``final_loss.png`` (final validation loss per arm, ± std) and ``loss_vs_flops.png``
+    (validation loss against cumulative FLOPs, mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.5))
+    names = list(rows)
+    ax.errorbar(
+        [rows[n]["val_loss"]["mean"] for n in names],
+        range(len(names)),
+        xerr=[rows[n]["val_loss"]["std"] for n in names],
+        fmt="o",
+        capsize=3,
+    )
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set(xlabel="final validation loss (mean ± std over seeds)", title="at equal FLOPs B")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "final_loss.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, row in rows.items():
+        curves = [r["curve"] for r in row["runs"]]
+        if not curves or not curves[0]:
+            continue
+        length = min(len(c) for c in curves)
+        xs = [statistics.fmean(c[i][0] for c in curves) for i in range(length)]
+        ys = [statistics.fmean(c[i][1] for c in curves) for i in range(length)]
+        ax.plot(xs, ys, marker=".", label=name)
+    ax.set(xlabel="FLOPs (cumulative)", ylabel="validation loss", title="loss vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "loss_vs_flops.png", dpi=110)
+    plt.close(fig)

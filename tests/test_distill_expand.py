@@ -1,0 +1,86 @@
+"""``distillery experiment distill-expand`` end to end on tiny models: budgets, data stream,
+growth, shared phases, the table and plots."""
+
+from __future__ import annotations
+
+import yaml
+
+from distillery.config import DistillExpandConfig, build_config
+from distillery.recipes.distill_expand import distill_expand
+from tests.conftest import run_cli, tiny_recipe
+
+TRAIN = (
+    "train={batch_size: 4, lr: 0.003, warmup_steps: 1, eval_every: 2, eval_batches: 1, "
+    "checkpoint_every: 0, tensorboard: false}"
+)
+
+
+def _config(corpus, cache_dir, tmp_path, budget: float) -> DistillExpandConfig:
+    data = [o for o in tiny_recipe(corpus, cache_dir) if not o.startswith("teacher.")]
+    return build_config(
+        DistillExpandConfig,
+        overrides=[
+            *data,
+            "model={preset: tiny, overrides: {num_hidden_layers: 4}}",
+            f"budget_flops={budget}",
+            TRAIN,
+            "sweep=[[0.25, 0.25]]",
+            "seeds=[0]",
+            f"out={tmp_path / 'dx'}",
+            f"results={tmp_path / 'results'}",
+        ],
+    )
+
+
+def test_every_arm_spends_the_budget_on_one_data_stream(corpus, cache_dir, tmp_path, capsys):
+    from distillery.models import build_model, compute_params
+
+    step_flops = 6 * compute_params(build_model("tiny", 512, {"num_hidden_layers": 4})) * 4 * 32
+    budget = 12 * step_flops
+    result = distill_expand(_config(corpus, cache_dir, tmp_path, budget))
+    rows = result["rows"]
+    assert list(rows) == ["baseline", "distill-expand-0.25-0.25", "shrink-expand-0.25", "stacking"]
+    assert rows["baseline"]["phases"] == [
+        {"name": "train-2n", "layers": 4, "steps": 12, "flops": rows["baseline"]["flops"]}
+    ]
+    for label, row in rows.items():
+        # The budget is spent, never exceeded, and each arm ends in the 2n-layer model.
+        assert budget - step_flops < row["flops"] <= budget * (1 + 1e-9), label
+        assert row["phases"][-1]["layers"] == 4, label
+    assert [p["layers"] for p in rows["distill-expand-0.25-0.25"]["phases"]] == [4, 2, 4]
+    assert [p["layers"] for p in rows["stacking"]["phases"]] == [2, 4]
+    # Each phase starts where the previous one stopped in the seed's data order.
+    dx = tmp_path / "dx" / "seed-0"
+    steps = [p["steps"] for p in rows["distill-expand-0.25-0.25"]["phases"]]
+    offsets = [
+        yaml.safe_load((folder / "config.yaml").read_text())["train"]["data_offset"]
+        for folder in (
+            dx / "train-2n-0.25",
+            dx / "distill-expand-0.25-0.25" / "distill-n",
+            dx / "distill-expand-0.25-0.25" / "train-2n",
+        )
+    ]
+    assert offsets == [0, steps[0], steps[0] + steps[1]]
+    # The 2n-layer phase of f_train = 0.25 is one run shared by distill- and shrink-expand.
+    assert "shrink-expand-0.25/train-2n/seed-0: finished before, reusing" in capsys.readouterr().out
+    shrink = yaml.safe_load((dx / "shrink-expand-0.25" / "train-2n" / "config.yaml").read_text())
+    assert shrink["teacher"] == str(dx / "train-2n-0.25" / "model")
+    assert shrink["model"]["grow"] == {"kind": "top", "layers": 2, "identity": True}
+    curve = rows["baseline"]["runs"][0]["curve"]
+    assert [round(x / step_flops) for x, _ in curve] == [2, 4, 6, 8, 10, 12]
+    for name in ("distill-expand.md", "distill-expand.json", "final_loss.png", "loss_vs_flops.png"):
+        assert (tmp_path / "results" / name).stat().st_size > 0
+    assert "Best at B" in (tmp_path / "results" / "distill-expand.md").read_text()
+
+
+def test_bad_distill_expand_configs_are_one_line(tmp_path):
+    config = tmp_path / "dx.yaml"
+    config.write_text(
+        "budget_flops: 1.0e12\nmodel: {preset: tiny, overrides: {num_hidden_layers: 3}}\n"
+    )
+    odd = run_cli("experiment", "distill-expand", "--config", str(config))
+    assert odd.returncode == 2 and "even number of layers" in odd.stderr
+    config.write_text("budget_flops: 1.0e12\nsweep: [[0.6, 0.5]]\n")
+    over = run_cli("experiment", "distill-expand", "--config", str(config))
+    assert over.returncode == 2 and "f_train + f_distill" in over.stderr
+    assert len(over.stderr.strip().splitlines()) == 1
