@@ -145,7 +145,7 @@ def test_multi_teacher_trains_distinct_teachers_and_reuses_finished_runs(
 def test_plans_of_every_mode():
     base = ["teacher.overrides={num_hidden_layers: 8}"]
     for kind, arms in (
-        ("multi-teacher", ["ensemble", "single"]),
+        ("multi-teacher", ["ensemble", "single", "single-same-steps"]),
         ("self-distill", ["born-again", "plain"]),
         ("rounds", ["assistants", "direct"]),
         ("two-step", ["two-step", "from-start"]),
@@ -155,6 +155,8 @@ def test_plans_of_every_mode():
         # The second arm is the comparison: one run, budgeted by the first arm's FLOPs.
         assert [s.match for s in planned[arms[1]].stages] == [arms[0]]
         assert all(s.match is None for s in planned[arms[0]].stages)
+    same_steps = plan(build_config(ModesConfig, overrides=[*base, "mode.kind=multi-teacher"]))
+    assert same_steps["single-same-steps"].stages[0].match is None
     rounds = build_config(ModesConfig, overrides=[*base, "mode={kind: rounds, assistants: [4]}"])
     assert [s.layers for s in plan(rounds)["assistants"].stages] == [4, 2]
 

@@ -12,9 +12,10 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+import yaml
 from transformers import PreTrainedModel
 
-from distillery.config import DataConfig, RunConfig, config_to_yaml
+from distillery.config import DataConfig, RunConfig
 from distillery.data import (
     PackedTokens,
     build_token_cache,
@@ -153,7 +154,14 @@ def run_or_reuse(cfg: RunConfig, name: str, *, reuse: bool = True) -> tuple[dict
         result = json.loads(summary.read_text(encoding="utf-8"))
         return result if result.get("finished") else None
 
-    same = saved.is_file() and saved.read_text(encoding="utf-8") == config_to_yaml(cfg)
+    same = False
+    if saved.is_file():  # read back through today's config: fields added since take defaults
+        try:
+            same = (
+                RunConfig.model_validate(yaml.safe_load(saved.read_text(encoding="utf-8"))) == cfg
+            )
+        except (ValueError, yaml.YAMLError):
+            same = False
     if reuse and same and (result := finished()):
         if is_main_process():
             print(f"[distillery] {name}: finished before, reusing {out}", flush=True)

@@ -101,7 +101,8 @@ def plan(cfg: ModesConfig) -> dict[str, Arm]:
                 ],
                 label=f"{mode.teachers} teachers ({mode.ensemble})",
             ),
-            "single": Arm([replace(plain, match="ensemble")], label="teacher 0"),
+            "single": Arm([replace(plain, match="ensemble")], label="teacher 0, same FLOPs"),
+            "single-same-steps": Arm([plain], label="teacher 0, same steps"),
         }
     if isinstance(mode, SelfDistillMode):
         depth = cfg.teacher_layers
