@@ -202,3 +202,22 @@ def test_mode_cli_errors(tmp_path):
     bad = run_cli("mode", "self-distill", "--generations", "0", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "generations" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_finished_run_is_reused_when_its_config_reads_back_equal(corpus, cache_dir, tmp_path):
+    """A run saved before a field existed (here ``train.data_offset``) is still reused; one
+    whose settings differ is not."""
+    from distillery.config import config_to_yaml
+    from distillery.recipes.common import run_or_reuse
+
+    cfg = tiny_run(corpus, cache_dir, tmp_path / "old", steps=2)
+    saved = yaml.safe_load(config_to_yaml(cfg))
+    del saved["train"]["data_offset"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(saved))
+    (tmp_path / "old" / "summary.json").write_text('{"finished": true, "val_ppl": 1.0}')
+    summary, reused = run_or_reuse(cfg, "old")
+    assert reused and summary["val_ppl"] == 1.0
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 3})})
+    summary, reused = run_or_reuse(changed, "old")
+    assert not reused and summary["steps"] == 3 and summary["val_ppl"] != 1.0
