@@ -88,17 +88,7 @@ def plan(cfg: ModesConfig) -> dict[str, Arm]:
         teachers = tuple(range(mode.teachers))
         return {
             "ensemble": Arm(
-                [
-                    Stage(
-                        "student",
-                        student,
-                        objectives,
-                        teachers,
-                        "every_other",
-                        cfg.student_train,
-                        run_fields=ensemble,
-                    )
-                ],
+                [replace(plain, teachers=teachers, run_fields=ensemble)],
                 label=f"{mode.teachers} teachers ({mode.ensemble})",
             ),
             "single": Arm([replace(plain, match="ensemble")], label="teacher 0, same FLOPs"),
@@ -128,17 +118,7 @@ def plan(cfg: ModesConfig) -> dict[str, Arm]:
                 chain, label=" → ".join(map(str, [cfg.teacher_layers, *mode.assistants, student]))
             ),
             "direct": Arm(
-                [
-                    Stage(
-                        f"{student}-layers",
-                        student,
-                        objectives,
-                        (0,),
-                        "every_other",
-                        cfg.student_train,
-                        match="assistants",
-                    )
-                ],
+                [replace(plain, name=f"{student}-layers", match="assistants")],
                 label=f"{cfg.teacher_layers} → {student}",
             ),
         }
