@@ -26,6 +26,7 @@ def _config(corpus, cache_dir, tmp_path, budget: float) -> DistillExpandConfig:
             TRAIN,
             "sweep=[[0.25, 0.25]]",
             "seeds=[0]",
+            "baseline_lrs=[0.001]",
             f"out={tmp_path / 'dx'}",
             f"results={tmp_path / 'results'}",
         ],
@@ -39,7 +40,15 @@ def test_every_arm_spends_the_budget_on_one_data_stream(corpus, cache_dir, tmp_p
     budget = 12 * step_flops
     result = distill_expand(_config(corpus, cache_dir, tmp_path, budget))
     rows = result["rows"]
-    assert list(rows) == ["baseline", "distill-expand-0.25-0.25", "shrink-expand-0.25", "stacking"]
+    assert list(rows) == [
+        "baseline",
+        "baseline-lr0.001",
+        "distill-expand-0.25-0.25",
+        "shrink-expand-0.25",
+        "stacking",
+    ]
+    assert (rows["baseline"]["lr"], rows["baseline-lr0.001"]["lr"]) == (0.003, 0.001)
+    assert rows["baseline"]["val_loss"] != rows["baseline-lr0.001"]["val_loss"]
     assert rows["baseline"]["phases"] == [
         {"name": "train-2n", "layers": 4, "steps": 12, "flops": rows["baseline"]["flops"]}
     ]

@@ -476,6 +476,8 @@ class DistillExpandConfig(Strict):
         Field(default_factory=lambda: [(0.25, 0.1), (0.5, 0.1)], min_length=1)
     )
     stack_fraction: float = Field(0.5, gt=0.0, lt=1.0)  # stacking: n layers for this share of B
+    # More learning rates for the baseline (a tuned baseline); the answer is against the best.
+    baseline_lrs: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=list)
     arms: list[Literal["baseline", "distill-expand", "shrink-expand", "stacking"]] = Field(
         default_factory=lambda: list(EXPAND_ARMS), min_length=1
     )

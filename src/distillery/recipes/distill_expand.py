@@ -100,15 +100,24 @@ class _Arm:
         return out / "model"
 
 
-def run_arm(cfg: DistillExpandConfig, arm: str, point: tuple[float, float], seed: int) -> _Arm:
-    """One arm (at sweep ``point`` = (f_train, f_distill)) for one seed."""
+def run_arm(
+    cfg: DistillExpandConfig,
+    arm: str,
+    point: tuple[float, float],
+    seed: int,
+    lr: float | None = None,
+) -> _Arm:
+    """One arm (at sweep ``point`` = (f_train, f_distill); the baseline at ``lr``) for one
+    seed."""
     n = _depth(cfg) // 2
     f_train, f_distill = point
     root = Path(cfg.out) / f"seed-{seed}"
-    label = arm if arm in ("baseline", "stacking") else arm_label(arm, point)
+    label = arm_label(arm, point, lr)
+    if lr is not None:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": lr})})
     a = _Arm(cfg, seed, label)
     if arm == "baseline":
-        a.phase("train-2n", root / "baseline", a.spec(2 * n), 1.0)
+        a.phase("train-2n", root / label, a.spec(2 * n), 1.0)
     elif arm == "stacking":
         small = a.phase("train-n", root / "stacking" / "train-n", a.spec(n), cfg.stack_fraction)
         stacked = ModelSpec(path=small, preset=None, grow=GrowSpec(kind="stack"))
@@ -139,8 +148,10 @@ def run_arm(cfg: DistillExpandConfig, arm: str, point: tuple[float, float], seed
     return a
 
 
-def arm_label(arm: str, point: tuple[float, float]) -> str:
-    """Folder and row name of an arm at a sweep point."""
+def arm_label(arm: str, point: tuple[float, float], lr: float | None = None) -> str:
+    """Folder and row name of an arm at a sweep point (a baseline at another ``lr``)."""
+    if arm == "baseline" and lr is not None:
+        return f"baseline-lr{lr:g}"
     if arm == "distill-expand":
         return f"distill-expand-{point[0]:g}-{point[1]:g}"
     if arm == "shrink-expand":
@@ -152,19 +163,23 @@ def distill_expand(cfg: DistillExpandConfig, *, overwrite: bool = False) -> dict
     """Run every arm × sweep point × seed into ``cfg.out``; write the table and plots."""
     out = Path(cfg.out)
     prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
-    plan: dict[str, tuple[str, tuple[float, float]]] = {}
+    plan: dict[str, tuple[str, tuple[float, float], float | None]] = {}
     for arm in cfg.arms:
         for point in cfg.sweep if arm in ("distill-expand", "shrink-expand") else [(0.0, 0.0)]:
-            plan.setdefault(arm_label(arm, point), (arm, point))
+            plan.setdefault(arm_label(arm, point), (arm, point, None))
+        if arm == "baseline":
+            for lr in cfg.baseline_lrs:
+                plan.setdefault(arm_label(arm, (0.0, 0.0), lr), (arm, (0.0, 0.0), lr))
 
     rows: dict[str, Any] = {}
-    for label, (arm, point) in plan.items():
-        seeds = [run_arm(cfg, arm, point, seed) for seed in cfg.seeds]
+    for label, (arm, point, lr) in plan.items():
+        seeds = [run_arm(cfg, arm, point, seed, lr) for seed in cfg.seeds]
         finals = [s.phases[-1] for s in seeds]
         loss = mean_std([f["val_loss"] for f in finals])
         ppl = mean_std([f["val_ppl"] for f in finals])
         rows[label] = {
             "arm": arm,
+            "lr": lr if lr is not None else cfg.train.lr,
             "f_train": point[0] if arm in ("distill-expand", "shrink-expand") else None,
             "f_distill": point[1] if arm == "distill-expand" else None,
             "val_loss": {"mean": loss[0], "std": loss[1]},
@@ -214,13 +229,15 @@ def expand_markdown(result: dict[str, Any]) -> str:
         "",
         f"Every arm ends in a {result['layers']}-layer model after at most "
         f"B = {result['budget_flops']:.3g} FLOPs on the same data stream. Mean ± sample std "
-        "over seeds; Δ against the baseline.",
+        "over seeds; Δ against the best baseline (lowest mean loss over its learning rates).",
         "",
-        "| arm | f_train | f_distill | phases (layers × steps) | FLOPs / B | val loss | Δ loss "
-        "| val ppl |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
+        "| arm | lr | f_train | f_distill | phases (layers × steps) | FLOPs / B | val loss "
+        "| Δ loss | val ppl |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
-    base = rows.get("baseline")
+    baselines = [k for k, row in rows.items() if row["arm"] == "baseline"]
+    base_name = min(baselines, key=lambda k: rows[k]["val_loss"]["mean"]) if baselines else None
+    base = rows[base_name] if base_name else None
     for label, row in rows.items():
         loss, ppl = row["val_loss"], row["val_ppl"]
         delta = f"{loss['mean'] - base['val_loss']['mean']:+.3f}" if base else "–"
@@ -228,22 +245,23 @@ def expand_markdown(result: dict[str, Any]) -> str:
         f_t = f"{row['f_train']:g}" if row["f_train"] is not None else "–"
         f_d = f"{row['f_distill']:g}" if row["f_distill"] is not None else "–"
         lines.append(
-            f"| {label} | {f_t} | {f_d} | {phases} | {row['flops'] / result['budget_flops']:.3f} "
+            f"| {label} | {row['lr']:g} | {f_t} | {f_d} | {phases} | "
+            f"{row['flops'] / result['budget_flops']:.3f} "
             f"| {loss['mean']:.3f} ± {loss['std']:.3f} | {delta} | "
             f"{ppl['mean']:.1f} ± {ppl['std']:.1f} |"
         )
     best = min(rows, key=lambda k: rows[k]["val_loss"]["mean"])
-    if base and best != "baseline":
+    if base and rows[best]["arm"] != "baseline":
         gap = base["val_loss"]["mean"] - rows[best]["val_loss"]["mean"]
         spread = max(base["val_loss"]["std"], rows[best]["val_loss"]["std"])
         size = "larger" if gap > 2 * spread else "not larger"
         lines += [
             "",
-            f"Best at B: **{best}**, {gap:.3f} lower validation loss than the baseline; the "
-            f"gap is {size} than twice the larger seed std ({spread:.3f}).",
+            f"Best at B: **{best}**, {gap:.3f} lower validation loss than the best baseline "
+            f"({base_name}); the gap is {size} than twice the larger seed std ({spread:.3f}).",
         ]
     elif base:
-        lines += ["", "Best at B: **the baseline** (plain end-to-end training)."]
+        lines += ["", f"Best at B: **{best}** (plain end-to-end training)."]
     return "\n".join(lines) + "\n"
 
 
