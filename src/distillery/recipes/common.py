@@ -188,3 +188,12 @@ def hardware() -> str:
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def against_spread(gap: float, stds: list[float], seeds: int, digits: int = 1) -> str:
+    """Whether ``gap`` is larger than twice the larger seed std, in words."""
+    if seeds < 2:
+        return "one seed only, so no seed spread to compare it with"
+    spread = max(stds)
+    size = "larger" if abs(gap) > 2 * spread else "not larger"
+    return f"{size} than twice the larger seed std ({spread:.{digits}f})"

@@ -33,6 +33,7 @@ from distillery.config import (
 from distillery.files import atomic_write_text, write_json
 from distillery.models.presets import PRESETS
 from distillery.recipes.common import (
+    against_spread,
     hardware,
     is_main_process,
     mean_std,
@@ -253,12 +254,12 @@ def expand_markdown(result: dict[str, Any]) -> str:
     best = min(rows, key=lambda k: rows[k]["val_loss"]["mean"])
     if base and rows[best]["arm"] != "baseline":
         gap = base["val_loss"]["mean"] - rows[best]["val_loss"]["mean"]
-        spread = max(base["val_loss"]["std"], rows[best]["val_loss"]["std"])
-        size = "larger" if gap > 2 * spread else "not larger"
+        stds = [base["val_loss"]["std"], rows[best]["val_loss"]["std"]]
         lines += [
             "",
             f"Best at B: **{best}**, {gap:.3f} lower validation loss than the best baseline "
-            f"({base_name}); the gap is {size} than twice the larger seed std ({spread:.3f}).",
+            f"({base_name}); the gap is "
+            f"{against_spread(gap, stds, len(result['seeds']), 3)}.",
         ]
     elif base:
         lines += ["", f"Best at B: **{best}** (plain end-to-end training)."]

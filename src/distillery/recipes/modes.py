@@ -41,6 +41,7 @@ from distillery.config import (
 )
 from distillery.files import atomic_write_text, write_json
 from distillery.recipes.common import (
+    against_spread,
     hardware,
     is_main_process,
     mean_std,
@@ -323,13 +324,12 @@ def modes_markdown(result: dict[str, Any]) -> str:
         finals[name] = arm["stages"][-1]["val_ppl"]
     (mode_arm, a), (base_arm, b) = list(finals.items())[:2]
     delta = a["mean"] - b["mean"]
-    spread = max(a["std"], b["std"])
     verdict = "lower (better)" if delta < 0 else "higher (worse)"
-    size = "larger" if abs(delta) > 2 * spread else "not larger"
+    spread = against_spread(delta, [a["std"], b["std"]], len(result["seeds"]))
     lines += [
         "",
         f"Final models at equal FLOPs: **{mode_arm}** {a['mean']:.1f} ± {a['std']:.1f} vs "
         f"**{base_arm}** {b['mean']:.1f} ± {b['std']:.1f} validation perplexity: {delta:+.1f}, "
-        f"{verdict}; the difference is {size} than twice the larger seed std ({spread:.1f}).",
+        f"{verdict}; the difference is {spread}.",
     ]
     return "\n".join(lines) + "\n"
