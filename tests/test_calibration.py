@@ -1,0 +1,52 @@
+"""Calibration metrics against hand-computed values, bin edges included."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distillery.eval.calibration import bin_index, calibration_metrics
+
+
+def test_bin_edges_belong_to_the_bin_below():
+    conf = torch.tensor([0.0, 0.1, 0.1000001, 0.5, 0.95, 1.0], dtype=torch.float64)
+    assert bin_index(conf, 10).tolist() == [0, 0, 1, 4, 9, 9]
+    # Five samples in two equal-mass bins: the three least confident, then the other two.
+    mass = bin_index(torch.tensor([0.9, 0.1, 0.5, 0.3, 0.7]), 2, "mass")
+    assert mass.tolist() == [1, 0, 0, 0, 1]
+
+
+def test_hand_computed_two_class_example():
+    # Confidences 0.6 (bin 5), 0.6 (bin 5), 0.9 (bin 8), 0.75 (bin 7); labels make samples 1
+    # and 4 correct. Bin 5: acc 0.5, conf 0.6 → gap 0.1, weight 1/2; bin 8: acc 0, conf 0.9;
+    # bin 7: acc 1, conf 0.75.
+    probs = torch.tensor([[0.6, 0.4], [0.4, 0.6], [0.9, 0.1], [0.25, 0.75]])
+    labels = torch.tensor([0, 0, 1, 1])
+    m = calibration_metrics(probs, labels)
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["ece"] == pytest.approx(0.5 * 0.1 + 0.25 * 0.9 + 0.25 * 0.25)
+    assert m["mce"] == pytest.approx(0.9)
+    nll = -(math.log(0.6) + math.log(0.4) + math.log(0.1) + math.log(0.75)) / 4
+    assert m["nll"] == pytest.approx(nll)
+    brier = (2 * 0.4**2 + 2 * 0.6**2 + 2 * 0.9**2 + 2 * 0.25**2) / 4
+    assert m["brier"] == pytest.approx(brier)
+    # Equal-mass, 2 bins: {0.6, 0.6} (acc 0.5) and {0.75, 0.9} (acc 0.5).
+    mass = calibration_metrics(probs, labels, n_bins=2, binning="mass")
+    assert mass["ece"] == pytest.approx(0.5 * 0.1 + 0.5 * abs(0.5 - 0.825))
+
+
+def test_a_perfectly_calibrated_predictor_has_zero_ece():
+    # In each group of 10 samples with confidence c, exactly 10·c are right.
+    probs, labels = [], []
+    for c in (0.3, 0.5, 0.7, 0.9, 1.0):
+        row = torch.full((4,), (1 - c) / 3, dtype=torch.float64)
+        row[0] = c
+        for i in range(10):
+            probs.append(row)
+            labels.append(0 if i < round(10 * c) else 1 + i % 3)
+    m = calibration_metrics(torch.stack(probs), torch.tensor(labels))
+    assert m["ece"] == pytest.approx(0.0, abs=1e-12) and m["mce"] == pytest.approx(0, abs=1e-12)
+    worse = calibration_metrics(torch.stack(probs) ** 0.5 / 2, torch.tensor(labels))
+    assert worse["ece"] > 0.05
