@@ -112,10 +112,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_mode(args: argparse.Namespace) -> int:
-    from distillery.config import ModesConfig
+    from distillery.config import ModesConfig, load_yaml
     from distillery.recipes.modes import compare_modes
 
-    given = load_yaml_mode(args.config)
+    file = load_yaml(Path(args.config)) if args.config else {}
+    mode = file.get("mode")
+    given = mode.get("kind") if isinstance(mode, dict) else None
     if given is not None and given != args.mode:
         raise DistilleryError(
             f"config file {args.config} is for mode {given!r}, not {args.mode!r}; run "
@@ -126,7 +128,7 @@ def cmd_mode(args: argparse.Namespace) -> int:
         if args.mode != "self-distill":
             raise DistilleryError("--generations is for `distillery mode self-distill`")
         extra.append(f"mode.generations={args.generations}")
-    if not args.out and not (args.config and "out" in _yaml(args.config)):
+    if not args.out and "out" not in file:
         args.out = f"runs/modes/{args.mode}"
     args.overrides = [*extra, *args.overrides]
     compare_modes(_recipe_config(ModesConfig, args), overwrite=args.overwrite)
@@ -142,18 +144,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"seeds": cfg.seeds[:1], "sweep": cfg.sweep[:1]})
     distill_expand(cfg, overwrite=args.overwrite)
     return 0
-
-
-def _yaml(path: str) -> dict[str, Any]:
-    from distillery.config import load_yaml
-
-    return load_yaml(Path(path))
-
-
-def load_yaml_mode(path: str | None) -> str | None:
-    """The ``mode.kind`` a config file names, if any."""
-    mode = _yaml(path).get("mode") if path else None
-    return mode.get("kind") if isinstance(mode, dict) else None
 
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:

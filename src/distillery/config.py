@@ -62,6 +62,16 @@ class ModelSpec(Strict):
     init_from_teacher: Literal["every_other"] | list[int] | None = None
     grow: GrowSpec | None = None  # applied after loading / initialising, before training
 
+    @property
+    def preset_layers(self) -> int | None:
+        """The depth of a preset model (its overrides included); None for a folder."""
+        from distillery.models.presets import PRESETS
+
+        if self.preset is None:
+            return None
+        default = PRESETS[self.preset]["num_hidden_layers"]
+        return int(self.overrides.get("num_hidden_layers", default))
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         from distillery.models.presets import PRESETS
@@ -280,11 +290,8 @@ class TeacherStudentRecipe(Strict):
 
     @property
     def teacher_layers(self) -> int:
-        """The depth of the teacher the recipe trains."""
-        from distillery.models.presets import PRESETS
-
-        default = PRESETS[self.teacher.preset or "mini"]["num_hidden_layers"]
-        return int(self.teacher.overrides.get("num_hidden_layers", default))
+        """The depth of the teacher the recipe trains (from a preset, checked below)."""
+        return self.teacher.preset_layers or 0
 
     @model_validator(mode="after")
     def _student_fits_teacher(self) -> TeacherStudentRecipe:
@@ -337,8 +344,8 @@ def _distilbert_arms() -> dict[str, AblationArm]:
     }
 
 
-class SeededStudy(TeacherStudentRecipe):
-    """A recipe repeated over seeds whose table also goes to ``results``."""
+class SeededStudy(Strict):
+    """What a recipe repeated over seeds adds: the seeds, and a folder for its table."""
 
     seeds: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=lambda: [0, 1, 2], min_length=1
@@ -352,7 +359,7 @@ class SeededStudy(TeacherStudentRecipe):
         return self
 
 
-class AblationConfig(SeededStudy):
+class AblationConfig(TeacherStudentRecipe, SeededStudy):
     """``distillery ablate``: one teacher, then the same student distilled with the full mix
     and with each part removed, over several seeds."""
 
@@ -428,7 +435,7 @@ ModeConfig = Annotated[
 MODES = ("multi-teacher", "self-distill", "rounds", "two-step")
 
 
-class ModesConfig(SeededStudy):
+class ModesConfig(TeacherStudentRecipe, SeededStudy):
     """``distillery mode NAME``: one distillation mode against plain distillation at equal
     compute, over several seeds (the teacher is trained once and shared by every seed)."""
 
@@ -457,7 +464,7 @@ class ModesConfig(SeededStudy):
 EXPAND_ARMS = ("baseline", "distill-expand", "shrink-expand", "stacking")
 
 
-class DistillExpandConfig(Strict):
+class DistillExpandConfig(SeededStudy):
     """``distillery experiment distill-expand``: arms that all end in the 2n-layer ``model``,
     each spending the same FLOPs budget on the same data order (see ``recipes/distill_expand``)."""
 
@@ -481,23 +488,13 @@ class DistillExpandConfig(Strict):
     arms: list[Literal["baseline", "distill-expand", "shrink-expand", "stacking"]] = Field(
         default_factory=lambda: list(EXPAND_ARMS), min_length=1
     )
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(
-        default_factory=lambda: [0, 1, 2], min_length=1
-    )
     out: Path = Path("runs/distill-expand")
-    results: Path | None = None
 
     @model_validator(mode="after")
     def _fits(self) -> DistillExpandConfig:
-        from distillery.models.presets import PRESETS
-
-        if self.model.preset is None or self.model.init_from_teacher or self.model.grow:
+        layers = self.model.preset_layers
+        if layers is None or self.model.init_from_teacher or self.model.grow:
             raise ValueError("model: give the 2n-layer model as a preset (with overrides)")
-        layers = int(
-            self.model.overrides.get(
-                "num_hidden_layers", PRESETS[self.model.preset]["num_hidden_layers"]
-            )
-        )
         if layers < 2 or layers % 2:
             raise ValueError(f"model: needs an even number of layers (2n), not {layers}")
         for f_train, f_distill in self.sweep:
@@ -506,8 +503,6 @@ class DistillExpandConfig(Strict):
                     f"sweep: f_train + f_distill = {f_train + f_distill:g} leaves nothing to "
                     "train the grown model with; keep it below 1"
                 )
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError("seeds: give each seed once")
         return self
 
 

@@ -31,7 +31,6 @@ from distillery.config import (
     RunConfig,
 )
 from distillery.files import atomic_write_text, write_json
-from distillery.models.presets import PRESETS
 from distillery.recipes.common import (
     against_spread,
     hardware,
@@ -41,11 +40,6 @@ from distillery.recipes.common import (
     run_or_reuse,
 )
 from distillery.report import read_metrics
-
-
-def _depth(cfg: DistillExpandConfig) -> int:
-    default = PRESETS[cfg.model.preset or "mini"]["num_hidden_layers"]
-    return int(cfg.model.overrides.get("num_hidden_layers", default))
 
 
 class _Arm:
@@ -110,7 +104,7 @@ def run_arm(
 ) -> _Arm:
     """One arm (at sweep ``point`` = (f_train, f_distill); the baseline at ``lr``) for one
     seed."""
-    n = _depth(cfg) // 2
+    n = (cfg.model.preset_layers or 0) // 2  # a preset with 2n layers: checked by the config
     f_train, f_distill = point
     root = Path(cfg.out) / f"seed-{seed}"
     label = arm_label(arm, point, lr)
@@ -206,7 +200,7 @@ def distill_expand(cfg: DistillExpandConfig, *, overwrite: bool = False) -> dict
         "torch": torch.__version__,
         "seeds": cfg.seeds,
         "budget_flops": cfg.budget_flops,
-        "layers": _depth(cfg),
+        "layers": cfg.model.preset_layers,
         "rows": rows,
         "config": cfg.model_dump(mode="json"),
     }
