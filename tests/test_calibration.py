@@ -50,3 +50,50 @@ def test_a_perfectly_calibrated_predictor_has_zero_ece():
     assert m["ece"] == pytest.approx(0.0, abs=1e-12) and m["mce"] == pytest.approx(0, abs=1e-12)
     worse = calibration_metrics(torch.stack(probs) ** 0.5 / 2, torch.tensor(labels))
     assert worse["ece"] > 0.05
+
+
+def test_stats_from_logits_in_chunks_equal_the_metrics_of_the_probabilities():
+    from distillery.eval import CalibrationStats
+
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(500, 7, generator=gen)
+    labels = torch.randint(0, 7, (500,), generator=gen)
+    expected = calibration_metrics(torch.softmax(logits.double(), -1), labels)
+    stats = CalibrationStats().add_logits(logits[:200], labels[:200])
+    stats.add_logits(logits[200:], labels[200:])
+    got = stats.metrics()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-5), key
+    # Masked-out rows are skipped, as if never added.
+    mask = torch.arange(500) % 2 == 0
+    masked = CalibrationStats().add_logits(logits, labels, mask).metrics()
+    direct = calibration_metrics(torch.softmax(logits[mask].double(), -1), labels[mask])
+    assert masked["ece"] == pytest.approx(direct["ece"], abs=1e-6)
+
+
+def test_reliability_bins_of_the_hand_example():
+    from distillery.eval import CalibrationStats
+
+    # float64, so 0.6 is on the edge 6/10 and belongs to bin 5 (in float32 it is just above).
+    probs = torch.tensor([[0.6, 0.4], [0.4, 0.6], [0.9, 0.1], [0.25, 0.75]], dtype=torch.float64)
+    bins = CalibrationStats().add_probs(probs, torch.tensor([0, 0, 1, 1])).bins(10)
+    assert [b["bin"] for b in bins] == [5, 7, 8]
+    assert [b["share"] for b in bins] == pytest.approx([0.5, 0.25, 0.25])
+    assert [b["accuracy"] for b in bins] == pytest.approx([0.5, 1.0, 0.0])
+    assert [b["confidence"] for b in bins] == pytest.approx([0.6, 0.75, 0.9])
+    assert (bins[0]["lower"], bins[0]["upper"]) == pytest.approx((0.5, 0.6))
+
+
+@pytest.mark.parametrize("true_temperature", [0.5, 2.5])
+def test_temperature_scaling_recovers_the_temperature_labels_were_drawn_at(true_temperature):
+    from distillery.eval import fit_temperature
+
+    gen = torch.Generator().manual_seed(1)
+    logits = 2 * torch.randn(20000, 10, generator=gen)
+    labels = torch.multinomial(torch.softmax(logits / true_temperature, -1), 1, generator=gen)[:, 0]
+    fitted = fit_temperature(logits, labels)
+    assert fitted == pytest.approx(true_temperature, rel=0.05)
+    # Scaling by the fitted temperature lowers the NLL of these over-/under-confident logits.
+    before = calibration_metrics(torch.softmax(logits, -1), labels)["nll"]
+    after = calibration_metrics(torch.softmax(logits / fitted, -1), labels)["nll"]
+    assert after < before

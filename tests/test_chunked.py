@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
+from distillery.data import shift_labels
 from distillery.errors import DistilleryError
 from distillery.objectives.chunked import check_plain_head, chunked_loss, head_inputs
-from distillery.objectives.mix import LossMix, shift_labels, terms_from_config
+from distillery.objectives.mix import LossMix, terms_from_config
 from distillery.teachers import LiveTeacher
 from tests.conftest import tiny_llama
 
@@ -138,7 +139,8 @@ def test_distillation_with_chunks_trains_like_without(corpus, cache_dir, tmp_pat
 
 BIG_VOCAB_SCRIPT = r"""
 import json, resource, sys, torch
-from distillery.objectives.mix import LossMix, shift_labels, terms_from_config
+from distillery.objectives.mix import LossMix, terms_from_config
+from distillery.data import shift_labels
 from distillery.teachers import LiveTeacher
 from transformers import LlamaConfig, LlamaForCausalLM
 torch.manual_seed(0)
@@ -180,18 +182,18 @@ def test_evaluation_by_chunks_equals_evaluation_on_whole_logits(
 ):
     from distillery.distributed import DistEnv
     from distillery.eval import metrics
-    from distillery.models import load_causal_lm
+    from distillery.models import load_pretrained
     from distillery.recipes.common import prepare_data
     from tests.conftest import tiny_run
 
     cfg = tiny_run(corpus, cache_dir, tmp_path / "r")
     tokenizer, _, val = prepare_data(cfg.data, DistEnv(), teacher_dir)
-    teacher = LiveTeacher(load_causal_lm(teacher_dir))
+    teacher = LiveTeacher(load_pretrained(teacher_dir))
     student = tiny(teacher.head.weight.shape[0] + 3, hidden=32, layers=1, seed=4)  # padded
     device = torch.device("cpu")
 
     def evaluate() -> dict[str, float]:
-        return metrics.evaluate_lm(
+        return metrics.evaluate_model(
             student, val, device=device, max_batches=2, teacher=teacher, vocab=len(tokenizer)
         )
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from distillery.config import ModelSpec, TrainConfig
 from distillery.engine import lr_factor
 from distillery.errors import DistilleryError
-from distillery.models import compute_params, load_causal_lm
+from distillery.models import compute_params, load_pretrained
 from distillery.recipes.run import run
 from tests.conftest import tiny_run
 
@@ -113,9 +113,9 @@ def test_distill_run_records_teacher_flops_and_agreement(corpus, cache_dir, tmp_
     cfg = type(cfg).model_validate(cfg.model_dump())
     summary = run(cfg, name="distill")
     n_student, n_teacher = summary["compute_params"], 0
-    from distillery.models import compute_params, load_causal_lm
+    from distillery.models import compute_params, load_pretrained
 
-    n_teacher = compute_params(load_causal_lm(teacher_dir))
+    n_teacher = compute_params(load_pretrained(teacher_dir))
     tokens = 4 * 4 * 32
     assert summary["flops"] == pytest.approx((6 * n_student + 2 * n_teacher) * tokens)
     assert 0.0 <= summary["agreement"] <= 1.0
@@ -370,4 +370,4 @@ def test_a_grown_student_trains_and_exports_deeper(corpus, cache_dir, tmp_path, 
     cfg.model = ModelSpec(path=teacher_dir, preset=None, grow={"kind": "top", "layers": 2})
     summary = run(cfg)
     assert summary["layers"] == 6
-    assert summary["compute_params"] > compute_params(load_causal_lm(teacher_dir))
+    assert summary["compute_params"] > compute_params(load_pretrained(teacher_dir))

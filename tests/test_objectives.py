@@ -15,10 +15,11 @@ import torch
 from transformers import LlamaForCausalLM
 
 from distillery.config import CrossEntropyObjective, ForwardKLObjective, HardLabelsObjective
+from distillery.data import shift_labels
 from distillery.errors import DistilleryError
 from distillery.objectives import OBJECTIVES, get_objective, register_objective
 from distillery.objectives.logits import IGNORE_INDEX, cross_entropy, forward_kl, hard_labels
-from distillery.objectives.mix import LossMix, Term, shift_labels, terms_from_config
+from distillery.objectives.mix import LossMix, Term, terms_from_config
 from distillery.teachers import LiveTeacher, TeacherOutput
 from tests.conftest import tiny_llama
 

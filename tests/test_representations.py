@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from distillery.data import shift_labels
 from distillery.errors import DistilleryError
 from distillery.objectives import get_objective
 from distillery.objectives.logits import IGNORE_INDEX
-from distillery.objectives.mix import LossMix, shift_labels, terms_from_config
+from distillery.objectives.mix import LossMix, terms_from_config
 from distillery.objectives.representations import layer_pairs, match_heads
 from distillery.teachers import LiveTeacher
 from tests.conftest import tiny_llama

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from distillery.config import CacheTeacherConfig, RunConfig, build_config
+from distillery.data import shift_labels
 from distillery.distributed import DistEnv
 from distillery.errors import DistilleryError
-from distillery.models import load_causal_lm
+from distillery.models import load_pretrained
 from distillery.objectives import forward_kl
-from distillery.objectives.mix import LossMix, shift_labels, terms_from_config
+from distillery.objectives.mix import LossMix, terms_from_config
 from distillery.recipes.cache import cache_teacher
 from distillery.recipes.common import prepare_data
 from distillery.recipes.run import run
@@ -54,7 +55,7 @@ def setting(small, cache_dir, teacher_dir, tmp_path_factory):
     tokenizer, train, _ = prepare_data(cfg.data, DistEnv(), teacher_dir)
     folder = tmp_path_factory.mktemp("c") / "exact"
     _cache(corpus, cache_dir, teacher_dir, folder, top_k=len(tokenizer) - 1, temperature=2.0)
-    return tokenizer, train, LiveTeacher(load_causal_lm(teacher_dir)), folder
+    return tokenizer, train, LiveTeacher(load_pretrained(teacher_dir)), folder
 
 
 def test_cache_files_and_meta(setting, teacher_dir):
@@ -91,7 +92,7 @@ def test_sparse_cache_loss_is_the_top_k_plus_one_bucket_kl(
     ids = train.blocks(list(range(8)))
     labels = shift_labels(ids)
     mask = labels.reshape(-1) != -100
-    student = load_causal_lm(teacher_dir)
+    student = load_pretrained(teacher_dir)
     with torch.no_grad():
         student.model.layers[0].mlp.down_proj.weight.mul_(0.5)  # a different model
         z = student(input_ids=ids).logits[..., :vocab].reshape(-1, vocab)
@@ -169,7 +170,7 @@ def test_a_confident_teacher_leaves_a_finite_rest_and_reverse_kl_stays_finite(
     from distillery.teacher_cache import build_teacher_cache
 
     tokenizer, train, _, _ = setting
-    model = load_causal_lm(teacher_dir)
+    model = load_pretrained(teacher_dir)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(40.0)  # (tied) logits 40× sharper
     peaked_dir = export_model(model, tokenizer, tmp_path / "peaked")
@@ -184,7 +185,7 @@ def test_a_confident_teacher_leaves_a_finite_rest_and_reverse_kl_stays_finite(
     labels = shift_labels(ids)
     for kind in ("reverse_kl", "jsd", "tvd", "forward_kl"):
         mix = LossMix(terms_from_config([{"kind": kind}]), cached, vocab=len(tokenizer))
-        total, _ = mix(load_causal_lm(teacher_dir), ids, labels)
+        total, _ = mix(load_pretrained(teacher_dir), ids, labels)
         assert torch.isfinite(total), kind
 
 

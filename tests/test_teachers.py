@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from distillery.data import shift_labels
 from distillery.errors import DistilleryError
-from distillery.objectives.mix import LossMix, shift_labels, terms_from_config
+from distillery.objectives.mix import LossMix, terms_from_config
 from distillery.teachers import EnsembleTeacher, LiveTeacher
 from tests.conftest import tiny_llama
 
@@ -105,7 +106,7 @@ def test_ensemble_refusals_are_one_line(members):
 def test_distilling_from_two_teachers_end_to_end(corpus, cache_dir, tmp_path, teacher_dir):
     """A second teacher trained on the first one's tokenizer; the student learns from both."""
     from distillery.config import RunConfig
-    from distillery.models import compute_params, load_causal_lm
+    from distillery.models import compute_params, load_pretrained
     from distillery.recipes.run import run
     from tests.conftest import tiny_run
 
@@ -122,7 +123,7 @@ def test_distilling_from_two_teachers_end_to_end(corpus, cache_dir, tmp_path, te
         objectives=[{"kind": "ce"}, {"kind": "forward_kl", "temperature": 2.0}],
     )
     summary = run(RunConfig.model_validate(cfg), name="distill")
-    n_teachers = sum(compute_params(load_causal_lm(t)) for t in teachers)
+    n_teachers = sum(compute_params(load_pretrained(t)) for t in teachers)
     tokens = 3 * 4 * 32
     assert summary["flops"] == pytest.approx(
         (6 * summary["compute_params"] + 2 * n_teachers) * tokens

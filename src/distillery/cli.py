@@ -146,6 +146,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from distillery.config import CalibrateConfig
+    from distillery.recipes.calibrate import calibrate
+
+    calibrate(_recipe_config(CalibrateConfig, args), overwrite=args.overwrite)
+    return 0
+
+
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from distillery.config import CacheTeacherConfig
     from distillery.recipes.cache import cache_teacher
@@ -221,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--quick", action="store_true", help="one seed and one sweep point")
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="single model, temperature scaling, MC dropout, deep ensemble and students "
+        "distilled from them: calibration over seeds",
+    )
+    common(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser(
         "cache-teacher", help="store a teacher's top-k over the training data, to distil from"

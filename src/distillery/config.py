@@ -24,10 +24,14 @@ class Strict(BaseModel):
 
 
 class DataConfig(Strict):
-    """Where text comes from and how it becomes token blocks."""
+    """Where text comes from and how it becomes token blocks (``task: lm``) or labelled
+    examples (``task: classify``: each text's first ``seq_len`` tokens and its label; from
+    ``bbc-news`` the label is the topic)."""
 
+    task: Literal["lm", "classify"] = "lm"
     source: str = "bbc-news"  # "bbc-news", a text file or folder, a .jsonl or a .csv file
     text_field: str = "text"  # field of a JSONL object / column of a CSV file
+    label_field: str = "label"  # classify: field / column holding the label
     val_fraction: float = Field(0.05, ge=0.0, lt=0.5)
     test_fraction: float = Field(0.05, ge=0.0, lt=0.5)
     seq_len: int = Field(128, gt=1)
@@ -61,6 +65,9 @@ class ModelSpec(Strict):
     # Initialise from the teacher's layers: "every_other" (DistilBERT) or explicit indices.
     init_from_teacher: Literal["every_other"] | list[int] | None = None
     grow: GrowSpec | None = None  # applied after loading / initialising, before training
+    # Residual dropout (GPT-2's resid_pdrop) on every block's attention and MLP outputs, added
+    # with hooks (``models.dropout``) and recorded in the saved config as ``residual_dropout``.
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
     @property
     def preset_layers(self) -> int | None:
@@ -181,6 +188,9 @@ ObjectiveConfig = Annotated[
 ]
 
 
+REPRESENTATION_KINDS = ("hidden_cosine", "hidden_mse", "attention_kl")
+
+
 class TrainConfig(Strict):
     """The engine's knobs. ``batch_size`` is the *global* batch in sequences per step."""
 
@@ -227,6 +237,8 @@ class RunConfig(Strict):
     teacher: Path | list[Path] | None = None
     teacher_weights: list[Annotated[float, Field(ge=0.0)]] | None = None  # one per teacher
     ensemble: Literal["mean", "confident"] = "mean"  # how several teachers are combined
+    # MC dropout: the teacher is the mean of this many stochastic passes with its dropout on.
+    teacher_mc_samples: int | None = Field(None, ge=2)
     # Read the teacher's top-k from this cache (`distillery cache-teacher`) instead of running
     # it while training; the teacher folder is still needed (tokenizer, init, final evaluation).
     teacher_cache: Path | None = None
@@ -260,6 +272,20 @@ class RunConfig(Strict):
             raise ValueError("teacher_cache: give the one teacher the cache was made from")
         if self.model.init_from_teacher is not None and self.teacher is None:
             raise ValueError("model.init_from_teacher needs a teacher: set 'teacher'")
+        if self.teacher_mc_samples is not None and len(self.teacher_paths) != 1:
+            raise ValueError("teacher_mc_samples: MC dropout needs exactly one teacher folder")
+        if self.data.task == "classify":
+            reps = [o.kind for o in self.objectives if o.kind in REPRESENTATION_KINDS]
+            if reps:
+                raise ValueError(
+                    f"objectives {reps}: representation objectives are for language models "
+                    "(data.task: lm); a classifier distils from its output logits"
+                )
+            if self.teacher_cache is not None or self.train.logit_chunk_size:
+                raise ValueError(
+                    "teacher_cache and train.logit_chunk_size are for language models "
+                    "(data.task: lm)"
+                )
         return self
 
 
@@ -462,6 +488,44 @@ class ModesConfig(TeacherStudentRecipe, SeededStudy):
 
 
 EXPAND_ARMS = ("baseline", "distill-expand", "shrink-expand", "stacking")
+
+
+class CalibrateConfig(SeededStudy):
+    """``distillery calibrate``: a single model, its temperature-scaled and MC-dropout versions,
+    a deep ensemble, and students of the single model's size distilled from the ensemble and
+    from MC dropout — calibration on the test split, over seeds (see ``recipes/calibrate``)."""
+
+    name: str = Field("calibration", pattern=r"^[A-Za-z0-9_-]+$")  # file names of the results
+    data: DataConfig = Field(
+        default_factory=lambda: DataConfig(val_fraction=0.1, test_fraction=0.1)
+    )
+    # Every model's architecture; its dropout is what MC dropout samples (so it must be > 0).
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(preset="mini", dropout=0.1))
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=240, lr=2e-3, warmup_steps=20, checkpoint_every=0)
+    )
+    members: int = Field(3, ge=2)  # deep-ensemble size (members trained with different seeds)
+    mc_samples: int = Field(8, ge=2)  # stochastic passes of MC dropout
+    distill_objectives: list[ObjectiveConfig] = Field(
+        default_factory=lambda: [ForwardKLObjective(weight=1.0, temperature=1.0)], min_length=1
+    )  # the students' objectives (towards the ensemble's / MC dropout's mean distribution)
+    n_bins: int = Field(10, ge=2)  # equal-width ECE bins (equal-mass ECE is reported too)
+    eval_batches: int | None = Field(None, gt=0)  # cap on test batches (None: the whole split)
+    temperature_batches: int = Field(8, gt=0)  # validation batches the temperature is fitted on
+    out: Path = Path("runs/calibrate")
+
+    @model_validator(mode="after")
+    def _samples_something(self) -> CalibrateConfig:
+        if self.model.dropout <= 0:
+            raise ValueError("model.dropout: MC dropout needs a model trained with dropout (> 0)")
+        if self.model.path is not None or self.model.init_from_teacher or self.model.grow:
+            raise ValueError("model: calibrate trains its models from a preset (model.preset)")
+        if not self.data.test_fraction or not self.data.val_fraction:
+            raise ValueError(
+                "data: calibrate fits temperatures on the validation split and measures on the "
+                "test split; give both val_fraction and test_fraction"
+            )
+        return self
 
 
 class DistillExpandConfig(SeededStudy):

@@ -34,11 +34,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from distillery.config import TrainConfig
-from distillery.data import PackedTokens, global_batch_indices
+from distillery.data import Examples, global_batch_indices
+from distillery.data.packed import IGNORE_INDEX
 from distillery.distributed import DistEnv, all_reduce_sum
 from distillery.errors import DistilleryError
 from distillery.files import atomic_write_text
-from distillery.objectives.mix import LossMix, shift_labels
+from distillery.objectives.mix import LossMix
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
 CHECKPOINT_FILES = ("model.safetensors", "trainer_state.pt", "state.json")
@@ -109,7 +110,7 @@ class Engine:
         self,
         model: nn.Module,
         loss: LossMix,
-        data: PackedTokens,
+        data: Examples,
         cfg: TrainConfig,
         out_dir: Path,
         *,
@@ -329,24 +330,23 @@ class Engine:
                     self._tb.add_scalar(f"{self.name}/{key}", value, record["step"])
 
     # ----------------------------------------------------------------- the loop
-    def _step_batches(self, step: int) -> list[torch.Tensor]:
-        """This rank's micro-batches of global batch ``step``."""
+    def _step_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches (input ids, labels) of global batch ``step``."""
         indices = global_batch_indices(
             self.data.num_blocks, self.cfg.data_offset + step, self.cfg.batch_size, self.cfg.seed
         )
         mine = indices[self.env.rank * self.per_rank : (self.env.rank + 1) * self.per_rank]
-        blocks = self.data.blocks(mine)  # (per_rank, T)
-        return list(blocks.split(self.micro))
+        ids, labels = self.data.examples(mine)  # (per_rank, T), (per_rank, T) or (per_rank,)
+        return list(zip(ids.split(self.micro), labels.split(self.micro), strict=True))
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over the global batch; returns the mean of each term."""
         micro_batches = self._step_batches(step)
-        labels = [shift_labels(ids) for ids in micro_batches]
-        n_local = torch.tensor(float(sum(int((y != -100).sum()) for y in labels)))
+        n_local = torch.tensor(float(sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)))
         n_global = all_reduce_sum(n_local.to(self.device), self.env).item()
         scale = self.env.world_size / max(n_global, 1.0)  # DDP averages over ranks
         sums: dict[str, torch.Tensor] = {}
-        for i, (ids, y) in enumerate(zip(micro_batches, labels, strict=True)):
+        for i, (ids, y) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext()
             if self.env.active and not last:

@@ -1,11 +1,14 @@
 """The teacher signal: one call that gives what the objectives need of the teacher(s) for a batch.
 
-A live model (``LiveTeacher``) or several combined (``EnsembleTeacher``); objectives and the
-engine see only ``run`` and its ``TeacherOutput``.
+A live model (``LiveTeacher``), several combined (``EnsembleTeacher``), one model's MC-dropout
+samples combined (``MCDropoutTeacher``) or a model's logits divided by a fitted temperature
+(``TemperatureScaled``); objectives, the engine and the evaluation see only ``run`` and its
+``TeacherOutput``. Logits are next-token ``(B, T, V)`` or, for classifiers, ``(B, C)``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -15,6 +18,7 @@ import torch
 from transformers import PreTrainedModel
 
 from distillery.errors import DistilleryError
+from distillery.models.dropout import dropout_on
 from distillery.models.loading import compute_params
 from distillery.objectives.chunked import head_inputs, is_plain_head
 
@@ -58,6 +62,21 @@ def use_eager_attention(model: PreTrainedModel) -> None:
     """Switch ``model`` to the eager attention kernel, the one that can return its maps."""
     if model.config._attn_implementation != "eager":
         model.set_attn_implementation("eager")
+
+
+def mean_distribution(
+    member_logits: Sequence[torch.Tensor],
+    vocab: int | None,
+    log_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log Σ_k w_k softmax(z_k) (float32), each ``z_k`` cut to ``vocab``; equal weights if none."""
+    logp = torch.stack(
+        [torch.log_softmax(z[..., :vocab].float(), dim=-1) for z in member_logits]
+    )  # (K, ..., V)
+    if log_weights is None:
+        return torch.logsumexp(logp, dim=0) - math.log(len(member_logits))
+    w = log_weights.to(logp.device).reshape(-1, *([1] * (logp.ndim - 1)))
+    return torch.logsumexp(logp + w, dim=0)
 
 
 class TeacherBase:
@@ -162,12 +181,11 @@ class EnsembleTeacher(TeacherBase):
 
     def combined(self, member_logits: Sequence[torch.Tensor]) -> torch.Tensor:
         """Combined logits ``(..., vocab)`` (float32 log-probabilities) from each member's."""
+        if self.combine == "mean":
+            return mean_distribution(member_logits, self.vocab, self.log_weights)
         logp = torch.stack(
             [torch.log_softmax(z[..., : self.vocab].float(), dim=-1) for z in member_logits]
         )  # (M, ..., V)
-        if self.combine == "mean":
-            w = self.log_weights.to(logp.device).reshape(-1, *([1] * (logp.ndim - 1)))
-            return torch.logsumexp(logp + w, dim=0)
         best = logp.max(dim=-1).values.argmax(dim=0)  # (...,): the most confident member
         return logp.gather(0, best[None, ..., None].expand(1, *logp.shape[1:]))[0]
 
@@ -193,4 +211,76 @@ class EnsembleTeacher(TeacherBase):
             chunk_logits=torch.no_grad()(
                 lambda part, _student=None: self.combined([c(part, None) for c in chunks])
             )
+        )
+
+
+class MCDropoutTeacher(TeacherBase):
+    """One model's predictive distribution under MC dropout: the mean of ``samples`` stochastic
+    passes with its dropout on (Gal & Ghahramani 2016). Costs ``samples`` forward passes."""
+
+    has_internals = False
+
+    def __init__(self, teacher: LiveTeacher, samples: int, *, vocab: int | None = None) -> None:
+        if samples < 2:
+            raise DistilleryError(f"MC dropout needs at least 2 samples, got {samples}")
+        with dropout_on(teacher.model):  # refuses a model without dropout now, not mid-run
+            pass
+        self.teacher, self.samples, self.vocab = teacher, samples, vocab
+        self.compute_params = samples * teacher.compute_params
+        self.config = teacher.config
+
+    @torch.no_grad()
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        logits: bool = True,
+        hidden_states: bool = False,
+        attentions: bool = False,
+    ) -> TeacherOutput:
+        """The samples' mean distribution (whole, or a chunk of positions at a time)."""
+        if hidden_states or attentions:
+            raise DistilleryError(
+                "hidden-state and attention objectives need a single teacher, not MC dropout"
+            )
+        with dropout_on(self.teacher.model):
+            outs = [self.teacher.run(input_ids, logits=logits) for _ in range(self.samples)]
+        if logits:
+            return TeacherOutput(logits=mean_distribution([o.logits for o in outs], self.vocab))  # type: ignore[misc]
+        chunks = [o.chunk_logits for o in outs]
+        return TeacherOutput(
+            chunk_logits=torch.no_grad()(
+                lambda part, _student=None: mean_distribution(
+                    [c(part, None) for c in chunks],
+                    self.vocab,  # type: ignore[misc]
+                )
+            )
+        )
+
+
+class TemperatureScaled(TeacherBase):
+    """A teacher signal's logits divided by a temperature (post-hoc calibration, Guo et al.
+    2017: the temperature is fitted on validation data, ``eval.calibration.fit_temperature``)."""
+
+    has_internals = False
+
+    def __init__(self, inner: TeacherSignal, temperature: float) -> None:
+        if temperature <= 0:
+            raise DistilleryError(f"temperature must be > 0, got {temperature}")
+        self.inner, self.temperature = inner, temperature
+        self.compute_params, self.config = inner.compute_params, inner.config
+
+    @torch.no_grad()
+    def run(
+        self, input_ids: torch.Tensor, *, logits: bool = True, **internals: bool
+    ) -> TeacherOutput:
+        if any(internals.values()):
+            raise DistilleryError("a temperature-scaled teacher gives logits only")
+        out = self.inner.run(input_ids, logits=logits)
+        if out.logits is not None:
+            return TeacherOutput(logits=out.logits.float() / self.temperature)
+        chunk = out.chunk_logits
+        assert chunk is not None
+        return TeacherOutput(
+            chunk_logits=lambda part, student=None: chunk(part, student).float() / self.temperature
         )

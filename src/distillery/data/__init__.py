@@ -1,16 +1,26 @@
-"""Corpora, tokenizers and packed token caches."""
+"""Corpora, tokenizers, packed token caches and labelled examples."""
 
+from distillery.data.labelled import (
+    Examples,
+    LabelledExamples,
+    class_names,
+    encode_labelled,
+    split_labelled,
+)
 from distillery.data.packed import (
+    IGNORE_INDEX,
     PackedTokens,
     build_token_cache,
     global_batch_indices,
     sequential_batches,
+    shift_labels,
 )
 from distillery.data.sources import (
     BBC_NEWS,
     bbc_news_labelled,
     bbc_news_root,
     load_documents,
+    load_labelled,
     split_documents,
 )
 from distillery.data.tokenizer import (
@@ -23,17 +33,25 @@ from distillery.data.tokenizer import (
 
 __all__ = [
     "BBC_NEWS",
+    "IGNORE_INDEX",
+    "Examples",
+    "LabelledExamples",
     "PackedTokens",
     "bbc_news_labelled",
     "bbc_news_root",
     "build_token_cache",
     "cached_bpe_tokenizer",
+    "class_names",
+    "encode_labelled",
     "global_batch_indices",
     "has_tokenizer",
     "load_documents",
+    "load_labelled",
     "load_tokenizer",
     "sequential_batches",
+    "shift_labels",
     "split_documents",
+    "split_labelled",
     "tokenizer_fingerprint",
     "train_bpe_tokenizer",
 ]

@@ -18,6 +18,7 @@ from distillery.data.tokenizer import tokenizer_fingerprint
 from distillery.errors import DistilleryError
 from distillery.files import publish_folder, temp_folder_next_to
 
+IGNORE_INDEX = -100  # a label that no loss counts (torch's cross-entropy convention)
 _VERSION = "distillery-tokens-v1"
 _BATCH_DOCS = 256
 
@@ -158,6 +159,23 @@ class PackedTokens:
             raise IndexError(f"block index out of range [0, {self.num_blocks}) in split")
         offsets = idx[:, None] * self._seq_len + np.arange(self._seq_len, dtype=np.int64)
         return torch.from_numpy(self._data[offsets].astype(np.int64))
+
+    def examples(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids, next-token labels), both ``(len(indices), seq_len)``."""
+        ids = self.blocks(indices)
+        return ids, shift_labels(ids)
+
+
+def shift_labels(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Next-token labels ``(B, T)``: position t predicts token t+1; last and padding are -100."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    if attention_mask is not None:
+        keep = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+        labels[:, :-1] = torch.where(keep, labels[:, :-1], IGNORE_INDEX)
+    return labels
 
 
 @functools.lru_cache(maxsize=4)

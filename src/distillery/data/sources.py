@@ -78,8 +78,9 @@ def _from_text_file(path: Path) -> list[str]:
     return [part.strip() for part in _BLANK_LINES.split(text)]
 
 
-def _from_jsonl(path: Path, text_field: str) -> list[str]:
-    docs = []
+def _records_jsonl(path: Path, fields: list[str]) -> list[list[str]]:
+    """The string values of ``fields`` of each JSON line (labels may be integers)."""
+    rows = []
     for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
@@ -94,35 +95,46 @@ def _from_jsonl(path: Path, text_field: str) -> list[str]:
             raise DistilleryError(
                 f"{path}, line {number}: expected a JSON object, got {type(obj).__name__}"
             )
-        if text_field not in obj:
-            raise DistilleryError(
-                f"{path}, line {number}: no field '{text_field}' (keys present: "
-                f"{', '.join(map(str, obj)) or 'none'}): set text_field to the field holding text"
-            )
-        value = obj[text_field]
-        if not isinstance(value, str):
-            raise DistilleryError(
-                f"{path}, line {number}: field '{text_field}' must be a string, "
-                f"got {type(value).__name__}"
-            )
-        docs.append(value.strip())
-    return docs
+        row = []
+        for i, name in enumerate(fields):
+            setting = "text_field" if i == 0 else "label_field"
+            if name not in obj:
+                raise DistilleryError(
+                    f"{path}, line {number}: no field '{name}' (keys present: "
+                    f"{', '.join(map(str, obj)) or 'none'}): set {setting} to the field holding "
+                    f"the {'text' if i == 0 else 'label'}"
+                )
+            value = obj[name]
+            if i > 0 and isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
+            if not isinstance(value, str):
+                kind = "a string" if i == 0 else "a string or an integer"
+                raise DistilleryError(
+                    f"{path}, line {number}: field '{name}' must be {kind}, "
+                    f"got {type(value).__name__}"
+                )
+            row.append(value.strip())
+        rows.append(row)
+    return rows
 
 
-def _from_csv(path: Path, text_field: str) -> list[str]:
+def _records_csv(path: Path, fields: list[str]) -> list[list[str]]:
+    """The values of the columns ``fields`` of each CSV row."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long documents exceed the 128 KiB default
-    docs = []
+    rows = []
     with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         try:
             columns = reader.fieldnames or []
-            if columns and text_field not in columns:
-                raise DistilleryError(
-                    f"{path}: no column '{text_field}' (columns available: {', '.join(columns)}): "
-                    "set text_field to the column holding text"
-                )
+            for i, name in enumerate(fields):
+                if columns and name not in columns:
+                    setting = "text_field" if i == 0 else "label_field"
+                    raise DistilleryError(
+                        f"{path}: no column '{name}' (columns available: {', '.join(columns)}): "
+                        f"set {setting} to the column holding the {'text' if i == 0 else 'label'}"
+                    )
             for row in reader:
-                docs.append((row.get(text_field) or "").strip())
+                rows.append([(row.get(name) or "").strip() for name in fields])
         except csv.Error as exc:
             raise DistilleryError(
                 f"{path}, line {reader.line_num}: malformed CSV ({exc})"
@@ -131,7 +143,49 @@ def _from_csv(path: Path, text_field: str) -> list[str]:
             raise DistilleryError(
                 f"{path} is not valid UTF-8 (byte {exc.start}): re-save it with UTF-8 encoding"
             ) from None
-    return docs
+    return rows
+
+
+def _existing(source: str | Path) -> Path:
+    path = Path(source)
+    if not path.exists():
+        raise DistilleryError(
+            f"data source '{source}' not found: give 'bbc-news', a text file or folder, "
+            "a .jsonl or a .csv file"
+        )
+    return path
+
+
+def load_labelled(
+    source: str | Path, text_field: str = "text", label_field: str = "label"
+) -> list[tuple[str, str]]:
+    """(text, label) pairs with a non-blank text: the BBC News topics, or a .jsonl/.csv file."""
+    if str(source) == BBC_NEWS:
+        pairs = bbc_news_labelled()
+    else:
+        path = _existing(source)
+        suffix = path.suffix.lower()
+        if path.is_dir() or suffix not in (".jsonl", ".csv"):
+            raise DistilleryError(
+                f"data source '{source}': classification reads 'bbc-news', a .jsonl or a .csv "
+                "file with a text and a label field"
+            )
+        read = _records_jsonl if suffix == ".jsonl" else _records_csv
+        rows = read(path, [text_field, label_field])
+        for number, (text, label) in enumerate(rows, start=1):
+            if text and not label:
+                raise DistilleryError(
+                    f"{path}, record {number}: the label ('{label_field}') is empty; "
+                    "give every text a label"
+                )
+        pairs = [(text, label) for text, label in rows]
+    pairs = [(text, label) for text, label in pairs if text]
+    if not pairs:
+        raise DistilleryError(
+            f"the corpus at '{source}' is empty (no non-blank texts): "
+            "add text to it or point to another data source"
+        )
+    return pairs
 
 
 def load_documents(source: str | Path, text_field: str = "text") -> list[str]:
@@ -139,21 +193,16 @@ def load_documents(source: str | Path, text_field: str = "text") -> list[str]:
     if str(source) == BBC_NEWS:
         docs = [text for text, _ in bbc_news_labelled()]
     else:
-        path = Path(source)
+        path = _existing(source)
         suffix = path.suffix.lower()
-        if not path.exists():
-            raise DistilleryError(
-                f"data source '{source}' not found: give 'bbc-news', a text file or folder, "
-                "a .jsonl or a .csv file"
-            )
         if path.is_dir():
             docs = _from_folder(path)
         elif suffix in _TEXT_SUFFIXES:
             docs = _from_text_file(path)
         elif suffix == ".jsonl":
-            docs = _from_jsonl(path, text_field)
+            docs = [row[0] for row in _records_jsonl(path, [text_field])]
         elif suffix == ".csv":
-            docs = _from_csv(path, text_field)
+            docs = [row[0] for row in _records_csv(path, [text_field])]
         else:
             raise DistilleryError(
                 f"data source '{source}' has an unsupported type '{suffix or 'no extension'}': "

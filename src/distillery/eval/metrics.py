@@ -1,4 +1,5 @@
-"""Held-out metrics of a causal LM, alone or against a teacher; size and generation speed."""
+"""Held-out metrics of a causal LM or a classifier (or any teacher signal), alone or against a
+teacher, calibration included; size and generation speed."""
 
 from __future__ import annotations
 
@@ -11,22 +12,51 @@ from typing import Any
 import torch
 from torch import nn
 
-from distillery.data import PackedTokens, sequential_batches
+from distillery.data import (
+    IGNORE_INDEX,
+    Examples,
+    LabelledExamples,
+    sequential_batches,
+    shift_labels,
+)
+from distillery.eval.calibration import CalibrationStats
 from distillery.objectives.chunked import head_inputs, is_plain_head
-from distillery.objectives.logits import IGNORE_INDEX, cross_entropy, forward_kl
-from distillery.objectives.mix import shift_labels
+from distillery.objectives.logits import forward_kl
 from distillery.teachers import TeacherSignal
 
 EVAL_CHUNK_LOGITS = 2**22  # logits (positions × vocabulary) made at once when evaluating
 
+Predictor = nn.Module | TeacherSignal  # a model, or any teacher signal (ensemble, MC dropout, …)
+
+
+def _signal_chunks(
+    signal: TeacherSignal, ids: torch.Tensor, vocab: int | None
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    out = signal.run(ids, logits=False)
+    assert out.chunk_logits is not None
+    n = ids.numel()
+    chunk = max(1, EVAL_CHUNK_LOGITS // max(vocab or 1, 1))
+    for start in range(0, n, chunk):
+        part = slice(start, min(start + chunk, n))
+        yield part, out.chunk_logits(part, None)[..., :vocab].float()
+
 
 def _logits_by_chunk(
-    model: nn.Module, ids: torch.Tensor, teacher: TeacherSignal | None, vocab: int | None
+    model: Predictor, ids: torch.Tensor, teacher: TeacherSignal | None, vocab: int | None
 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]]:
-    """(positions, student logits, teacher logits) a chunk of flattened positions at a time,
+    """(positions, predictor logits, teacher logits) a chunk of flattened positions at a time,
     float32, cut to ``vocab`` — never a whole batch of full-vocabulary logits when the output
     projections are plain linear layers (else one chunk: the model's own logits)."""
     n = ids.numel()
+    if not isinstance(model, nn.Module):  # a teacher signal evaluated as a predictor
+        t_chunks = None
+        if teacher is not None:
+            t_out = teacher.run(ids, logits=False)
+            t_chunks = t_out.chunk_logits
+        for part, logits in _signal_chunks(model, ids, vocab):
+            t_logits = t_chunks(part, logits)[..., :vocab].float() if t_chunks else None
+            yield part, logits, t_logits
+        return
     head = model.get_output_embeddings()
     plain = is_plain_head(head, model.config)
     if not plain:
@@ -51,54 +81,115 @@ def _logits_by_chunk(
         yield part, logits, t_logits
 
 
-@torch.no_grad()
-def evaluate_lm(
-    model: nn.Module,
-    data: PackedTokens,
+def predictions(
+    model: Predictor,
+    data: Examples,
     *,
     device: torch.device,
     batch_size: int = 16,
     max_batches: int | None = None,
     teacher: TeacherSignal | None = None,
     vocab: int | None = None,
-) -> dict[str, float]:
-    """Mean next-token loss, perplexity and top-1 accuracy over ``data`` (in order).
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(logits ``(N, V)``, labels ``(N,)``, teacher logits or None) over ``data`` in order, a
+    chunk at a time, valid positions only: next tokens of token blocks, or one class per
+    labelled example (whose logits are ``(B, C)``)."""
+    was_training = model.training if isinstance(model, nn.Module) else None
+    if isinstance(model, nn.Module):
+        model.eval()
+    try:
+        if isinstance(data, LabelledExamples):
+            for count, (ids, labels) in enumerate(data.batches(batch_size)):
+                if max_batches is not None and count >= max_batches:
+                    break
+                ids = ids.to(device)
+                if isinstance(model, nn.Module):
+                    logits = model(input_ids=ids).logits.float()
+                else:
+                    logits = model.logits(ids).float()
+                t_logits = teacher.logits(ids).float() if teacher is not None else None
+                yield logits, labels.to(device), t_logits
+            return
+        for ids in sequential_batches(data, batch_size, max_batches):  # type: ignore[arg-type]
+            ids = ids.to(device)
+            all_labels = shift_labels(ids).reshape(-1)  # (N,)
+            for part, logits, t_logits in _logits_by_chunk(model, ids, teacher, vocab):
+                labels = all_labels[part]
+                mask = labels != IGNORE_INDEX
+                yield logits[mask], labels[mask], None if t_logits is None else t_logits[mask]
+    finally:
+        if isinstance(model, nn.Module) and was_training is not None:
+            model.train(was_training)
 
-    With a teacher also: agreement (student top-1 == teacher top-1) and KL(teacher ‖ student)
-    at temperature 1, both averaged over the same positions. Logits are cut to the first
-    ``vocab`` columns (the tokenizer's real tokens; embedding tables may be padded) and made a
-    chunk of positions at a time, so big vocabularies fit in memory.
+
+def macro_f1(predicted: torch.Tensor, labels: torch.Tensor, n_classes: int) -> float:
+    """Unweighted mean over classes of F1 (a class never predicted nor present counts 0)."""
+    scores = []
+    for c in range(n_classes):
+        tp = float(((predicted == c) & (labels == c)).sum())
+        fp = float(((predicted == c) & (labels != c)).sum())
+        fn = float(((predicted != c) & (labels == c)).sum())
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / n_classes
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: Predictor,
+    data: Examples,
+    *,
+    device: torch.device,
+    batch_size: int = 16,
+    max_batches: int | None = None,
+    teacher: TeacherSignal | None = None,
+    vocab: int | None = None,
+    n_bins: int = 10,
+    stats: CalibrationStats | None = None,
+) -> dict[str, float]:
+    """Held-out quality and calibration of ``model`` (or of any teacher signal) over ``data``.
+
+    Mean loss (NLL), top-1 accuracy, ECE/MCE over ``n_bins`` equal-width bins, Brier score;
+    for token blocks the perplexity, for labelled examples the macro-F1. With a teacher also:
+    agreement (top-1 equal to the teacher's) and KL(teacher ‖ model) at temperature 1. Logits
+    are cut to the first ``vocab`` columns (the tokenizer's real tokens; embedding tables may be
+    padded) and made a chunk of positions at a time, so big vocabularies fit in memory. Pass
+    ``stats`` to keep the per-prediction numbers (e.g. for reliability diagrams).
     """
-    was_training = model.training
-    model.eval()
-    totals = {"loss": 0.0, "correct": 0.0, "agree": 0.0, "kl": 0.0}
-    count = 0
-    for ids in sequential_batches(data, batch_size, max_batches):
-        ids = ids.to(device)
-        all_labels = shift_labels(ids).reshape(-1)  # (N,)
-        for part, student_logits, teacher_logits in _logits_by_chunk(model, ids, teacher, vocab):
-            labels = all_labels[part]
-            mask = labels != IGNORE_INDEX
-            totals["loss"] += float(cross_entropy(student_logits, labels, mask))
-            top1 = student_logits.argmax(-1)
-            totals["correct"] += float(((top1 == labels) & mask).sum())
-            if teacher_logits is not None:
-                totals["agree"] += float(((top1 == teacher_logits.argmax(-1)) & mask).sum())
-                totals["kl"] += float(
-                    forward_kl(student_logits, teacher_logits, mask, temperature=1.0)
-                )
-            count += int(mask.sum())
-    model.train(was_training)
+    stats = stats if stats is not None else CalibrationStats()
+    agree, kl, count = 0.0, 0.0, 0
+    predicted, gold = [], []
+    for logits, labels, t_logits in predictions(
+        model,
+        data,
+        device=device,
+        batch_size=batch_size,
+        max_batches=max_batches,
+        teacher=teacher,
+        vocab=vocab,
+    ):
+        stats.add_logits(logits, labels)
+        top1 = logits.argmax(-1)
+        if isinstance(data, LabelledExamples):
+            predicted.append(top1.cpu())
+            gold.append(labels.cpu())
+        if t_logits is not None:
+            agree += float((top1 == t_logits.argmax(-1)).sum())
+            mask = torch.ones_like(labels, dtype=torch.bool)
+            kl += float(forward_kl(logits, t_logits, mask, temperature=1.0))
+        count += labels.numel()
+    cal = stats.metrics(n_bins)
     n = max(count, 1)
-    out = {
-        "val_loss": totals["loss"] / n,
-        "val_ppl": math.exp(min(totals["loss"] / n, 50.0)),
-        "accuracy": totals["correct"] / n,
-        "eval_tokens": float(count),
-    }
+    out = {"val_loss": cal["nll"], "accuracy": cal["accuracy"]}
+    if isinstance(data, LabelledExamples):
+        out["macro_f1"] = macro_f1(torch.cat(predicted), torch.cat(gold), len(data.classes))
+        out["eval_examples"] = float(count)
+    else:
+        out["val_ppl"] = math.exp(min(cal["nll"], 50.0))
+        out["eval_tokens"] = float(count)
+    out |= {"ece": cal["ece"], "mce": cal["mce"], "brier": cal["brier"]}
     if teacher is not None:
-        out["agreement"] = totals["agree"] / n
-        out["kl_teacher_student"] = totals["kl"] / n
+        out["agreement"] = agree / n
+        out["kl_teacher_student"] = kl / n
     return out
 
 

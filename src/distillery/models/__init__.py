@@ -5,7 +5,7 @@ from distillery.models.loading import (
     check_fits_data,
     check_same_tokenizer,
     compute_params,
-    load_causal_lm,
+    load_pretrained,
     num_params,
 )
 from distillery.models.presets import PRESETS, preset_config
@@ -20,7 +20,7 @@ __all__ = [
     "decoder_layers",
     "every_other",
     "init_from_teacher",
-    "load_causal_lm",
+    "load_pretrained",
     "num_params",
     "preset_config",
 ]

@@ -1,22 +1,44 @@
-"""Load any HF causal LM from a local folder, or build one from a preset; count parameters."""
+"""Load any HF causal LM or sequence classifier from a local folder, or build one from a
+preset; count parameters."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
 
 from distillery.data import tokenizer_fingerprint
 from distillery.errors import DistilleryError
+from distillery.models.dropout import restore_residual_dropout
 from distillery.models.presets import preset_config
 
+Task = Literal["lm", "classify"]
+_AUTO = {
+    "lm": (AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "causal language model"),
+    "classify": (
+        AutoModelForSequenceClassification,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+        "sequence classifier",
+    ),
+}
 
-def load_causal_lm(folder: Path, role: str = "model") -> PreTrainedModel:
-    """``AutoModelForCausalLM`` from a local folder (fp32), with one clear error on any problem."""
+
+def load_pretrained(folder: Path, role: str = "model", task: Task = "lm") -> PreTrainedModel:
+    """A causal LM (``task="lm"``) or a sequence classifier from a local folder (fp32), with one
+    clear error on any problem; residual dropout it was trained with is hooked back on."""
+    auto, mapping, what = _AUTO[task]
     folder = Path(folder)
     if not folder.is_dir():
         raise DistilleryError(f"{role} folder {folder} not found")
@@ -26,29 +48,37 @@ def load_causal_lm(folder: Path, role: str = "model") -> PreTrainedModel:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # transformers raises many kinds here
         raise DistilleryError(f"{role} folder {folder}: unreadable config.json ({exc})") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if config.model_type not in mapping:
         raise DistilleryError(
-            f"{role} folder {folder} holds a {config.model_type!r} model, which is not a causal "
-            "language model (AutoModelForCausalLM cannot load it)"
+            f"{role} folder {folder} holds a {config.model_type!r} model, which has no {what} "
+            f"({auto.__name__} cannot load it)"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, dtype=torch.float32
-        )
+        model = auto.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DistilleryError(
             f"{role} folder {folder}: cannot load the weights ({first})"
         ) from None
+    restore_residual_dropout(model)
     return model
 
 
 def build_model(
-    preset: str, vocab_size: int, overrides: dict[str, Any] | None = None, **special: int | None
+    preset: str,
+    vocab_size: int,
+    overrides: dict[str, Any] | None = None,
+    *,
+    num_labels: int | None = None,
+    **special: int | None,
 ) -> PreTrainedModel:
-    """A freshly initialised causal LM from a preset (seed the RNG before calling)."""
+    """A freshly initialised model from a preset (seed the RNG before calling): a causal LM, or
+    a sequence classifier over ``num_labels`` classes."""
     config = preset_config(preset, vocab_size, overrides, **special)
     try:
+        if num_labels is not None:
+            config.num_labels = num_labels
+            return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except Exception as exc:  # any failure to build from a user's overrides
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

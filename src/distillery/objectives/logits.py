@@ -14,9 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from distillery.data.packed import IGNORE_INDEX as IGNORE_INDEX  # re-exported
 from distillery.objectives.registry import register_objective
-
-IGNORE_INDEX = -100
 
 
 def _counted(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""A weighted sum of named objectives, computed on one micro-batch."""
+"""A weighted sum of named objectives, computed on one micro-batch.
+
+Labels are next tokens ``(B, T)`` for a language model, or one class per example ``(B,)`` for a
+classifier (whose logits are ``(B, C)``): either way a flat row of predictions per label.
+"""
 
 from __future__ import annotations
 
@@ -71,18 +75,6 @@ def terms_from_config(objectives: Sequence[Any]) -> list[Term]:
         name = kind if seen[kind] == 1 else f"{kind}_{seen[kind]}"
         terms.append(Term(name, objective, weight, spec, **routing))
     return terms
-
-
-def shift_labels(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Next-token labels ``(B, T)``: position t predicts token t+1; last and padding are -100."""
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:, :-1] = input_ids[:, 1:]
-    if attention_mask is not None:
-        keep = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
-        labels[:, :-1] = torch.where(keep, labels[:, :-1], IGNORE_INDEX)
-    return labels
 
 
 def unwrap(model: nn.Module) -> nn.Module:

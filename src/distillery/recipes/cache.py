@@ -8,7 +8,7 @@ from typing import Any
 from distillery.config import CacheTeacherConfig
 from distillery.data import has_tokenizer, load_tokenizer
 from distillery.distributed import DistEnv, resolve_device
-from distillery.models import check_fits_data, check_same_tokenizer, load_causal_lm
+from distillery.models import check_fits_data, check_same_tokenizer, load_pretrained
 from distillery.recipes.common import prepare_data
 from distillery.teacher_cache import build_teacher_cache, cache_key
 from distillery.teachers import LiveTeacher
@@ -17,7 +17,7 @@ from distillery.teachers import LiveTeacher
 def cache_teacher(cfg: CacheTeacherConfig, *, overwrite: bool = False) -> dict[str, Any]:
     """Write the cache to ``cfg.out`` (atomically) and return its ``cache.json``."""
     device = resolve_device(cfg.device)
-    model = load_causal_lm(cfg.teacher, "teacher")
+    model = load_pretrained(cfg.teacher, "teacher")
     tokenizer, train, _ = prepare_data(cfg.data, DistEnv(), cfg.teacher)
     if cfg.data.tokenizer is not None and has_tokenizer(cfg.teacher):
         check_same_tokenizer(load_tokenizer(cfg.teacher), tokenizer)

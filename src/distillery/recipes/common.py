@@ -20,9 +20,13 @@ from distillery.data import (
     PackedTokens,
     build_token_cache,
     cached_bpe_tokenizer,
+    class_names,
+    encode_labelled,
     load_documents,
+    load_labelled,
     load_tokenizer,
     split_documents,
+    split_labelled,
 )
 from distillery.distributed import DistEnv
 from distillery.engine import list_checkpoints
@@ -90,41 +94,63 @@ def once_per_job(env: DistEnv, fn: Callable[[], T], *, everyone: bool = True) ->
 
 
 def prepare_data(
-    cfg: DataConfig, env: DistEnv, tokenizer_dir: Path | None = None
-) -> tuple[Any, PackedTokens, PackedTokens]:
-    """Documents → split → tokenizer → packed token cache; returns (tokenizer, train, val).
+    cfg: DataConfig,
+    env: DistEnv,
+    tokenizer_dir: Path | None = None,
+    splits: tuple[str, ...] = ("train", "val"),
+) -> tuple[Any, ...]:
+    """Texts → split → tokenizer → examples; returns (tokenizer, one dataset per split).
 
-    The tokenizer is ``cfg.tokenizer``, else ``tokenizer_dir`` (the teacher's), else a byte-level
-    BPE trained on the training split and cached by content.
+    ``task: lm``: documents packed into a token cache on disk (``PackedTokens``);
+    ``task: classify``: labelled texts, each cut to ``seq_len`` tokens (``LabelledExamples``;
+    the classes are the training split's labels). The tokenizer is ``cfg.tokenizer``, else
+    ``tokenizer_dir`` (the teacher's), else a byte-level BPE trained on the training split and
+    cached by content.
     """
+    classify = cfg.task == "classify"
 
-    def build() -> tuple[Any, Path]:
-        docs = load_documents(cfg.source, cfg.text_field)
-        splits = split_documents(docs, cfg.val_fraction, cfg.test_fraction)
-        if not splits["val"]:
-            raise DistilleryError(
-                f"data {cfg.source}: the validation split is empty; raise data.val_fraction "
-                "or give more documents"
+    def build() -> tuple[Any, Any]:
+        if classify:
+            labelled = split_labelled(
+                load_labelled(cfg.source, cfg.text_field, cfg.label_field),
+                cfg.val_fraction,
+                cfg.test_fraction,
             )
+            parts: dict[str, Any] = labelled
+            train_texts = [text for text, _ in labelled["train"]]
+        else:
+            parts = split_documents(
+                load_documents(cfg.source, cfg.text_field), cfg.val_fraction, cfg.test_fraction
+            )
+            train_texts = parts["train"]
+        for name in splits:
+            if not parts[name]:
+                raise DistilleryError(
+                    f"data {cfg.source}: the {name} split is empty; raise data.{name}_fraction "
+                    "or give more documents"
+                )
         source = cfg.tokenizer or tokenizer_dir
         try:
             if source is not None:
                 tokenizer = load_tokenizer(Path(source))
             else:
-                tokenizer, _ = cached_bpe_tokenizer(splits["train"], cfg.vocab_size, cfg.cache_dir)
-            return tokenizer, build_token_cache(splits, tokenizer, cfg.cache_dir)
+                tokenizer, _ = cached_bpe_tokenizer(train_texts, cfg.vocab_size, cfg.cache_dir)
+            if classify:
+                return tokenizer, parts
+            return tokenizer, build_token_cache(parts, tokenizer, cfg.cache_dir)
         except OSError as exc:
             raise DistilleryError(
                 f"cannot write the token cache under data.cache_dir={cfg.cache_dir} "
                 f"({exc.strerror or exc}); give a writable folder"
             ) from None
 
-    tokenizer, folder = once_per_job(env, build)  # type: ignore[misc]
-    return (
-        tokenizer,
-        PackedTokens(folder, "train", cfg.seq_len),
-        PackedTokens(folder, "val", cfg.seq_len),
-    )
+    tokenizer, built = once_per_job(env, build)  # type: ignore[misc]
+    if classify:
+        classes = class_names(built["train"])
+        return tokenizer, *(
+            encode_labelled(built[name], tokenizer, cfg.seq_len, classes, name) for name in splits
+        )
+    return tokenizer, *(PackedTokens(built, name, cfg.seq_len) for name in splits)
 
 
 def export_model(model: PreTrainedModel, tokenizer: Any, dest: Path) -> Path:

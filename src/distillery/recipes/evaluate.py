@@ -9,13 +9,13 @@ from distillery.config import DataConfig, build_config
 from distillery.data import has_tokenizer, load_tokenizer
 from distillery.distributed import DistEnv, resolve_device
 from distillery.errors import DistilleryError
-from distillery.eval import evaluate_lm, folder_size, generation_speed
+from distillery.eval import evaluate_model, folder_size, generation_speed
 from distillery.files import write_json
 from distillery.models import (
     check_fits_data,
     check_same_tokenizer,
     compute_params,
-    load_causal_lm,
+    load_pretrained,
     num_params,
 )
 from distillery.recipes.common import prepare_data
@@ -36,21 +36,21 @@ def evaluate_folder(
     if out is not None and out.is_dir():
         raise DistilleryError(f"--out {out} must be a JSON file path, not a folder")
     device = resolve_device("auto")
-    model = load_causal_lm(model_dir, role="model").to(device)
+    model = load_pretrained(model_dir, role="model").to(device)
     tokenizer, _, val = prepare_data(data_cfg, DistEnv(), tokenizer_dir=model_dir)
     check_fits_data(model, tokenizer, data_cfg.seq_len, "model")
     signal = None
     if teacher is not None:
         if has_tokenizer(teacher):
             check_same_tokenizer(load_tokenizer(teacher), tokenizer)
-        teacher_model = load_causal_lm(teacher, role="teacher")
+        teacher_model = load_pretrained(teacher, role="teacher")
         check_fits_data(teacher_model, tokenizer, data_cfg.seq_len, "teacher")
         signal = LiveTeacher(teacher_model.to(device))
     result: dict[str, Any] = {
         "model": str(model_dir),
         "params": num_params(model),
         "compute_params": compute_params(model),
-        **evaluate_lm(model, val, device=device, teacher=signal, vocab=len(tokenizer)),
+        **evaluate_model(model, val, device=device, teacher=signal, vocab=len(tokenizer)),
         "size_on_disk": folder_size(model_dir),
         "generation_tokens_per_s": generation_speed(model, tokenizer, device=device),
         "device": str(device),

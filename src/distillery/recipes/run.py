@@ -15,7 +15,8 @@ from distillery.config import RunConfig, config_to_yaml
 from distillery.data import has_tokenizer, load_tokenizer
 from distillery.distributed import init_distributed, resolve_device, shutdown_distributed
 from distillery.engine import Engine, seed_everything, steps_for_budget
-from distillery.eval import evaluate_lm, folder_size, generation_speed
+from distillery.errors import DistilleryError
+from distillery.eval import evaluate_model, folder_size, generation_speed
 from distillery.files import atomic_write_text, write_json
 from distillery.models import (
     build_model,
@@ -24,18 +25,25 @@ from distillery.models import (
     compute_params,
     every_other,
     init_from_teacher,
-    load_causal_lm,
+    load_pretrained,
     num_params,
 )
+from distillery.models.dropout import add_residual_dropout
 from distillery.models.growth import grow_layers, stack_layers
 from distillery.objectives.chunked import check_plain_head
 from distillery.objectives.mix import LossMix, terms_from_config
 from distillery.recipes.common import export_model, once_per_job, prepare_data, prepare_out_dir
 from distillery.teacher_cache import CachedTeacher, cache_key, check_cache_objectives
-from distillery.teachers import EnsembleTeacher, LiveTeacher, TeacherSignal
+from distillery.teachers import EnsembleTeacher, LiveTeacher, MCDropoutTeacher, TeacherSignal
 
 
-def _student(cfg: RunConfig, folder_model: PreTrainedModel | None, vocab: int, tok: Any):
+def _student(
+    cfg: RunConfig,
+    folder_model: PreTrainedModel | None,
+    vocab: int,
+    tok: Any,
+    num_labels: int | None,
+) -> PreTrainedModel:
     """The model to train: the one loaded from a folder, else a fresh preset (seeded)."""
     if folder_model is not None:
         return folder_model
@@ -44,6 +52,7 @@ def _student(cfg: RunConfig, folder_model: PreTrainedModel | None, vocab: int, t
         cfg.model.preset or "",
         vocab,
         cfg.model.overrides,
+        num_labels=num_labels,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -72,9 +81,10 @@ def run(
 
         # Models given as folders: the teacher(s) (frozen) and perhaps the student.
         teacher_paths = cfg.teacher_paths
-        teacher_models = [load_causal_lm(p, "teacher") for p in teacher_paths]
+        task = cfg.data.task
+        teacher_models = [load_pretrained(p, "teacher", task) for p in teacher_paths]
         teacher_model = teacher_models[0] if teacher_models else None
-        folder_model = load_causal_lm(cfg.model.path, "student") if cfg.model.path else None
+        folder_model = load_pretrained(cfg.model.path, "student", task) if cfg.model.path else None
         tokenizer_dir = teacher_paths[0] if teacher_paths else cfg.model.path
         tokenizer, train_data, val_data = prepare_data(cfg.data, env, tokenizer_dir)
         # Every teacher (and a student folder) must use the tokenizer the data was cut with.
@@ -84,13 +94,23 @@ def run(
                 check_same_tokenizer(load_tokenizer(folder), tokenizer)
 
         # The student: its vocabulary is the teacher's (same output rows) or the tokenizer's.
-        vocab = teacher_model.get_output_embeddings().weight.shape[0] if teacher_model else None
-        model = _student(cfg, folder_model, vocab or len(tokenizer), tokenizer)
+        # A classifier's outputs are the training split's classes; logits are cut to ``cut``.
+        classes = getattr(train_data, "classes", None)
+        num_labels = len(classes) if classes is not None else None
+        cut = num_labels or len(tokenizer)
+        head = teacher_model.get_output_embeddings() if teacher_model else None
+        vocab = head.weight.shape[0] if head is not None else None
+        model = _student(cfg, folder_model, vocab or len(tokenizer), tokenizer, num_labels)
         check_fits_data(model, tokenizer, cfg.data.seq_len, "model")
-        for teacher_i in teacher_models:
+        for role, m in [("model", model)] + [("teacher", t) for t in teacher_models]:
             # Same tokenizer (checked above); embedding tables padded to different sizes are
             # reconciled by cutting both sides' logits to the tokenizer's real tokens.
-            check_fits_data(teacher_i, tokenizer, cfg.data.seq_len, "teacher")
+            check_fits_data(m, tokenizer, cfg.data.seq_len, role)
+            if num_labels is not None and m.config.num_labels != num_labels:
+                raise DistilleryError(
+                    f"the {role} classifies into {m.config.num_labels} classes but the data has "
+                    f"{num_labels} ({', '.join(classes)}); use a {role} made for these labels"
+                )
         if cfg.model.init_from_teacher is not None and teacher_model is not None:
             layer_map = (
                 every_other(teacher_model.config.num_hidden_layers, model.config.num_hidden_layers)
@@ -104,6 +124,7 @@ def run(
                 stack_layers(model)
             else:
                 grow_layers(model, grow.layers or 0, where=grow.kind, identity=grow.identity)
+        add_residual_dropout(model, cfg.model.dropout)
 
         # Objectives and the teacher signal; compute charged per trained token.
         # With a teacher cache the live teacher is only for the final evaluation: it waits on
@@ -113,8 +134,10 @@ def run(
         teacher: TeacherSignal | None = members[0] if members else None
         if len(members) > 1:
             teacher = EnsembleTeacher(
-                members, vocab=len(tokenizer), weights=cfg.teacher_weights, combine=cfg.ensemble
+                members, vocab=cut, weights=cfg.teacher_weights, combine=cfg.ensemble
             )
+        if cfg.teacher_mc_samples is not None:
+            teacher = MCDropoutTeacher(members[0], cfg.teacher_mc_samples, vocab=cut)
         live_teacher = teacher  # the final evaluation always asks the real teacher
         if cfg.teacher_cache is not None:
             expect = cache_key(teacher_paths[0], tokenizer, train_data)
@@ -128,7 +151,7 @@ def run(
             terms_from_config(cfg.objectives),
             teacher,
             student=model,
-            vocab=len(tokenizer),
+            vocab=cut,
             chunk_size=chunk,
         )
         flops_per_token = 6.0 * compute_params(model) + loss.teacher_flops_per_token()
@@ -137,8 +160,8 @@ def run(
         )
 
         def eval_fn(m: Any) -> dict[str, float]:
-            return evaluate_lm(
-                m, val_data, device=device, max_batches=cfg.train.eval_batches, vocab=len(tokenizer)
+            return evaluate_model(
+                m, val_data, device=device, max_batches=cfg.train.eval_batches, vocab=cut
             )
 
         engine = Engine(
@@ -153,6 +176,13 @@ def run(
             eval_fn=eval_fn,
             name=name,
         )
+        if env.is_main and classes is not None and train_data.truncated:
+            print(
+                f"[distillery] {train_data.truncated} of {train_data.num_blocks} training texts "
+                f"are longer than data.seq_len={cfg.data.seq_len} tokens: each is cut to its "
+                "first tokens",
+                flush=True,
+            )
         if env.is_main:  # written once everything above has been checked
             atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
         progress = engine.fit(resume=resume, stop_after=stop_after)
@@ -162,8 +192,8 @@ def run(
             # One full evaluation (fp32, whole validation split), logged and summarised.
             if isinstance(teacher, CachedTeacher) and isinstance(live_teacher, LiveTeacher):
                 live_teacher.model.to(device)
-            metrics = evaluate_lm(
-                model, val_data, device=device, teacher=live_teacher, vocab=len(tokenizer)
+            metrics = evaluate_model(
+                model, val_data, device=device, teacher=live_teacher, vocab=cut
             )
             engine.log({"step": progress.step, **metrics, "final": True})
             summary = {
@@ -183,7 +213,13 @@ def run(
                 "train_seconds": progress.seconds,
                 "tokens_per_s": progress.tokens / max(progress.seconds, 1e-9),
                 "size_on_disk": folder_size(out / "model"),
-                "generation_tokens_per_s": generation_speed(model, tokenizer, device=device),
+                **(
+                    {"classes": classes, "truncated_train_texts": train_data.truncated}
+                    if classes is not None
+                    else {
+                        "generation_tokens_per_s": generation_speed(model, tokenizer, device=device)
+                    }
+                ),
                 "device": str(device),
                 "world_size": env.world_size,
                 "finished": True,
