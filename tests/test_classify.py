@@ -124,6 +124,7 @@ def test_classifier_round_trips_through_plain_transformers(classifier: Path, cor
     assert summary["truncated_train_texts"] > 0  # BBC articles are longer than 48 tokens
     model = AutoModelForSequenceClassification.from_pretrained(classifier / "model").eval()
     assert model.config.num_labels == len(summary["classes"])
+    assert [model.config.id2label[i] for i in range(5)] == summary["classes"]  # names saved
     assert model.config.residual_dropout == 0.1
     tok = load_tokenizer(classifier / "model")
     ids = torch.tensor([tok("Shares rose as the bank reported profits").input_ids])
@@ -222,3 +223,34 @@ def test_temperature_scaled_teacher_divides_the_logits():
     chunked = scaled.run(ids, logits=False).chunk_logits
     assert chunked is not None
     assert torch.allclose(chunked(slice(0, 6), None), teacher.logits(ids)[0] / 2.0, atol=1e-6)
+
+
+def test_eval_cli_reads_a_classifier_and_checks_its_classes(
+    classifier: Path, corpus: Path, cache_dir: Path, tmp_path: Path
+):
+    data = [
+        "data.task=classify",
+        f"data.source={corpus}",
+        "data.seq_len=48",
+        "data.val_fraction=0.15",
+        "data.test_fraction=0.15",
+        f"data.cache_dir={cache_dir}",
+    ]
+    result = run_cli("eval", "--model", str(classifier / "model"), *data)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads(result.stdout)
+    assert metrics["eval_examples"] > 0 and 0 <= metrics["macro_f1"] <= 1
+    assert "generation_tokens_per_s" not in metrics and len(metrics["classes"]) == 5
+    # Labels renamed in the data: the model's saved class names no longer fit.
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text(
+        "".join(
+            json.dumps({**(row := json.loads(line)), "label": row["label"].upper()}) + "\n"
+            for line in corpus.open()
+        ),
+        encoding="utf-8",
+    )
+    result = run_cli("eval", "--model", str(classifier / "model"), *data, f"data.source={renamed}")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "the model's classes are ['business'" in result.stderr

@@ -2,6 +2,7 @@
 
 from distillery.models.loading import (
     build_model,
+    check_classes,
     check_fits_data,
     check_same_tokenizer,
     compute_params,
@@ -14,6 +15,7 @@ from distillery.models.surgery import decoder_layers, every_other, init_from_tea
 __all__ = [
     "PRESETS",
     "build_model",
+    "check_classes",
     "check_fits_data",
     "check_same_tokenizer",
     "compute_params",

@@ -136,3 +136,20 @@ def check_fits_data(model: PreTrainedModel, tokenizer: Any, seq_len: int, role: 
         raise DistilleryError(
             f"data.seq_len={seq_len} exceeds the {role}'s {limit} positions; lower data.seq_len"
         )
+
+
+def check_classes(model: PreTrainedModel, classes: list[str], role: str) -> None:
+    """A classifier must predict the data's classes: as many, and (when it names them, in its
+    config's ``id2label``) the same names in the same order."""
+    n = model.config.num_labels
+    if n != len(classes):
+        raise DistilleryError(
+            f"the {role} classifies into {n} classes but the data has {len(classes)} "
+            f"({', '.join(classes)}); use a {role} made for these labels"
+        )
+    names = [str(model.config.id2label.get(i, "")) for i in range(n)]
+    if names != [f"LABEL_{i}" for i in range(n)] and names != list(classes):
+        raise DistilleryError(
+            f"the {role}'s classes are {names} but the data's are {list(classes)}: use a {role} "
+            "trained on these labels"
+        )

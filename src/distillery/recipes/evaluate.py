@@ -1,4 +1,5 @@
-"""``distillery eval``: quality, agreement with a teacher, size and speed of a model folder."""
+"""``distillery eval``: quality, calibration, agreement with a teacher, size and speed of a model
+folder (a causal LM, or a classifier with ``data.task=classify``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from distillery.errors import DistilleryError
 from distillery.eval import evaluate_model, folder_size, generation_speed
 from distillery.files import write_json
 from distillery.models import (
+    check_classes,
     check_fits_data,
     check_same_tokenizer,
     compute_params,
@@ -36,23 +38,34 @@ def evaluate_folder(
     if out is not None and out.is_dir():
         raise DistilleryError(f"--out {out} must be a JSON file path, not a folder")
     device = resolve_device("auto")
-    model = load_pretrained(model_dir, role="model").to(device)
+    task = data_cfg.task
+    model = load_pretrained(model_dir, "model", task).to(device)
     tokenizer, _, val = prepare_data(data_cfg, DistEnv(), tokenizer_dir=model_dir)
+    classes = getattr(val, "classes", None)
+    cut = len(classes) if classes is not None else len(tokenizer)
     check_fits_data(model, tokenizer, data_cfg.seq_len, "model")
+    if classes is not None:
+        check_classes(model, classes, "model")
     signal = None
     if teacher is not None:
         if has_tokenizer(teacher):
             check_same_tokenizer(load_tokenizer(teacher), tokenizer)
-        teacher_model = load_pretrained(teacher, role="teacher")
+        teacher_model = load_pretrained(teacher, "teacher", task)
         check_fits_data(teacher_model, tokenizer, data_cfg.seq_len, "teacher")
+        if classes is not None:
+            check_classes(teacher_model, classes, "teacher")
         signal = LiveTeacher(teacher_model.to(device))
     result: dict[str, Any] = {
         "model": str(model_dir),
         "params": num_params(model),
         "compute_params": compute_params(model),
-        **evaluate_model(model, val, device=device, teacher=signal, vocab=len(tokenizer)),
+        **evaluate_model(model, val, device=device, teacher=signal, vocab=cut),
         "size_on_disk": folder_size(model_dir),
-        "generation_tokens_per_s": generation_speed(model, tokenizer, device=device),
+        **(
+            {"generation_tokens_per_s": generation_speed(model, tokenizer, device=device)}
+            if classes is None
+            else {"classes": classes}
+        ),
         "device": str(device),
     }
     if out is not None:

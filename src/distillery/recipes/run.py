@@ -15,11 +15,11 @@ from distillery.config import RunConfig, config_to_yaml
 from distillery.data import has_tokenizer, load_tokenizer
 from distillery.distributed import init_distributed, resolve_device, shutdown_distributed
 from distillery.engine import Engine, seed_everything, steps_for_budget
-from distillery.errors import DistilleryError
 from distillery.eval import evaluate_model, folder_size, generation_speed
 from distillery.files import atomic_write_text, write_json
 from distillery.models import (
     build_model,
+    check_classes,
     check_fits_data,
     check_same_tokenizer,
     compute_params,
@@ -106,11 +106,11 @@ def run(
             # Same tokenizer (checked above); embedding tables padded to different sizes are
             # reconciled by cutting both sides' logits to the tokenizer's real tokens.
             check_fits_data(m, tokenizer, cfg.data.seq_len, role)
-            if num_labels is not None and m.config.num_labels != num_labels:
-                raise DistilleryError(
-                    f"the {role} classifies into {m.config.num_labels} classes but the data has "
-                    f"{num_labels} ({', '.join(classes)}); use a {role} made for these labels"
-                )
+            if classes is not None:
+                check_classes(m, classes, role)
+        if classes is not None:
+            model.config.id2label = dict(enumerate(classes))  # saved with the model
+            model.config.label2id = {c: i for i, c in enumerate(classes)}
         if cfg.model.init_from_teacher is not None and teacher_model is not None:
             layer_map = (
                 every_other(teacher_model.config.num_hidden_layers, model.config.num_hidden_layers)
