@@ -174,6 +174,23 @@ class AttentionKLObjective(Strict):
     heads: Literal["auto", "average", "map"] = "auto"  # when head counts differ
 
 
+class InterchangeObjective(Strict):
+    """Interchange intervention training (Wu, Geiger et al. 2022): with probability
+    ``probability`` a batch's rows are paired (base, source); for one aligned layer pair drawn
+    from ``layers``, each model runs on the base with that layer's states at the sampled
+    ``positions`` swapped in from its own run on the source, and the student's counterfactual
+    output is pulled towards the teacher's by ``divergence`` at ``temperature``."""
+
+    kind: Literal["iit"] = "iit"
+    weight: float = Field(1.0, ge=0.0)
+    layers: LayerMap = "uniform"  # the alignment: one pair is drawn per batch
+    positions: Literal["all", "span", "fraction"] = "span"
+    fraction: float = Field(0.5, gt=0.0, le=1.0)  # span length / share of positions swapped
+    probability: float = Field(1.0, gt=0.0, le=1.0)  # share of batches that get interventions
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
+    temperature: float = Field(1.0, gt=0.0)
+
+
 ObjectiveConfig = Annotated[
     CrossEntropyObjective
     | HardLabelsObjective
@@ -183,12 +200,13 @@ ObjectiveConfig = Annotated[
     | TVDObjective
     | HiddenCosineObjective
     | HiddenMSEObjective
-    | AttentionKLObjective,
+    | AttentionKLObjective
+    | InterchangeObjective,
     Field(discriminator="kind"),
 ]
 
 
-REPRESENTATION_KINDS = ("hidden_cosine", "hidden_mse", "attention_kl")
+REPRESENTATION_KINDS = ("hidden_cosine", "hidden_mse", "attention_kl", "iit")
 
 
 class TrainConfig(Strict):

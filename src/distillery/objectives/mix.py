@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from distillery.errors import DistilleryError
+from distillery.models.interventions import num_layers, sample_positions
 from distillery.objectives.chunked import chunked_loss, head_inputs
+from distillery.objectives.interchange import iit_loss, pair_batch
 from distillery.objectives.logits import IGNORE_INDEX
 from distillery.objectives.registry import Objective, get_objective
 from distillery.objectives.representations import (
@@ -46,6 +48,14 @@ class Term:
     heads: HeadPolicy = "auto"
     projection: Literal["auto", "linear"] = "auto"
     pairs: list[tuple[int, int]] = field(default_factory=list)  # resolved by LossMix
+    # Interchange intervention training: positions / fraction / probability; ``objective`` is
+    # then the divergence between the counterfactual outputs (``objectives.interchange``).
+    interchange: dict[str, Any] | None = None
+
+    @property
+    def reads(self) -> str:
+        """``logits``, ``states``, ``attentions`` or ``interchange`` (counterfactual runs)."""
+        return "interchange" if self.interchange is not None else self.objective.reads
 
 
 ROUTING = ("layers", "heads", "projection")  # Term fields set from config, not loss parameters
@@ -58,6 +68,19 @@ def terms_from_config(objectives: Sequence[Any]) -> list[Term]:
     for entry in objectives:
         spec = entry.model_dump() if hasattr(entry, "model_dump") else dict(entry)
         kind, weight = spec.pop("kind"), float(spec.pop("weight", 1.0))
+        if kind == "iit":
+            divergence = get_objective(spec.pop("divergence", "forward_kl"))
+            keys = ("positions", "fraction", "probability")
+            defaults = {"positions": "span", "fraction": 0.5, "probability": 1.0}
+            swap = {k: spec.pop(k, defaults[k]) for k in keys}
+            layers = spec.pop("layers", "uniform")
+            unknown = set(spec) - set(divergence.params)
+            if unknown:
+                raise DistilleryError(f"objective 'iit' has no parameter(s) {sorted(unknown)}")
+            seen[kind] = seen.get(kind, 0) + 1
+            name = kind if seen[kind] == 1 else f"{kind}_{seen[kind]}"
+            terms.append(Term(name, divergence, weight, spec, layers=layers, interchange=swap))
+            continue
         objective = get_objective(kind)
         routing = {k: spec.pop(k) for k in ROUTING if k in spec}
         allowed = {
@@ -112,11 +135,16 @@ class LossMix:
         if self.needs_teacher and teacher is None:
             needing = [t.name for t in terms if t.objective.needs_teacher]
             raise DistilleryError(f"objectives {needing} need a teacher (--teacher DIR)")
-        self.logit_terms = [t for t in terms if t.objective.reads == "logits"]
+        self.logit_terms = [t for t in terms if t.reads == "logits"]
+        self.interchange_terms = [t for t in terms if t.reads == "interchange"]
+        # The teacher's plain forward pass, unless only counterfactual runs need the teacher.
+        self.teacher_forward = any(
+            t.objective.needs_teacher for t in terms if t.reads != "interchange"
+        )
         self.projections = nn.ModuleDict()
-        reads = {t.objective.reads for t in terms}
+        reads = {t.reads for t in terms}
         self.wants_states, self.wants_attentions = "states" in reads, "attentions" in reads
-        if self.wants_states or self.wants_attentions:
+        if self.wants_states or self.wants_attentions or self.interchange_terms:
             assert teacher is not None
             if student is None:
                 raise DistilleryError("representation objectives need the student model")
@@ -125,12 +153,22 @@ class LossMix:
     def _resolve(self, student: nn.Module, teacher: TeacherSignal) -> None:
         """Layer pairs and projections of the representation terms, from both configs."""
         if not teacher.has_internals:
-            names = [t.name for t in self.terms if t.objective.reads != "logits"]
+            names = [t.name for t in self.terms if t.reads != "logits"]
             raise DistilleryError(f"objectives {names} need a single teacher, not an ensemble")
         s_cfg, t_cfg = student.config, teacher.config
         for term in self.terms:
-            reads = term.objective.reads
+            reads = term.reads
             if reads == "logits":
+                continue
+            if reads == "interchange":
+                if not isinstance(getattr(teacher, "model", None), nn.Module):
+                    raise DistilleryError(
+                        f"{term.name}: interchange interventions run the teacher model itself; "
+                        "give one live teacher (no teacher cache, ensemble or MC dropout)"
+                    )
+                term.pairs = layer_pairs(
+                    term.layers or "uniform", num_layers(student), num_layers(teacher.model)
+                )
                 continue
             default = "uniform" if reads == "attentions" else "last"
             term.pairs = layer_pairs(
@@ -159,7 +197,44 @@ class LossMix:
 
     def teacher_flops_per_token(self) -> float:
         """FLOPs of the teacher's forward pass per token (0 without a teacher)."""
-        return 2.0 * self.teacher.compute_params if self.needs_teacher and self.teacher else 0.0
+        return 2.0 * self.teacher.compute_params if self.teacher_forward and self.teacher else 0.0
+
+    def interchange_flops_per_token(self, student_params: int) -> float:
+        """Expected FLOPs per token of the counterfactual runs: per interchange term, with its
+        probability, two teacher forwards (source, base) and two student forward + backward
+        passes."""
+        if not self.interchange_terms or self.teacher is None:
+            return 0.0
+        per_batch = 2 * 2.0 * self.teacher.compute_params + 2 * 6.0 * student_params
+        return sum(t.interchange["probability"] * per_batch for t in self.interchange_terms)  # type: ignore[index]
+
+    def _interchange_sum(
+        self, term: Term, model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One interchange term's sum on this micro-batch (zero when the batch is not drawn).
+        The draws use torch's global generator, which checkpoints save and restore."""
+        spec = term.interchange
+        assert spec is not None and self.teacher is not None
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise DistilleryError(f"{term.name}: not available under torchrun yet; run it alone")
+        if spec["probability"] < 1.0 and float(torch.rand(())) >= spec["probability"]:
+            return torch.zeros((), device=input_ids.device)
+        pair = term.pairs[int(torch.randint(len(term.pairs), ()))]
+        base, source = pair_batch(input_ids)
+        positions = sample_positions(
+            tuple(input_ids.shape), spec["positions"], spec["fraction"], device=input_ids.device
+        )
+        return iit_loss(
+            unwrap(model),
+            self.teacher.model,  # type: ignore[attr-defined]
+            base,
+            source,
+            pair,
+            positions,
+            term.objective.fn,
+            mask=mask,
+            **term.params,
+        )
 
     @staticmethod
     def _weights(terms: list[Term], device: torch.device) -> torch.Tensor:
@@ -221,7 +296,7 @@ class LossMix:
             student = model(input_ids=input_ids, **internals)
         teacher_logits_needed = any(t.objective.needs_teacher for t in self.logit_terms)
         teacher = TeacherOutput()
-        if self.needs_teacher:
+        if self.teacher_forward:
             assert self.teacher is not None
             teacher = self.teacher.run(
                 input_ids,
@@ -272,7 +347,11 @@ class LossMix:
         for i, term in enumerate(self.logit_terms):
             sums[term.name] = logit_sums[i]
         for term in self.terms:
-            if term.objective.reads != "logits":
+            if term.reads == "interchange":
+                value = self._interchange_sum(term, model, input_ids, mask)
+                sums[term.name] = value
+                total = total + term.weight * value
+            elif term.reads != "logits":
                 value = self._representation_sum(term, student, teacher, mask)
                 sums[term.name] = value
                 total = total + term.weight * value

@@ -15,7 +15,12 @@ from distillery.config import RunConfig, config_to_yaml
 from distillery.data import has_tokenizer, load_tokenizer
 from distillery.distributed import init_distributed, resolve_device, shutdown_distributed
 from distillery.engine import Engine, seed_everything, steps_for_budget
-from distillery.eval import evaluate_model, folder_size, generation_speed
+from distillery.eval import (
+    evaluate_model,
+    folder_size,
+    generation_speed,
+    interchange_agreement,
+)
 from distillery.files import atomic_write_text, write_json
 from distillery.models import (
     build_model,
@@ -154,7 +159,12 @@ def run(
             vocab=cut,
             chunk_size=chunk,
         )
-        flops_per_token = 6.0 * compute_params(model) + loss.teacher_flops_per_token()
+        n_student = compute_params(model)
+        flops_per_token = (
+            6.0 * n_student
+            + loss.teacher_flops_per_token()
+            + loss.interchange_flops_per_token(n_student)
+        )
         train_cfg = steps_for_budget(
             cfg.train, flops_per_token * cfg.train.batch_size * cfg.data.seq_len
         )
@@ -195,6 +205,19 @@ def run(
             metrics = evaluate_model(
                 model, val_data, device=device, teacher=live_teacher, vocab=cut
             )
+            if loss.interchange_terms and isinstance(live_teacher, LiveTeacher):
+                term = loss.interchange_terms[0]
+                assert term.interchange is not None
+                metrics |= interchange_agreement(
+                    model,
+                    live_teacher.model,
+                    val_data,
+                    term.pairs,
+                    device=device,
+                    positions=term.interchange["positions"],
+                    fraction=term.interchange["fraction"],
+                    vocab=cut,
+                )
             engine.log({"step": progress.step, **metrics, "final": True})
             summary = {
                 "name": name,

@@ -1,0 +1,138 @@
+"""Interchange intervention training wired into the mix, the meter, runs and the evaluation."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distillery.config import RunConfig
+from distillery.data import PackedTokens, shift_labels
+from distillery.errors import DistilleryError
+from distillery.eval import interchange_agreement
+from distillery.objectives.mix import LossMix, terms_from_config
+from distillery.teachers import EnsembleTeacher, LiveTeacher
+from tests.conftest import tiny_llama, tiny_run
+
+IIT = {"kind": "iit", "layers": [[1, 1]], "positions": "span", "fraction": 0.5}
+
+
+def test_iit_config_reads_its_divergence_and_refuses_unknown_parameters():
+    terms = terms_from_config([{**IIT, "divergence": "jsd", "beta": 0.3, "weight": 2.0}])
+    (term,) = terms
+    assert term.reads == "interchange" and term.objective.name == "jsd"
+    assert term.params == {"beta": 0.3} and term.weight == 2.0
+    assert term.interchange == {"positions": "span", "fraction": 0.5, "probability": 1.0}
+    with pytest.raises(DistilleryError, match=r"'iit' has no parameter\(s\) \['heads'\]"):
+        terms_from_config([{**IIT, "heads": "map"}])
+    cfg = RunConfig.model_validate({"teacher": "t", "objectives": [{"kind": "iit"}]})
+    assert cfg.objectives[0].layers == "uniform"
+
+
+def _batch(vocab: int = 97) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, vocab, (4, 12), generator=torch.Generator().manual_seed(0))
+    return ids, shift_labels(ids)
+
+
+def test_a_student_equal_to_its_teacher_has_zero_iit_loss_and_others_get_gradients():
+    teacher = tiny_llama(97, layers=2)
+    student = copy.deepcopy(teacher)
+    mix = LossMix(terms_from_config([IIT]), LiveTeacher(teacher), student=student, vocab=97)
+    ids, labels = _batch()
+    torch.manual_seed(0)
+    total, terms = mix(student, ids, labels)
+    assert abs(total.item()) < 1e-5 and abs(terms["iit"].item()) < 1e-5
+    other = tiny_llama(97, layers=2, seed=3)
+    mix = LossMix(terms_from_config([IIT]), LiveTeacher(teacher), student=other, vocab=97)
+    total, _ = mix(other, ids, labels)
+    assert total.item() > 1e-3
+    total.backward()
+    assert all(p.grad is not None for p in other.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_the_teacher_runs_only_for_counterfactuals_and_the_meter_counts_them():
+    teacher, student = tiny_llama(97, layers=4), tiny_llama(97, layers=2, seed=1)
+    live = LiveTeacher(teacher)
+    mix = LossMix(terms_from_config([{"kind": "ce"}, IIT]), live, student=student, vocab=97)
+    assert mix.teacher_forward is False and mix.teacher_flops_per_token() == 0.0
+    n = 1000
+    assert mix.interchange_flops_per_token(n) == 4.0 * live.compute_params + 12.0 * n
+    half = LossMix(
+        terms_from_config([{**IIT, "probability": 0.5}, {"kind": "forward_kl"}]),
+        live,
+        student=student,
+        vocab=97,
+    )
+    assert half.teacher_forward is True
+    assert half.interchange_flops_per_token(n) == 0.5 * (4.0 * live.compute_params + 12.0 * n)
+    # With probability 0.5 some batches get no intervention: their iit term is exactly zero.
+    ids, labels = _batch()
+    values = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        values.append(float(half(student, ids, labels)[1]["iit"]))
+    assert 0 < sum(v == 0.0 for v in values) < len(values)
+
+
+def test_iit_needs_one_live_teacher_and_layers_in_range():
+    teacher, student = tiny_llama(97, layers=2), tiny_llama(97, layers=2)
+    ensemble = EnsembleTeacher([LiveTeacher(teacher), LiveTeacher(tiny_llama(97))], vocab=97)
+    with pytest.raises(DistilleryError, match="single teacher, not an ensemble"):
+        LossMix(terms_from_config([IIT]), ensemble, student=student, vocab=97)
+    with pytest.raises(DistilleryError, match=r"layer pair \[1, 5\] is out of range"):
+        LossMix(
+            terms_from_config([{**IIT, "layers": [[1, 5]]}]),
+            LiveTeacher(teacher),
+            student=student,
+            vocab=97,
+        )
+
+
+def test_distil_with_iit_end_to_end(corpus: Path, cache_dir: Path, teacher_dir: Path, tmp_path):
+    from distillery.models import load_pretrained
+    from distillery.recipes.run import run
+
+    cfg = tiny_run(corpus, cache_dir, tmp_path / "iit", teacher=teacher_dir, steps=4)
+    cfg = cfg.model_copy(
+        update={
+            "objectives": RunConfig.model_validate(
+                {"teacher": "t", "objectives": [{"kind": "ce"}, {**IIT, "layers": [[1, 2]]}]}
+            ).objectives
+        }
+    )
+    summary = run(cfg)
+    assert 0.0 <= summary["interchange_agreement"] <= 1.0
+    assert 0.0 <= summary["interchange_agreement_swapped"] <= 1.0
+    logged = [json.loads(x) for x in (tmp_path / "iit" / "metrics.jsonl").open()]
+    assert all("iit" in r for r in logged if "loss" in r and not r.get("final"))
+    # The meter: 6·N_s per token plus the counterfactual runs, every step.
+    n_s, n_t = summary["compute_params"], LiveTeacher(load_pretrained(teacher_dir)).compute_params
+    tokens = 4 * 32 * 4
+    assert summary["flops"] == pytest.approx(tokens * (6.0 * n_s + 4.0 * n_t + 12.0 * n_s))
+
+
+def test_a_model_agrees_with_itself_under_interventions(corpus: Path, cache_dir: Path, tmp_path):
+    from distillery.distributed import DistEnv
+    from distillery.recipes.common import prepare_data
+
+    cfg = tiny_run(corpus, cache_dir, tmp_path / "x")
+    _, _, val = prepare_data(cfg.data, DistEnv())
+    assert isinstance(val, PackedTokens)
+    teacher = tiny_llama(val.vocab_size, layers=2)
+    same = interchange_agreement(
+        copy.deepcopy(teacher), teacher, val, [(1, 1)], device=torch.device("cpu"), max_batches=2
+    )
+    assert same == {"interchange_agreement": 1.0, "interchange_agreement_swapped": 1.0}
+    other = interchange_agreement(
+        tiny_llama(val.vocab_size, layers=2, seed=5),
+        teacher,
+        val,
+        [(1, 1), (2, 2)],
+        device=torch.device("cpu"),
+        max_batches=2,
+    )
+    assert other["interchange_agreement"] < 0.5
