@@ -136,3 +136,37 @@ def test_a_model_agrees_with_itself_under_interventions(corpus: Path, cache_dir:
         max_batches=2,
     )
     assert other["interchange_agreement"] < 0.5
+
+
+def test_iit_experiment_at_equal_flops(corpus: Path, cache_dir: Path, tmp_path: Path):
+    from tests.conftest import run_cli, tiny_recipe
+
+    result = run_cli(
+        "experiment",
+        "iit",
+        "--quick",
+        f"--out={tmp_path / 'runs'}",
+        *tiny_recipe(corpus, cache_dir),
+        "teacher.overrides.num_hidden_layers=4",
+        "teacher_train.steps=6",
+        "student_train.steps=4",
+        "student_train.batch_size=4",
+        "iit.layers=[[1, 2]]",
+        "eval_batches=2",
+        f"results={tmp_path / 'results'}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads((tmp_path / "results" / "iit.json").read_text())
+    rows = saved["rows"]
+    standard, equal, same = (
+        rows[k] for k in ("standard", "standard + IIT", "standard + IIT, same steps")
+    )
+    # Equal FLOPs: IIT's counterfactual runs leave it fewer steps, within one step of the budget.
+    assert equal["steps"]["mean"] < standard["steps"]["mean"] == same["steps"]["mean"] == 4
+    per_step = same["flops"]["mean"] / 4
+    assert (
+        standard["flops"]["mean"] - per_step < equal["flops"]["mean"] <= standard["flops"]["mean"]
+    )
+    for row in rows.values():
+        assert 0.0 <= row["interchange_agreement"]["mean"] <= 1.0
+    assert "At equal FLOPs, adding IIT" in (tmp_path / "results" / "iit.md").read_text()

@@ -136,6 +136,15 @@ def cmd_mode(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
+    if args.experiment == "iit":
+        from distillery.config import IITStudyConfig
+        from distillery.recipes.iit import iit_study
+
+        study = _recipe_config(IITStudyConfig, args)
+        if args.quick:
+            study = study.model_copy(update={"seeds": study.seeds[:1]})
+        iit_study(study, overwrite=args.overwrite)
+        return 0
     from distillery.config import DistillExpandConfig
     from distillery.recipes.distill_expand import distill_expand
 
@@ -223,11 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_mode)
 
     p = sub.add_parser(
-        "experiment", help="a lab experiment: distill-expand (distil mid-training, grow back)"
+        "experiment",
+        help="a lab experiment: distill-expand (distil mid-training, grow back) or iit "
+        "(interchange intervention training at equal compute)",
     )
-    p.add_argument("experiment", choices=["distill-expand"], help="which experiment")
+    p.add_argument("experiment", choices=["distill-expand", "iit"], help="which experiment")
     common(p)
-    p.add_argument("--quick", action="store_true", help="one seed and one sweep point")
+    p.add_argument("--quick", action="store_true", help="one seed (distill-expand: one point)")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser(

@@ -505,6 +505,25 @@ class ModesConfig(TeacherStudentRecipe, SeededStudy):
         return self
 
 
+class IITStudyConfig(TeacherStudentRecipe, SeededStudy):
+    """``distillery experiment iit``: the same student distilled with ``objectives`` and with
+    ``objectives`` + ``iit``, at equal FLOPs (and, for reference, at equal steps), over seeds."""
+
+    objectives: list[ObjectiveConfig] = Field(
+        default_factory=lambda: [CrossEntropyObjective(weight=1.0), ForwardKLObjective(weight=1.0)],
+        min_length=1,
+    )
+    iit: InterchangeObjective = Field(default_factory=InterchangeObjective)
+    eval_batches: int | None = Field(None, gt=0)  # held-out batches for interchange agreement
+    out: Path = Path("runs/iit")
+
+    @model_validator(mode="after")
+    def _no_iit_twice(self) -> IITStudyConfig:
+        if any(o.kind == "iit" for o in self.objectives):
+            raise ValueError("objectives: the iit term is set apart in 'iit', not in objectives")
+        return self
+
+
 EXPAND_ARMS = ("baseline", "distill-expand", "shrink-expand", "stacking")
 
 

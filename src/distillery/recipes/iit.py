@@ -1,0 +1,175 @@
+"""``distillery experiment iit``: does interchange intervention training help, at equal compute?
+
+1. train a teacher (reused when its config is unchanged);
+2. per seed, the same half-depth student (every other teacher layer) distilled with
+   ``objectives`` (``standard``), with ``objectives`` + ``iit`` on the FLOPs ``standard`` spent
+   (``standard + IIT``: fewer steps, its counterfactual runs are charged), and with the extra
+   term at the same number of steps (``standard + IIT, same steps``: more compute);
+3. validation perplexity, agreement with the teacher, and interchange agreement on the same
+   held-out interventions for every arm (also for ``standard``, which never trained on them).
+
+Writes ``iit.{md,json}`` to the output folder and to ``results`` when set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distillery.config import IITStudyConfig, ModelSpec, RunConfig
+from distillery.distributed import DistEnv, resolve_device
+from distillery.eval import interchange_agreement
+from distillery.files import atomic_write_text, write_json
+from distillery.models import load_pretrained
+from distillery.models.interventions import num_layers
+from distillery.objectives.representations import layer_pairs
+from distillery.recipes.common import (
+    against_spread,
+    hardware,
+    is_main_process,
+    mean_std,
+    prepare_data,
+    prepare_out_dir,
+    run_or_reuse,
+)
+from distillery.recipes.quickstart import teacher_config
+
+ARMS = ("standard", "standard + IIT", "standard + IIT, same steps")
+METRICS = (
+    "val_ppl",
+    "agreement",
+    "interchange_agreement",
+    "interchange_agreement_swapped",
+    "steps",
+    "flops",
+)
+
+
+def _held_out_agreement(
+    cfg: IITStudyConfig, student_dir: Path, teacher_dir: Path
+) -> dict[str, float]:
+    """Interchange agreement of a finished student with the teacher, on the validation split."""
+    device = resolve_device(cfg.student_train.device)
+    tokenizer, val = prepare_data(cfg.data, DistEnv(), teacher_dir, splits=("val",))
+    student = load_pretrained(student_dir, "student").to(device)
+    teacher = load_pretrained(teacher_dir, "teacher").to(device)
+    pairs = layer_pairs(cfg.iit.layers, num_layers(student), num_layers(teacher))
+    return interchange_agreement(
+        student,
+        teacher,
+        val,
+        pairs,
+        device=device,
+        positions=cfg.iit.positions,
+        fraction=cfg.iit.fraction,
+        max_batches=cfg.eval_batches,
+        vocab=len(tokenizer),
+    )
+
+
+def iit_study(cfg: IITStudyConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run every arm × seed into ``cfg.out``; return the table's data."""
+    out = Path(cfg.out)
+    prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
+    teacher_run = teacher_config(cfg, out / "teacher")
+    teacher, reuse = run_or_reuse(teacher_run, "teacher", reuse=not overwrite)
+    teacher_dir = out / "teacher" / "model"
+    student = ModelSpec(
+        preset=cfg.teacher.preset,
+        overrides={**cfg.teacher.overrides, "num_hidden_layers": cfg.student_layers},
+        init_from_teacher="every_other",
+    )
+    data = cfg.data.model_copy(update={"tokenizer": teacher_dir})
+    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
+    with_iit = [*cfg.objectives, cfg.iit]
+    for seed in cfg.seeds:
+        train = cfg.student_train.model_copy(update={"seed": seed})
+
+        def arm(objectives: list[Any], train_cfg: Any, folder: str, seed: int = seed) -> dict:
+            run_cfg = RunConfig(
+                data=data,
+                model=student,
+                teacher=teacher_dir,
+                objectives=objectives,
+                train=train_cfg,
+                out=out / folder / f"seed-{seed}",
+            )
+            summary, _ = run_or_reuse(run_cfg, f"{folder}/seed-{seed}", reuse=reuse)
+            # Every arm measured on the same held-out interventions (the IIT runs' own summary
+            # has it too, over the whole split).
+            summary |= _held_out_agreement(cfg, run_cfg.out / "model", teacher_dir)
+            return {"seed": seed, **{k: summary[k] for k in METRICS}}
+
+        standard = arm(cfg.objectives, train, "standard")
+        budget = train.model_copy(update={"flops_budget": standard["flops"]})
+        runs["standard"].append(standard)
+        runs["standard + IIT"].append(arm(with_iit, budget, "iit-equal-flops"))
+        runs["standard + IIT, same steps"].append(arm(with_iit, train, "iit-same-steps"))
+    rows = {}
+    for name, values in runs.items():
+        rows[name] = {"runs": values}
+        for key in METRICS:
+            mean, std = mean_std([float(v[key]) for v in values])
+            rows[name][key] = {"mean": mean, "std": std}
+    result = {
+        "hardware": hardware(),
+        "torch": torch.__version__,
+        "seeds": cfg.seeds,
+        "teacher": {k: teacher[k] for k in ("val_ppl", "layers", "steps")},
+        "student_layers": cfg.student_layers,
+        "iit": cfg.iit.model_dump(mode="json"),
+        "rows": rows,
+        "config": cfg.model_dump(mode="json"),
+    }
+    if is_main_process():
+        table = iit_markdown(result)
+        for folder in [out, *([cfg.results] if cfg.results else [])]:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            write_json(Path(folder) / "iit.json", result)
+            atomic_write_text(Path(folder) / "iit.md", table)
+        print(table)
+    return result
+
+
+def iit_markdown(result: dict[str, Any]) -> str:
+    """The table (mean ± std over seeds) and a plain answer at equal FLOPs."""
+    rows, iit = result["rows"], result["iit"]
+    lines = [
+        f"# Interchange intervention training ({result['hardware']}, seeds {result['seeds']})",
+        "",
+        f"Teacher: {result['teacher']['layers']} layers, validation perplexity "
+        f"{result['teacher']['val_ppl']:.1f}. Student: {result['student_layers']} layers "
+        f"(every other teacher layer). IIT: layers {iit['layers']}, positions {iit['positions']} "
+        f"(fraction {iit['fraction']:g}), {iit['divergence']} at T={iit['temperature']:g}, weight "
+        f"{iit['weight']:g}. Interchange agreement: counterfactual top-1 equal to the teacher's "
+        "on the same held-out interventions for every arm (all counted positions / the swapped "
+        "ones). Mean ± sample std over seeds.",
+        "",
+        "| arm | steps | FLOPs | val ppl | agreement | interchange agreement | (swapped) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in rows.items():
+        lines.append(
+            f"| {name} | {row['steps']['mean']:.0f} | {row['flops']['mean']:.3g} | "
+            f"{row['val_ppl']['mean']:.1f} ± {row['val_ppl']['std']:.1f} | "
+            f"{row['agreement']['mean']:.3f} ± {row['agreement']['std']:.3f} | "
+            f"{row['interchange_agreement']['mean']:.3f} ± "
+            f"{row['interchange_agreement']['std']:.3f} | "
+            f"{row['interchange_agreement_swapped']['mean']:.3f} ± "
+            f"{row['interchange_agreement_swapped']['std']:.3f} |"
+        )
+    base, equal = rows["standard"], rows["standard + IIT"]
+    seeds = len(result["seeds"])
+    gap = base["val_ppl"]["mean"] - equal["val_ppl"]["mean"]
+    stds = [base["val_ppl"]["std"], equal["val_ppl"]["std"]]
+    ia = equal["interchange_agreement"]["mean"] - base["interchange_agreement"]["mean"]
+    ia_stds = [base["interchange_agreement"]["std"], equal["interchange_agreement"]["std"]]
+    lines += [
+        "",
+        f"At equal FLOPs, adding IIT {'lowers' if gap > 0 else 'raises'} validation perplexity "
+        f"by {abs(gap):.1f} ({against_spread(gap, stds, seeds)}) and changes interchange "
+        f"agreement by {ia:+.3f} ({against_spread(ia, ia_stds, seeds, 3)}).",
+    ]
+    return "\n".join(lines) + "\n"
