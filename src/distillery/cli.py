@@ -155,6 +155,19 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_codistill(args: argparse.Namespace) -> int:
+    from distillery.config import CodistillConfig
+    from distillery.recipes.codistill import codistill
+
+    codistill(
+        _recipe_config(CodistillConfig, args),
+        peer=args.peer,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from distillery.config import CalibrateConfig
     from distillery.recipes.calibrate import calibrate
@@ -240,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--quick", action="store_true", help="one seed (distill-expand: one point)")
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser(
+        "codistill",
+        help="one peer of a codistillation pool (torchrun: one process per peer, or --peer I)",
+    )
+    common(p)
+    p.add_argument("--peer", type=int, default=None, help="run peer I alone (no torchrun)")
+    p.add_argument("--resume", action="store_true", help="continue from the peer's checkpoint")
+    p.set_defaults(func=cmd_codistill)
 
     p = sub.add_parser(
         "calibrate",

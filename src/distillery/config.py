@@ -505,6 +505,47 @@ class ModesConfig(TeacherStudentRecipe, SeededStudy):
         return self
 
 
+class ExchangeSpec(Strict):
+    """How codistilling peers teach each other (Anil et al. 2018).
+
+    ``predictions``: every ``every`` steps all peers train on one shared batch, after
+    exchanging their top-``top_k`` next-token distributions on it (an all-gather: peers wait for
+    each other); ``checkpoints``: every ``every`` steps each peer publishes its weights, and the
+    others compute targets on their own batches with the freshest copy they have (no waiting;
+    staleness is measured); ``none``: each peer trains alone (the baseline). No distillation
+    term for the first ``burn_in`` steps.
+    """
+
+    mode: Literal["predictions", "checkpoints", "none"] = "checkpoints"
+    every: int = Field(50, gt=0)
+    top_k: int = Field(32, gt=0)
+    burn_in: int = Field(0, ge=0)
+    target: Literal["mean", "each"] = "mean"  # mean of the peers' distributions, or per peer
+    weight: float = Field(1.0, ge=0.0)  # of the distillation term (the task loss has 1)
+    temperature: float = Field(1.0, gt=0.0)
+    wait_seconds: float = Field(300.0, gt=0.0)  # predictions: give up on a missing peer after
+
+
+class CodistillConfig(Strict):
+    """``distillery codistill``: one peer per process (torchrun rank, or ``--peer``), each
+    training its own model on its own shard of the training blocks, teaching each other."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    peers: list[ModelSpec] = Field(min_length=2)  # one model per peer (sizes may differ)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(checkpoint_every=50))
+    exchange: ExchangeSpec = Field(default_factory=ExchangeSpec)
+    out: Path = Path("runs/codistill")
+
+    @model_validator(mode="after")
+    def _peers_from_presets(self) -> CodistillConfig:
+        for i, peer in enumerate(self.peers):
+            if peer.path is not None or peer.init_from_teacher or peer.grow:
+                raise ValueError(f"peers.{i}: codistilling peers are built from presets")
+        if self.data.task != "lm":
+            raise ValueError("data.task: codistillation is for language models (task: lm)")
+        return self
+
+
 class IITStudyConfig(TeacherStudentRecipe, SeededStudy):
     """``distillery experiment iit``: the same student distilled with ``objectives`` and with
     ``objectives`` + ``iit``, at equal FLOPs (and, for reference, at equal steps), over seeds."""

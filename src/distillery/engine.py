@@ -277,9 +277,12 @@ class Engine:
                 "the run was started with"
             )
 
-    def resume(self) -> int:
-        """Continue from the newest checkpoint in ``out_dir``; returns its step."""
+    def resume(self, upto: int | None = None) -> int:
+        """Continue from the newest checkpoint in ``out_dir`` (at or before step ``upto``);
+        returns its step."""
         found = list_checkpoints(self.out_dir)
+        if upto is not None:
+            found = [c for c in found if int(CHECKPOINT_RE.match(c.name).group(1)) <= upto]  # type: ignore[union-attr]
         if not found:
             raise DistilleryError(
                 f"--resume: no checkpoint in {self.out_dir / 'checkpoints'}; start without --resume"
@@ -382,12 +385,24 @@ class Engine:
             out["grad_norm"] = grad_norm
         return out
 
-    def fit(self, *, resume: bool = False, stop_after: int | None = None) -> Progress:
-        """Train to ``cfg.steps`` (or stop after ``stop_after`` steps of this call)."""
+    def fit(
+        self,
+        *,
+        resume: bool = False,
+        stop_after: int | None = None,
+        before_step: Callable[[int], None] | None = None,
+        resume_upto: int | None = None,
+    ) -> Progress:
+        """Train to ``cfg.steps`` (or stop after ``stop_after`` steps of this call).
+
+        ``before_step(step)`` runs before each step, outside the timed step (e.g. a pool
+        exchanging weights or predictions); it may change ``flops_per_token`` for that step.
+        ``resume_upto``: resume from the newest checkpoint at or before that step.
+        """
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            self.resume()
+            self.resume(resume_upto)
         elif self.env.is_main and self.metrics_path.exists():
             self.metrics_path.unlink()
         cfg = self.cfg
@@ -403,6 +418,8 @@ class Engine:
         )
         window_start, window_tokens = time.perf_counter(), 0
         for step in range(first, last):
+            if before_step is not None:
+                before_step(step)
             t0 = time.perf_counter()
             terms = self.train_step(step)
             if self.device.type == "cuda":

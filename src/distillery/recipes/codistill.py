@@ -1,0 +1,177 @@
+"""``distillery codistill``: one peer of a codistillation pool (Anil et al. 2018).
+
+Launch every peer with ``torchrun --nproc-per-node N -m distillery codistill --config X``
+(peer = rank; gloo on CPU, NCCL on GPU), or each peer on its own with ``--peer I`` (the same
+command on one machine or several; in ``checkpoints`` mode the pool folder must be shared).
+
+Each peer trains ``peers[I]`` on its own shard of the training blocks with the one engine; the
+task loss plus, when the exchange has targets for the step, a soft-target term towards the
+other peers (``pool.Exchange``). In ``checkpoints`` mode peers meet only through published
+weight files: a peer that dies does not stop the others (they keep its last weights), and,
+restarted with ``--peer I --resume``, it continues from its own checkpoint and rejoins. In
+``predictions`` mode peers exchange in lockstep (an all-gather every ``every`` steps); under
+``torchrun --max-restarts K`` a failure restarts the pool and every peer resumes from the newest
+checkpoint they all have. Writes ``peerI/`` (a run folder: metrics, checkpoints, ``model/``,
+``summary.json`` with the exchange's accounts) and ``pool/peerI/`` (published weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from distillery.config import (
+    CodistillConfig,
+    CrossEntropyObjective,
+    ForwardKLObjective,
+    config_to_yaml,
+)
+from distillery.distributed import DistEnv, init_distributed, resolve_device
+from distillery.engine import Engine, list_checkpoints, seed_everything
+from distillery.errors import DistilleryError
+from distillery.eval import evaluate_model, folder_size
+from distillery.files import atomic_write_text, write_json
+from distillery.models import build_model, compute_params, num_params
+from distillery.models.dropout import add_residual_dropout
+from distillery.objectives.mix import LossMix, terms_from_config
+from distillery.pool import Exchange, PoolData, agree_on_start, check_same_config
+from distillery.recipes.common import export_model, prepare_data, prepare_out_dir
+
+
+def _peer_index(cfg: CodistillConfig, peer: int | None) -> tuple[int, DistEnv, bool]:
+    """(this peer, its process-group env, whether the pool shares a process group)."""
+    n = len(cfg.peers)
+    if peer is not None:
+        if not 0 <= peer < n:
+            raise DistilleryError(f"--peer {peer}: the config has peers 0..{n - 1}")
+        return peer, DistEnv(), False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        raise DistilleryError(
+            f"codistill needs one process per peer: torchrun --nproc-per-node {n} -m distillery "
+            "codistill ..., or start each peer with --peer I"
+        )
+    if world != n:
+        raise DistilleryError(f"torchrun started {world} processes for {n} peers; start {n}")
+    env = init_distributed(resolve_device(cfg.train.device).type)
+    return env.rank, env, True
+
+
+def codistill(
+    cfg: CodistillConfig, *, peer: int | None = None, resume: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
+    """Train this process's peer of the pool; returns its summary."""
+    index, env, collective = _peer_index(cfg, peer)
+    spec, n = cfg.exchange, len(cfg.peers)
+    if collective and spec.mode == "predictions" and cfg.train.checkpoint_every % spec.every:
+        raise DistilleryError(
+            f"train.checkpoint_every ({cfg.train.checkpoint_every}) must be a multiple of "
+            f"exchange.every ({spec.every}) so that peers can restart together"
+        )
+    ok = False
+    try:
+        device = resolve_device(cfg.train.device, env)
+        out = Path(cfg.out) / f"peer{index}"
+        prepare_out_dir(out, resume=resume, overwrite=overwrite)
+        digest = hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()
+        check_same_config(digest, collective)
+        # Rank 0 first builds the token cache; the others then read it (or each alone).
+        tokenizer, train, val = prepare_data(cfg.data, env if collective else DistEnv())
+        vocab = len(tokenizer)
+        special = dict(
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+
+        def build_peer(i: int) -> Any:
+            spec_i = cfg.peers[i]
+            model = build_model(spec_i.preset or "", vocab, spec_i.overrides, **special)
+            add_residual_dropout(model, spec_i.dropout)
+            return model
+
+        seed_everything(cfg.train.seed * 1000 + index)  # each peer its own initialisation
+        model = build_peer(index)
+        data = PoolData(train, index, n, shared_seed=cfg.train.seed)
+        exchange = Exchange(
+            spec,
+            peer=index,
+            peers=n,
+            model=model,
+            data=data,
+            pool_dir=Path(cfg.out) / "pool",
+            build_peer=build_peer,
+            device=device,
+            collective=collective,
+        )
+        task = LossMix(terms_from_config([CrossEntropyObjective()]), vocab=vocab)
+        kd = ForwardKLObjective(weight=spec.weight, temperature=spec.temperature)
+        distil = LossMix(
+            terms_from_config([CrossEntropyObjective(), kd]), exchange.teacher, vocab=vocab
+        )
+        train_cfg = cfg.train.model_copy(update={"seed": cfg.train.seed + index})
+        n_params = compute_params(model)
+
+        def eval_fn(m: Any) -> dict[str, float]:
+            return evaluate_model(
+                m, val, device=device, max_batches=cfg.train.eval_batches, vocab=vocab
+            )
+
+        engine = Engine(
+            model,
+            task,
+            data,
+            train_cfg,
+            out,
+            device=device,
+            flops_per_token=6.0 * n_params,
+            eval_fn=eval_fn,
+            name=f"peer{index}",
+        )
+
+        def before_step(step: int) -> None:
+            extra = exchange.before_step(step, train_cfg.batch_size)
+            engine.loss = distil if exchange.active else task
+            engine.flops_per_token = 6.0 * n_params + extra
+
+        upto = None
+        if resume and spec.mode == "predictions":
+            found = list_checkpoints(out)
+            latest = int(found[-1].name.removeprefix("step-")) if found else 0
+            upto = agree_on_start(latest, collective)
+        atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
+        progress = engine.fit(resume=resume, before_step=before_step, resume_upto=upto)
+        export_model(model, tokenizer, out / "model")
+        metrics = evaluate_model(model, val, device=device, vocab=vocab)
+        engine.log({"step": progress.step, **metrics, "final": True})
+        summary = {
+            "name": f"peer{index}",
+            "peer": index,
+            "peers": n,
+            "mode": spec.mode,
+            "params": num_params(model),
+            "compute_params": n_params,
+            "layers": model.config.num_hidden_layers,
+            **metrics,
+            "steps": progress.step,
+            "flops": progress.flops,
+            "tokens": progress.tokens,
+            "train_seconds": progress.seconds,
+            **exchange.accounts.summary(),
+            "size_on_disk": folder_size(out / "model"),
+            "device": str(device),
+            "finished": True,
+        }
+        write_json(out / "summary.json", summary)
+        ok = True
+        return summary
+    finally:
+        if collective and dist.is_initialized():
+            # Lockstep peers finish together; checkpoint-mode peers never wait for each other.
+            if ok and spec.mode == "predictions":
+                dist.barrier()
+            dist.destroy_process_group()
