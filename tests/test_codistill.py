@@ -210,3 +210,44 @@ def test_launch_errors_are_one_line(corpus: Path, cache_dir: Path, tmp_path: Pat
     result = run_cli("codistill", "peers=[{preset: tiny}]", "--peer", "0")
     assert result.returncode == 2 and "peers" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_codistill_study_of_an_unequal_pool(corpus: Path, cache_dir: Path, tmp_path: Path):
+    from tests.conftest import run_cli as cli
+
+    result = cli(
+        "experiment",
+        "codistill",
+        "--quick",
+        f"--out={tmp_path / 'runs'}",
+        f"data.source={corpus}",
+        "data.seq_len=32",
+        "data.vocab_size=512",
+        f"data.cache_dir={cache_dir}",
+        "model.preset=tiny",
+        "small.preset=tiny",
+        "small.overrides.num_hidden_layers=1",
+        "train.steps=8",
+        "train.batch_size=4",
+        "train.eval_every=2",
+        "train.eval_batches=2",
+        "exchange.every=2",
+        "arms=[unequal]",
+        f"results={tmp_path / 'results'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((tmp_path / "results" / "codistill.json").read_text())
+    rows = {(r["arm"], r["peer"]): r for r in saved["rows"]}
+    assert rows[("unequal", 0)]["layers"] == 2 and rows[("unequal", 1)]["layers"] == 1
+    seed = saved["per_seed"][0]["arms"]["unequal"]
+    for peer in seed:
+        assert [p[0] for p in peer["curve"]] == [2, 4, 6, 8]  # every 2 steps, the final one too
+        assert peer["bytes"] > 0  # published and loaded weights
+        if peer["steps_to_solo"] is not None:
+            assert (
+                peer["curve"][[p[0] for p in peer["curve"]].index(peer["steps_to_solo"])][2]
+                <= peer["solo_val_loss"]
+            )
+    assert 0.0 <= saved["churn"]["solo"]["mean"] <= 1.0
+    assert (tmp_path / "results" / "codistill.png").stat().st_size > 5000
+    assert "| unequal | 1 (small) | 1 |" in (tmp_path / "results" / "codistill.md").read_text()

@@ -136,6 +136,15 @@ def cmd_mode(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
+    if args.experiment == "codistill":
+        from distillery.config import CodistillStudyConfig
+        from distillery.recipes.codistill_study import codistill_study
+
+        pools = _recipe_config(CodistillStudyConfig, args)
+        if args.quick:
+            pools = pools.model_copy(update={"seeds": pools.seeds[:1]})
+        codistill_study(pools, overwrite=args.overwrite)
+        return 0
     if args.experiment == "iit":
         from distillery.config import IITStudyConfig
         from distillery.recipes.iit import iit_study
@@ -246,10 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "experiment",
-        help="a lab experiment: distill-expand (distil mid-training, grow back) or iit "
-        "(interchange intervention training at equal compute)",
+        help="a lab experiment: distill-expand (distil mid-training, grow back), iit "
+        "(interchange intervention training at equal compute), codistill (pools vs alone)",
     )
-    p.add_argument("experiment", choices=["distill-expand", "iit"], help="which experiment")
+    p.add_argument(
+        "experiment", choices=["distill-expand", "iit", "codistill"], help="which experiment"
+    )
     common(p)
     p.add_argument("--quick", action="store_true", help="one seed (distill-expand: one point)")
     p.set_defaults(func=cmd_experiment)

@@ -546,6 +546,36 @@ class CodistillConfig(Strict):
         return self
 
 
+CODISTILL_ARMS = ("predictions", "checkpoints", "unequal")
+
+
+class CodistillStudyConfig(SeededStudy):
+    """``distillery experiment codistill``: two-peer pools against each peer trained alone
+    (``recipes/codistill_study``): ``predictions`` and ``checkpoints`` exchange between equal
+    peers, and ``unequal`` (``model`` with ``small``, checkpoints)."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    small: ModelSpec = Field(
+        default_factory=lambda: ModelSpec(preset="mini", overrides={"num_hidden_layers": 2})
+    )
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(checkpoint_every=0, eval_every=25, eval_batches=1000)
+    )
+    exchange: ExchangeSpec = Field(default_factory=ExchangeSpec)  # its mode is set per arm
+    prediction_every: int = Field(1, gt=0)  # exchange.every for the predictions arm
+    arms: list[Literal["predictions", "checkpoints", "unequal"]] = Field(
+        default_factory=lambda: list(CODISTILL_ARMS), min_length=1
+    )
+    out: Path = Path("runs/codistill-study")
+
+    @model_validator(mode="after")
+    def _evaluated(self) -> CodistillStudyConfig:
+        if not self.train.eval_every:
+            raise ValueError("train.eval_every: the study needs validation curves (set it > 0)")
+        return self
+
+
 class IITStudyConfig(TeacherStudentRecipe, SeededStudy):
     """``distillery experiment iit``: the same student distilled with ``objectives`` and with
     ``objectives`` + ``iit``, at equal FLOPs (and, for reference, at equal steps), over seeds."""
