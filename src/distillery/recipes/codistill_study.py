@@ -96,6 +96,10 @@ def _launch(pool: CodistillConfig, peers: list[int] | None, name: str) -> None:
         ]  # fmt: skip
     else:
         cmds = [[sys.executable, *base, "--peer", str(i)] for i in peers]
+        threads = max(
+            1, (os.cpu_count() or 1) // len(cmds)
+        )  # as torchrun does: no oversubscription
+        env.setdefault("OMP_NUM_THREADS", str(threads))
     print(f"[distillery] {name}: {len(cmds)} launch(es)", flush=True)
     procs = [subprocess.Popen(c, env=env) for c in cmds]
     codes = [p.wait() for p in procs]
