@@ -207,6 +207,10 @@ def test_launch_errors_are_one_line(corpus: Path, cache_dir: Path, tmp_path: Pat
     ]
     result = run_cli("codistill", "--config", str(config), "--peer", "3")
     assert result.returncode == 2 and "the config has peers 0..2" in result.stderr
+    result = run_cli(
+        "codistill", "--config", str(config), "--peer", "0", "exchange.mode=predictions"
+    )
+    assert result.returncode == 2 and "launch the pool with torchrun" in result.stderr
     result = run_cli("codistill", "peers=[{preset: tiny}]", "--peer", "0")
     assert result.returncode == 2 and "peers" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -26,8 +27,9 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(device_kind: str) -> DistEnv:
-    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+def init_distributed(device_kind: str, timeout_seconds: float | None = None) -> DistEnv:
+    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU);
+    collectives give up after ``timeout_seconds`` (torch's default when None)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistEnv()
@@ -36,7 +38,10 @@ def init_distributed(device_kind: str) -> DistEnv:
         backend = "nccl" if device_kind == "cuda" else "gloo"
         if device_kind == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        kwargs = {}
+        if timeout_seconds is not None:
+            kwargs["timeout"] = datetime.timedelta(seconds=timeout_seconds)
+        dist.init_process_group(backend=backend, **kwargs)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank)
 
 

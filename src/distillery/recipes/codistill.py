@@ -48,6 +48,11 @@ def _peer_index(cfg: CodistillConfig, peer: int | None) -> tuple[int, DistEnv, b
     if peer is not None:
         if not 0 <= peer < n:
             raise DistilleryError(f"--peer {peer}: the config has peers 0..{n - 1}")
+        if cfg.exchange.mode == "predictions":
+            raise DistilleryError(
+                "exchange.mode=predictions exchanges in lockstep through torch.distributed: "
+                f"launch the pool with torchrun --nproc-per-node {n} (not --peer)"
+            )
         return peer, DistEnv(), False
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -57,7 +62,7 @@ def _peer_index(cfg: CodistillConfig, peer: int | None) -> tuple[int, DistEnv, b
         )
     if world != n:
         raise DistilleryError(f"torchrun started {world} processes for {n} peers; start {n}")
-    env = init_distributed(resolve_device(cfg.train.device).type)
+    env = init_distributed(resolve_device(cfg.train.device).type, cfg.exchange.wait_seconds)
     return env.rank, env, True
 
 
