@@ -167,11 +167,9 @@ class Exchange:
         pool_dir: Path,
         build_peer: Any,  # (peer index) -> a fresh model of that peer's architecture
         device: torch.device,
-        collective: bool,
     ) -> None:
         self.spec, self.peer, self.peers, self.model = spec, peer, peers, model
         self.data, self.pool_dir, self.build_peer, self.device = data, pool_dir, build_peer, device
-        self.collective = collective
         self.teacher = PeerTeacher(spec, model.config)
         self.versions: dict[int, int] = {}  # checkpoints: the published step held, per peer
         self.accounts = Accounts()

@@ -111,7 +111,6 @@ def codistill(
             pool_dir=Path(cfg.out) / "pool",
             build_peer=build_peer,
             device=device,
-            collective=collective,
         )
         task = LossMix(terms_from_config([CrossEntropyObjective()]), vocab=vocab)
         kd = ForwardKLObjective(weight=spec.weight, temperature=spec.temperature)
