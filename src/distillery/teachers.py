@@ -79,6 +79,21 @@ def mean_distribution(
     return torch.logsumexp(logp + w, dim=0)
 
 
+def combined_output(
+    outs: Sequence[TeacherOutput], combine: Callable[[list[torch.Tensor]], torch.Tensor]
+) -> TeacherOutput:
+    """One output from several (members, samples): ``combine`` applied to their whole logits,
+    or to each chunk of positions as it is asked for."""
+    if all(o.logits is not None for o in outs):
+        return TeacherOutput(logits=combine([o.logits for o in outs]))  # type: ignore[misc]
+    chunks = [o.chunk_logits for o in outs]
+    return TeacherOutput(
+        chunk_logits=torch.no_grad()(
+            lambda part, _student=None: combine([c(part, None) for c in chunks])  # type: ignore[misc]
+        )
+    )
+
+
 class TeacherBase:
     """What every teacher signal shares: whole logits from ``run``, however it answers."""
 
@@ -204,14 +219,7 @@ class EnsembleTeacher(TeacherBase):
                 "hidden-state and attention objectives need a single teacher, not an ensemble"
             )
         outs = [m.run(input_ids, logits=logits) for m in self.members]
-        if logits:
-            return TeacherOutput(logits=self.combined([o.logits for o in outs]))  # type: ignore[misc]
-        chunks = [o.chunk_logits for o in outs]
-        return TeacherOutput(
-            chunk_logits=torch.no_grad()(
-                lambda part, _student=None: self.combined([c(part, None) for c in chunks])
-            )
-        )
+        return combined_output(outs, self.combined)
 
 
 class MCDropoutTeacher(TeacherBase):
@@ -245,17 +253,7 @@ class MCDropoutTeacher(TeacherBase):
             )
         with dropout_on(self.teacher.model):
             outs = [self.teacher.run(input_ids, logits=logits) for _ in range(self.samples)]
-        if logits:
-            return TeacherOutput(logits=mean_distribution([o.logits for o in outs], self.vocab))  # type: ignore[misc]
-        chunks = [o.chunk_logits for o in outs]
-        return TeacherOutput(
-            chunk_logits=torch.no_grad()(
-                lambda part, _student=None: mean_distribution(
-                    [c(part, None) for c in chunks],
-                    self.vocab,  # type: ignore[misc]
-                )
-            )
-        )
+        return combined_output(outs, lambda zs: mean_distribution(zs, self.vocab))
 
 
 class TemperatureScaled(TeacherBase):
