@@ -74,7 +74,7 @@ def test_the_teacher_runs_only_for_counterfactuals_and_the_meter_counts_them():
     values = []
     for seed in range(8):
         torch.manual_seed(seed)
-        values.append(float(half(student, ids, labels)[1]["iit"]))
+        values.append(half(student, ids, labels)[1]["iit"].item())
     assert 0 < sum(v == 0.0 for v in values) < len(values)
 
 

@@ -50,7 +50,7 @@ def load_pretrained(folder: Path, role: str = "model", task: Task = "lm") -> Pre
         raise DistilleryError(f"{role} folder {folder}: unreadable config.json ({exc})") from None
     if config.model_type not in mapping:
         raise DistilleryError(
-            f"{role} folder {folder} holds a {config.model_type!r} model, which has no {what} "
+            f"{role} folder {folder} holds a {config.model_type!r} model, which is not a {what} "
             f"({auto.__name__} cannot load it)"
         )
     try:
