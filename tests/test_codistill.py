@@ -151,6 +151,10 @@ def test_predictions_mode_pool_of_unequal_peers_under_torchrun(
     assert result.returncode == 0, result.stderr[-3000:]
     big, small = summary(out, 0), summary(out, 1)
     assert (big["layers"], small["layers"]) == (2, 1)
+    from distillery.models import load_pretrained
+
+    for i, layers in ((0, 2), (1, 1)):  # every rank exported its own model
+        assert load_pretrained(out / f"peer{i}" / "model").config.num_hidden_layers == layers
     # Exchanges at steps 2, 4, 6 (burn-in 2): each sends B·T·2k float32 and gets the other's.
     payload = 4 * 32 * 2 * 8 * 4
     for s in (big, small):

@@ -77,7 +77,6 @@ def codistill(
             f"train.checkpoint_every ({cfg.train.checkpoint_every}) must be a multiple of "
             f"exchange.every ({spec.every}) so that peers can restart together"
         )
-    ok = False
     try:
         device = resolve_device(cfg.train.device, env)
         out = Path(cfg.out) / f"peer{index}"
@@ -86,6 +85,9 @@ def codistill(
         check_same_config(digest, collective)
         # Rank 0 first builds the token cache; the others then read it (or each alone).
         tokenizer, train, val = prepare_data(cfg.data, env if collective else DistEnv())
+        if collective and spec.mode != "predictions":
+            dist.destroy_process_group()  # from here on peers meet only through files
+            collective = False
         vocab = len(tokenizer)
         special = dict(
             pad_token_id=tokenizer.pad_token_id,
@@ -149,6 +151,10 @@ def codistill(
             upto = agree_on_start(latest, collective)
         atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
         progress = engine.fit(resume=resume, before_step=before_step, resume_upto=upto)
+        if collective:  # lockstep peers finish together, then each saves on its own
+            dist.barrier()
+            dist.destroy_process_group()
+            collective = False
         export_model(model, tokenizer, out / "model")
         metrics = evaluate_model(model, val, device=device, vocab=vocab)
         engine.log({"step": progress.step, **metrics, "final": True})
@@ -171,11 +177,9 @@ def codistill(
             "finished": True,
         }
         write_json(out / "summary.json", summary)
-        ok = True
         return summary
     finally:
-        if collective and dist.is_initialized():
-            # Lockstep peers finish together; checkpoint-mode peers never wait for each other.
-            if ok and spec.mode == "predictions":
-                dist.barrier()
+        # (transformers saves only on rank 0 while a process group exists, so every peer
+        # leaves it before exporting.) After a failure, leave without waiting for the others.
+        if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
