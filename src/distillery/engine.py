@@ -94,6 +94,11 @@ class Progress:
     seconds: float = 0.0
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The step a checkpoint folder (``step-NNNNNNN``) was written at."""
+    return int(ckpt.name.removeprefix("step-"))
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (incomplete ones never get their final name)."""
     root = run_dir / "checkpoints"
@@ -282,7 +287,7 @@ class Engine:
         returns its step."""
         found = list_checkpoints(self.out_dir)
         if upto is not None:
-            found = [c for c in found if int(CHECKPOINT_RE.match(c.name).group(1)) <= upto]  # type: ignore[union-attr]
+            found = [c for c in found if checkpoint_step(c) <= upto]
         if not found:
             raise DistilleryError(
                 f"--resume: no checkpoint in {self.out_dir / 'checkpoints'}; start without --resume"

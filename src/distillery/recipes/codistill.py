@@ -31,7 +31,7 @@ from distillery.config import (
     config_to_yaml,
 )
 from distillery.distributed import DistEnv, init_distributed, resolve_device
-from distillery.engine import Engine, list_checkpoints, seed_everything
+from distillery.engine import Engine, checkpoint_step, list_checkpoints, seed_everything
 from distillery.errors import DistilleryError
 from distillery.eval import evaluate_model, folder_size
 from distillery.files import atomic_write_text, write_json
@@ -147,7 +147,7 @@ def codistill(
         upto = None
         if resume and spec.mode == "predictions":
             found = list_checkpoints(out)
-            latest = int(found[-1].name.removeprefix("step-")) if found else 0
+            latest = checkpoint_step(found[-1]) if found else 0
             upto = agree_on_start(latest, collective)
         atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
         progress = engine.fit(resume=resume, before_step=before_step, resume_upto=upto)
