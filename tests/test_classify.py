@@ -171,11 +171,13 @@ def test_distil_a_classifier_from_mc_dropout_and_from_an_ensemble(
 
 def test_classification_config_errors_are_one_line():
     base = {"data": {"task": "classify"}, "teacher": "t"}
-    with pytest.raises(Exception, match="representation objectives are for language models"):
-        RunConfig.model_validate({**base, "objectives": [{"kind": "hidden_cosine"}]})
+    with pytest.raises(Exception, match="are for causal language models"):
+        RunConfig.model_validate({**base, "objectives": [{"kind": "attention_kl"}]})
+    # Hidden states are matched over the texts' tokens (see test_encoders).
+    RunConfig.model_validate({**base, "objectives": [{"kind": "hidden_cosine"}]})
     with pytest.raises(Exception, match="exactly one teacher"):
         RunConfig.model_validate({"teacher": ["a", "b"], "teacher_mc_samples": 4})
-    with pytest.raises(Exception, match="for language models"):
+    with pytest.raises(Exception, match="for causal language models"):
         RunConfig.model_validate({**base, "train": {"logit_chunk_size": 64}})
 
 

@@ -28,7 +28,9 @@ class DataConfig(Strict):
     examples (``task: classify``: each text's first ``seq_len`` tokens and its label; from
     ``bbc-news`` the label is the topic)."""
 
-    task: Literal["lm", "classify"] = "lm"
+    # lm: next tokens (decoders); mlm: masked tokens (encoders, BERT's dynamic masking);
+    # classify: one label per text
+    task: Literal["lm", "mlm", "classify"] = "lm"
     source: str = "bbc-news"  # "bbc-news", a text file or folder, a .jsonl or a .csv file
     text_field: str = "text"  # field of a JSONL object / column of a CSV file
     label_field: str = "label"  # classify: field / column holding the label
@@ -38,6 +40,7 @@ class DataConfig(Strict):
     vocab_size: int = Field(4096, ge=300)  # for a BPE trained on the training split
     tokenizer: Path | None = None  # a tokenizer folder; default: the teacher's, else train a BPE
     cache_dir: Path = Path(".distillery-cache")
+    mask_probability: float = Field(0.15, gt=0.0, lt=1.0)  # mlm: share of tokens predicted
 
 
 class GrowSpec(Strict):
@@ -292,17 +295,28 @@ class RunConfig(Strict):
             raise ValueError("model.init_from_teacher needs a teacher: set 'teacher'")
         if self.teacher_mc_samples is not None and len(self.teacher_paths) != 1:
             raise ValueError("teacher_mc_samples: MC dropout needs exactly one teacher folder")
-        if self.data.task == "classify":
-            reps = [o.kind for o in self.objectives if o.kind in REPRESENTATION_KINDS]
-            if reps:
+        task = self.data.task
+        if task != "lm":
+            causal_only = [o.kind for o in self.objectives if o.kind in ("attention_kl", "iit")]
+            if causal_only:
                 raise ValueError(
-                    f"objectives {reps}: representation objectives are for language models "
-                    "(data.task: lm); a classifier distils from its output logits"
+                    f"objectives {causal_only} are for causal language models (data.task: lm); "
+                    f"with data.task: {task} use logits and hidden_cosine/hidden_mse"
                 )
             if self.teacher_cache is not None or self.train.logit_chunk_size:
                 raise ValueError(
-                    "teacher_cache and train.logit_chunk_size are for language models "
+                    "teacher_cache and train.logit_chunk_size are for causal language models "
                     "(data.task: lm)"
+                )
+        preset = self.model.preset
+        if preset is not None and self.model.path is None:
+            from distillery.models.presets import is_encoder
+
+            if task == "mlm" and not is_encoder(preset):
+                raise ValueError(f"model.preset={preset}: masked-LM runs need a bert-* preset")
+            if task == "lm" and is_encoder(preset):
+                raise ValueError(
+                    f"model.preset={preset} is an encoder: use data.task=mlm or classify"
                 )
         return self
 

@@ -35,7 +35,6 @@ from tqdm import tqdm
 
 from distillery.config import TrainConfig
 from distillery.data import Examples, global_batch_indices
-from distillery.data.packed import IGNORE_INDEX
 from distillery.distributed import DistEnv, all_reduce_sum
 from distillery.errors import DistilleryError
 from distillery.files import atomic_write_text
@@ -344,14 +343,18 @@ class Engine:
             self.data.num_blocks, self.cfg.data_offset + step, self.cfg.batch_size, self.cfg.seed
         )
         mine = indices[self.env.rank * self.per_rank : (self.env.rank + 1) * self.per_rank]
-        ids, labels = self.data.examples(mine)  # (per_rank, T), (per_rank, T) or (per_rank,)
+        # (per_rank, T), (per_rank, T) or (per_rank,); the step draws masked-LM masks
+        ids, labels = self.data.examples(mine, draw=self.cfg.data_offset + step)
         return list(zip(ids.split(self.micro), labels.split(self.micro), strict=True))
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over the global batch; returns the mean of each term."""
         micro_batches = self._step_batches(step)
-        n_local = torch.tensor(float(sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)))
-        n_global = all_reduce_sum(n_local.to(self.device), self.env).item()
+        # Labelled positions, and positions representation terms count (see LossMix), over
+        # the global batch: the loss is divided once by the first.
+        counts = torch.stack([self.loss.counts(ids, y) for ids, y in micro_batches]).sum(0)
+        n_global, n_states = all_reduce_sum(counts.to(self.device), self.env).tolist()
+        state_scale = max(n_global, 1.0) / max(n_states, 1.0)
         scale = self.env.world_size / max(n_global, 1.0)  # DDP averages over ranks
         sums: dict[str, torch.Tensor] = {}
         for i, (ids, y) in enumerate(micro_batches):
@@ -361,7 +364,12 @@ class Engine:
                 sync = self.forward.no_sync()  # type: ignore[operator]
             with sync:
                 with autocast_context(self.device, self.cfg.precision):
-                    total, terms = self.loss(self.forward, ids.to(self.device), y.to(self.device))
+                    total, terms = self.loss(
+                        self.forward,
+                        ids.to(self.device),
+                        y.to(self.device),
+                        state_scale=state_scale,
+                    )
                 (total * scale).backward()
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()

@@ -57,8 +57,10 @@ class Shard:
     def identity(self) -> str:
         return f"{self.data.identity}/shard{self.index}of{self.count}"
 
-    def examples(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.data.examples(self.blocks[np.asarray(indices, dtype=np.int64)])
+    def examples(
+        self, indices: Sequence[int] | np.ndarray, draw: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data.examples(self.blocks[np.asarray(indices, dtype=np.int64)], draw)
 
 
 class PoolData(Shard):
@@ -73,10 +75,12 @@ class PoolData(Shard):
     def shared_indices(self, step: int, batch_size: int) -> np.ndarray:
         return global_batch_indices(self.data.num_blocks, step, batch_size, self.shared_seed)
 
-    def examples(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def examples(
+        self, indices: Sequence[int] | np.ndarray, draw: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.shared_step is None:
-            return super().examples(indices)
-        return self.data.examples(self.shared_indices(self.shared_step, len(indices)))
+            return super().examples(indices, draw)
+        return self.data.examples(self.shared_indices(self.shared_step, len(indices)), draw)
 
 
 class PeerTeacher(TeacherBase):

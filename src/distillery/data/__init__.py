@@ -7,6 +7,7 @@ from distillery.data.labelled import (
     encode_labelled,
     split_labelled,
 )
+from distillery.data.masking import MASK_TOKEN, MaskedBlocks, mask_tokens
 from distillery.data.packed import (
     IGNORE_INDEX,
     PackedTokens,
@@ -34,8 +35,10 @@ from distillery.data.tokenizer import (
 __all__ = [
     "BBC_NEWS",
     "IGNORE_INDEX",
+    "MASK_TOKEN",
     "Examples",
     "LabelledExamples",
+    "MaskedBlocks",
     "PackedTokens",
     "bbc_news_labelled",
     "bbc_news_root",
@@ -48,6 +51,7 @@ __all__ = [
     "load_documents",
     "load_labelled",
     "load_tokenizer",
+    "mask_tokens",
     "sequential_batches",
     "shift_labels",
     "split_documents",

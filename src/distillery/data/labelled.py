@@ -27,8 +27,11 @@ class Examples(Protocol):
     @property
     def identity(self) -> str: ...
 
-    def examples(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input ids ``(B, T)``, labels ``(B, T)`` or ``(B,)``)."""
+    def examples(
+        self, indices: Sequence[int] | np.ndarray, draw: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids ``(B, T)``, labels ``(B, T)`` or ``(B,)``); ``draw`` (the global step)
+        picks the random masks of masked-LM data and is ignored by fixed examples."""
         ...
 
 
@@ -60,7 +63,7 @@ def class_names(train: list[tuple[str, str]]) -> list[str]:
 
 @dataclass
 class LabelledExamples:
-    """Each text's first ``seq_len - 1`` tokens and eos, right-padded; its class id.
+    """Each text's first tokens and eos (encoders: cls first), right-padded; its class id.
 
     A decoder classifier reads the last non-padding position (the eos), which with right
     padding never attends to the padding.
@@ -87,7 +90,9 @@ class LabelledExamples:
     def __len__(self) -> int:
         return self.num_blocks
 
-    def examples(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def examples(
+        self, indices: Sequence[int] | np.ndarray, draw: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1))
         return self.ids[idx], self.labels[idx]
 
@@ -103,11 +108,25 @@ def encode_labelled(
     seq_len: int,
     classes: list[str],
     name: str = "labelled",
+    *,
+    encoder: bool = False,
 ) -> LabelledExamples:
-    """Token rows and class ids of ``pairs``; a label outside ``classes`` is refused."""
-    if seq_len < 2:
-        raise DistilleryError(f"data.seq_len={seq_len}: a classifier needs at least 2 positions")
+    """Token rows and class ids of ``pairs``; a label outside ``classes`` is refused.
+
+    Decoders read ``tokens + eos``; an ``encoder`` reads ``cls + tokens + sep`` (BERT's layout;
+    the tokenizer's bos/eos stand in for a missing cls/sep), its pooler the first position.
+    """
+    if seq_len < 2 + encoder:
+        raise DistilleryError(f"data.seq_len={seq_len}: too short for a classifier")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    start: list[int] = []
+    if encoder:
+        eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else eos
+        cls = tokenizer.cls_token_id
+        cls = cls if cls is not None else tokenizer.bos_token_id
+        if cls is None:
+            raise DistilleryError("the tokenizer needs a cls or bos token for an encoder")
+        start = [cls]
     if eos is None or pad is None:
         raise DistilleryError("the tokenizer needs an eos and a pad token for classification")
     index = {c: i for i, c in enumerate(classes)}
@@ -119,10 +138,12 @@ def encode_labelled(
         )
     ids = torch.full((len(pairs), seq_len), pad, dtype=torch.int64)
     truncated = 0
+    room = seq_len - 1 - len(start)
     for row, tokens in enumerate(_encode(tokenizer, [t for t, _ in pairs])):
-        if len(tokens) > seq_len - 1:
+        if len(tokens) > room:
             truncated += 1
-            tokens = tokens[: seq_len - 1]
-        ids[row, : len(tokens) + 1] = torch.tensor([*tokens, eos], dtype=torch.int64)
+            tokens = tokens[:room]
+        full = [*start, *tokens, eos]
+        ids[row, : len(full)] = torch.tensor(full, dtype=torch.int64)
     labels = torch.tensor([index[label] for _, label in pairs], dtype=torch.int64)
     return LabelledExamples(ids, labels, list(classes), truncated, name)

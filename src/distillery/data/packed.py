@@ -160,7 +160,9 @@ class PackedTokens:
         offsets = idx[:, None] * self._seq_len + np.arange(self._seq_len, dtype=np.int64)
         return torch.from_numpy(self._data[offsets].astype(np.int64))
 
-    def examples(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def examples(
+        self, indices: Sequence[int] | np.ndarray, draw: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(input ids, next-token labels), both ``(len(indices), seq_len)``."""
         ids = self.blocks(indices)
         return ids, shift_labels(ids)

@@ -9,16 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from distillery.data import (
-    IGNORE_INDEX,
-    Examples,
-    LabelledExamples,
-    sequential_batches,
-    shift_labels,
-)
+from distillery.data import IGNORE_INDEX, Examples, LabelledExamples
 from distillery.eval.calibration import CalibrationStats
 from distillery.objectives.chunked import head_inputs, is_plain_head
 from distillery.objectives.logits import forward_kl
@@ -92,8 +87,8 @@ def predictions(
     vocab: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """(logits ``(N, V)``, labels ``(N,)``, teacher logits or None) over ``data`` in order, a
-    chunk at a time, valid positions only: next tokens of token blocks, or one class per
-    labelled example (whose logits are ``(B, C)``)."""
+    chunk at a time, valid positions only: next tokens of token blocks, masked tokens of
+    masked-LM blocks, or one class per labelled example (whose logits are ``(B, C)``)."""
     was_training = model.training if isinstance(model, nn.Module) else None
     if isinstance(model, nn.Module):
         model.eval()
@@ -110,9 +105,13 @@ def predictions(
                 t_logits = teacher.logits(ids).float() if teacher is not None else None
                 yield logits, labels.to(device), t_logits
             return
-        for ids in sequential_batches(data, batch_size, max_batches):  # type: ignore[arg-type]
-            ids = ids.to(device)
-            all_labels = shift_labels(ids).reshape(-1)  # (N,)
+        # Token blocks: next tokens (causal LM) or the fixed masks of masked-LM data.
+        for count, start in enumerate(range(0, data.num_blocks, batch_size)):
+            if max_batches is not None and count >= max_batches:
+                break
+            rows = np.arange(start, min(start + batch_size, data.num_blocks))
+            ids, all_labels = data.examples(rows)
+            ids, all_labels = ids.to(device), all_labels.to(device).reshape(-1)  # (N,)
             for part, logits, t_logits in _logits_by_chunk(model, ids, teacher, vocab):
                 labels = all_labels[part]
                 mask = labels != IGNORE_INDEX

@@ -6,10 +6,11 @@ from distillery.models.loading import (
     check_fits_data,
     check_same_tokenizer,
     compute_params,
+    folder_is_encoder,
     load_pretrained,
     num_params,
 )
-from distillery.models.presets import PRESETS, preset_config
+from distillery.models.presets import PRESETS, is_encoder, preset_config
 from distillery.models.surgery import decoder_layers, every_other, init_from_teacher
 
 __all__ = [
@@ -21,7 +22,9 @@ __all__ = [
     "compute_params",
     "decoder_layers",
     "every_other",
+    "folder_is_encoder",
     "init_from_teacher",
+    "is_encoder",
     "load_pretrained",
     "num_params",
     "preset_config",

@@ -1,5 +1,5 @@
-"""Load any HF causal LM or sequence classifier from a local folder, or build one from a
-preset; count parameters."""
+"""Load any HF causal LM, masked LM or sequence classifier from a local folder, or build one
+from a preset; count parameters."""
 
 from __future__ import annotations
 
@@ -11,22 +11,26 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     PreTrainedModel,
 )
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
 )
+from transformers.utils import logging as hf_logging
 
 from distillery.data import tokenizer_fingerprint
 from distillery.errors import DistilleryError
 from distillery.models.dropout import restore_residual_dropout
-from distillery.models.presets import preset_config
+from distillery.models.presets import is_encoder, preset_config
 
-Task = Literal["lm", "classify"]
+Task = Literal["lm", "mlm", "classify"]
 _AUTO = {
     "lm": (AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "causal language model"),
+    "mlm": (AutoModelForMaskedLM, MODEL_FOR_MASKED_LM_MAPPING_NAMES, "masked language model"),
     "classify": (
         AutoModelForSequenceClassification,
         MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
@@ -35,9 +39,52 @@ _AUTO = {
 }
 
 
-def load_pretrained(folder: Path, role: str = "model", task: Task = "lm") -> PreTrainedModel:
-    """A causal LM (``task="lm"``) or a sequence classifier from a local folder (fp32), with one
-    clear error on any problem; residual dropout it was trained with is hooked back on."""
+def is_bidirectional(config: Any) -> bool:
+    """Whether a model family attends both ways (an encoder such as BERT): its padding must be
+    masked out explicitly."""
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(
+        config, "is_decoder", False
+    )
+
+
+def folder_is_encoder(folder: Path | None) -> bool:
+    """Whether the HF model in ``folder`` is a bidirectional encoder (False if unreadable)."""
+    try:
+        config = AutoConfig.from_pretrained(Path(folder or ""), local_files_only=True)
+    except Exception:  # load_pretrained gives the clear error
+        return False
+    return is_bidirectional(config)
+
+
+def mask_padding(model: PreTrainedModel) -> None:
+    """Encoders: calls without an ``attention_mask`` get one from ``input_ids != pad`` (a forward
+    pre-hook), so every caller — training, teachers, evaluation — ignores padding. Decoders
+    need none: right padding never reaches the positions they read."""
+    pad = model.config.pad_token_id
+    if pad is None or not is_bidirectional(model.config) or getattr(model, "_pad_hook", None):
+        return
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and kwargs.get("attention_mask") is None and (ids == pad).any():
+            kwargs["attention_mask"] = (ids != pad).long()
+        return args, kwargs
+
+    model._pad_hook = model.register_forward_pre_hook(hook, with_kwargs=True)  # type: ignore[assignment]
+
+
+def load_pretrained(
+    folder: Path,
+    role: str = "model",
+    task: Task = "lm",
+    *,
+    classes: list[str] | None = None,
+) -> PreTrainedModel:
+    """A causal LM (``task="lm"``), a masked LM (``"mlm"``) or a sequence classifier from a
+    local folder (fp32), with one clear error on any problem; residual dropout it was trained
+    with is hooked back on. With ``classes``, a folder holding a language model (not yet a
+    classifier) becomes a classifier over them: its body is loaded and a new head initialised
+    (seed the RNG first) — fine-tuning a pretrained model."""
     auto, mapping, what = _AUTO[task]
     folder = Path(folder)
     if not folder.is_dir():
@@ -53,14 +100,27 @@ def load_pretrained(folder: Path, role: str = "model", task: Task = "lm") -> Pre
             f"{role} folder {folder} holds a {config.model_type!r} model, which is not a {what} "
             f"({auto.__name__} cannot load it)"
         )
+    extra: dict[str, Any] = {}
+    head_only = not any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    if task == "classify" and classes is not None and head_only:
+        extra = dict(
+            num_labels=len(classes),
+            id2label=dict(enumerate(classes)),
+            label2id={c: i for i, c in enumerate(classes)},
+        )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a new head's "missing keys" report is expected here
     try:
-        model = auto.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        model = auto.from_pretrained(folder, local_files_only=True, dtype=torch.float32, **extra)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DistilleryError(
             f"{role} folder {folder}: cannot load the weights ({first})"
         ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     restore_residual_dropout(model)
+    mask_padding(model)
     return model
 
 
@@ -70,19 +130,31 @@ def build_model(
     overrides: dict[str, Any] | None = None,
     *,
     num_labels: int | None = None,
+    task: Task = "lm",
     **special: int | None,
 ) -> PreTrainedModel:
-    """A freshly initialised model from a preset (seed the RNG before calling): a causal LM, or
-    a sequence classifier over ``num_labels`` classes."""
+    """A freshly initialised model from a preset (seed the RNG before calling): a causal LM
+    (decoders), a masked LM (``bert-*`` encoders), or — given ``num_labels`` — a sequence
+    classifier over that many classes."""
+    if num_labels is not None:
+        task = "classify"
+    encoder = is_encoder(preset)
+    if (task == "mlm" and not encoder) or (task == "lm" and encoder):
+        want = "a bert-* preset" if task == "mlm" else "a decoder preset (tiny, mini, ...)"
+        raise DistilleryError(
+            f"preset {preset!r} cannot be a {_AUTO[task][2]}: use {want}, or data.task: "
+            f"{'lm' if task == 'mlm' else 'mlm'}"
+        )
     config = preset_config(preset, vocab_size, overrides, **special)
     try:
         if num_labels is not None:
             config.num_labels = num_labels
-            return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = _AUTO[task][0].from_config(config, dtype=torch.float32)
     except Exception as exc:  # any failure to build from a user's overrides
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DistilleryError(f"model.overrides: cannot build the model ({first})") from None
+    mask_padding(model)
+    return model
 
 
 def num_params(model: nn.Module) -> int:

@@ -1,7 +1,12 @@
 """A weighted sum of named objectives, computed on one micro-batch.
 
-Labels are next tokens ``(B, T)`` for a language model, or one class per example ``(B,)`` for a
-classifier (whose logits are ``(B, C)``): either way a flat row of predictions per label.
+Labels are next tokens ``(B, T)`` for a language model, masked tokens ``(B, T)`` (ignore index
+elsewhere) for a masked LM, or one class per example ``(B,)`` for a classifier (whose logits are
+``(B, C)``): either way a flat row of predictions per label. Representation terms count the
+labelled positions (``states_on="labels"``, causal LMs) or every non-padding token
+(``"tokens"``: masked LMs and classifiers, whose labels are sparse or one per text, as
+DistilBERT's cosine loss does); the engine then passes ``state_scale`` = labels / tokens in the
+global batch, so after its one division by the label count such a term is a mean over tokens.
 """
 
 from __future__ import annotations
@@ -124,6 +129,8 @@ class LossMix:
         student: nn.Module | None = None,
         vocab: int | None = None,
         chunk_size: int = 0,
+        states_on: Literal["labels", "tokens"] = "labels",
+        pad_token_id: int | None = None,
     ) -> None:
         if not terms:
             raise DistilleryError("objectives: give at least one")
@@ -131,6 +138,7 @@ class LossMix:
         self.teacher = teacher
         self.vocab = vocab
         self.chunk_size = chunk_size
+        self.states_on, self.pad_token_id = states_on, pad_token_id
         self.needs_teacher = any(t.objective.needs_teacher for t in terms)
         if self.needs_teacher and teacher is None:
             needing = [t.name for t in terms if t.objective.needs_teacher]
@@ -236,6 +244,20 @@ class LossMix:
             **term.params,
         )
 
+    def _state_mask(self, input_ids: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+        """``(B·T,)``: the positions representation terms count."""
+        if self.states_on == "labels":
+            return label_mask
+        if self.pad_token_id is None:
+            return torch.ones(input_ids.numel(), dtype=torch.bool, device=input_ids.device)
+        return (input_ids != self.pad_token_id).reshape(-1)
+
+    def counts(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(labelled positions, positions the representation terms count) in a micro-batch."""
+        label_mask = labels.reshape(-1) != IGNORE_INDEX
+        state_mask = self._state_mask(input_ids, label_mask)
+        return torch.stack([label_mask.sum(), state_mask.sum()]).float()
+
     @staticmethod
     def _weights(terms: list[Term], device: torch.device) -> torch.Tensor:
         return torch.tensor([t.weight for t in terms], device=device)
@@ -278,9 +300,15 @@ class LossMix:
         return total / len(term.pairs)
 
     def __call__(
-        self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        state_scale: float = 1.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(weighted total, {term name: unweighted sum}) for one micro-batch."""
+        """(weighted total, {term name: unweighted sum}) for one micro-batch; representation
+        sums are multiplied by ``state_scale`` (see the module docstring)."""
         flat_labels = labels.reshape(-1)  # (N,)
         mask = flat_labels != IGNORE_INDEX  # (N,)
         n = mask.shape[0]
@@ -352,7 +380,8 @@ class LossMix:
                 sums[term.name] = value
                 total = total + term.weight * value
             elif term.reads != "logits":
-                value = self._representation_sum(term, student, teacher, mask)
+                state_mask = self._state_mask(input_ids, mask)
+                value = self._representation_sum(term, student, teacher, state_mask) * state_scale
                 sums[term.name] = value
                 total = total + term.weight * value
         return total, {t.name: sums[t.name] for t in self.terms}

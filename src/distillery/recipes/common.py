@@ -17,6 +17,8 @@ from transformers import PreTrainedModel
 
 from distillery.config import DataConfig, RunConfig
 from distillery.data import (
+    MASK_TOKEN,
+    MaskedBlocks,
     PackedTokens,
     build_token_cache,
     cached_bpe_tokenizer,
@@ -98,14 +100,20 @@ def prepare_data(
     env: DistEnv,
     tokenizer_dir: Path | None = None,
     splits: tuple[str, ...] = ("train", "val"),
+    *,
+    encoder: bool = False,
+    seed: int = 0,
 ) -> tuple[Any, ...]:
     """Texts → split → tokenizer → examples; returns (tokenizer, one dataset per split).
 
     ``task: lm``: documents packed into a token cache on disk (``PackedTokens``);
-    ``task: classify``: labelled texts, each cut to ``seq_len`` tokens (``LabelledExamples``;
-    the classes are the training split's labels). The tokenizer is ``cfg.tokenizer``, else
-    ``tokenizer_dir`` (the teacher's), else a byte-level BPE trained on the training split and
-    cached by content.
+    ``task: mlm``: the same blocks with BERT's dynamic masking (``MaskedBlocks``; the training
+    split's masks follow ``seed``, the others' are fixed so every run is scored on the same
+    masked tokens); ``task: classify``: labelled texts, each cut to ``seq_len`` tokens
+    (``LabelledExamples``, laid out for an ``encoder`` or a decoder; the classes are the
+    training split's labels). The tokenizer is ``cfg.tokenizer``, else ``tokenizer_dir`` (the
+    teacher's), else a byte-level BPE trained on the training split and cached by content (for
+    masked-LM runs with a mask token added).
     """
     classify = cfg.task == "classify"
 
@@ -135,6 +143,8 @@ def prepare_data(
                 tokenizer = load_tokenizer(Path(source))
             else:
                 tokenizer, _ = cached_bpe_tokenizer(train_texts, cfg.vocab_size, cfg.cache_dir)
+                if cfg.task == "mlm":
+                    tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
             if classify:
                 return tokenizer, parts
             return tokenizer, build_token_cache(parts, tokenizer, cfg.cache_dir)
@@ -148,9 +158,23 @@ def prepare_data(
     if classify:
         classes = class_names(built["train"])
         return tokenizer, *(
-            encode_labelled(built[name], tokenizer, cfg.seq_len, classes, name) for name in splits
+            encode_labelled(built[name], tokenizer, cfg.seq_len, classes, name, encoder=encoder)
+            for name in splits
         )
-    return tokenizer, *(PackedTokens(built, name, cfg.seq_len) for name in splits)
+    blocks = [PackedTokens(built, name, cfg.seq_len) for name in splits]
+    if cfg.task == "mlm":
+        blocks = [  # type: ignore[misc]
+            MaskedBlocks(
+                data,
+                mask_id=tokenizer.mask_token_id,
+                vocab_size=len(tokenizer),
+                special_ids=tokenizer.all_special_ids,
+                probability=cfg.mask_probability,
+                seed=seed if name == "train" else 0,
+            )
+            for name, data in zip(splits, blocks, strict=True)
+        ]
+    return tokenizer, *blocks
 
 
 def export_model(model: PreTrainedModel, tokenizer: Any, dest: Path) -> Path:

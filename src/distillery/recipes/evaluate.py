@@ -20,6 +20,7 @@ from distillery.models import (
     load_pretrained,
     num_params,
 )
+from distillery.models.loading import is_bidirectional
 from distillery.recipes.common import prepare_data
 from distillery.teachers import LiveTeacher
 
@@ -40,7 +41,9 @@ def evaluate_folder(
     device = resolve_device("auto")
     task = data_cfg.task
     model = load_pretrained(model_dir, "model", task).to(device)
-    tokenizer, _, val = prepare_data(data_cfg, DistEnv(), tokenizer_dir=model_dir)
+    tokenizer, _, val = prepare_data(
+        data_cfg, DistEnv(), tokenizer_dir=model_dir, encoder=is_bidirectional(model.config)
+    )
     classes = getattr(val, "classes", None)
     cut = len(classes) if classes is not None else len(tokenizer)
     check_fits_data(model, tokenizer, data_cfg.seq_len, "model")
@@ -63,8 +66,10 @@ def evaluate_folder(
         "size_on_disk": folder_size(model_dir),
         **(
             {"generation_tokens_per_s": generation_speed(model, tokenizer, device=device)}
-            if classes is None
+            if task == "lm"
             else {"classes": classes}
+            if classes is not None
+            else {}
         ),
         "device": str(device),
     }

@@ -29,7 +29,9 @@ from distillery.models import (
     check_same_tokenizer,
     compute_params,
     every_other,
+    folder_is_encoder,
     init_from_teacher,
+    is_encoder,
     load_pretrained,
     num_params,
 )
@@ -44,20 +46,21 @@ from distillery.teachers import EnsembleTeacher, LiveTeacher, MCDropoutTeacher, 
 
 def _student(
     cfg: RunConfig,
-    folder_model: PreTrainedModel | None,
     vocab: int,
     tok: Any,
-    num_labels: int | None,
+    classes: list[str] | None,
 ) -> PreTrainedModel:
-    """The model to train: the one loaded from a folder, else a fresh preset (seeded)."""
-    if folder_model is not None:
-        return folder_model
+    """The model to train (seeded): from its folder — a language model given ``classes``
+    becomes a classifier with a new head (fine-tuning) — else a fresh preset."""
     seed_everything(cfg.train.seed)
+    if cfg.model.path is not None:
+        return load_pretrained(cfg.model.path, "student", cfg.data.task, classes=classes)
     return build_model(
         cfg.model.preset or "",
         vocab,
         cfg.model.overrides,
-        num_labels=num_labels,
+        num_labels=len(classes) if classes is not None else None,
+        task=cfg.data.task,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -89,9 +92,16 @@ def run(
         task = cfg.data.task
         teacher_models = [load_pretrained(p, "teacher", task) for p in teacher_paths]
         teacher_model = teacher_models[0] if teacher_models else None
-        folder_model = load_pretrained(cfg.model.path, "student", task) if cfg.model.path else None
         tokenizer_dir = teacher_paths[0] if teacher_paths else cfg.model.path
-        tokenizer, train_data, val_data = prepare_data(cfg.data, env, tokenizer_dir)
+        # Encoders read texts as cls + tokens + sep (decoders: tokens + eos).
+        encoder = any(folder_is_encoder(p) for p in teacher_paths) or (
+            folder_is_encoder(cfg.model.path)
+            if cfg.model.path
+            else is_encoder(cfg.model.preset or "")
+        )
+        tokenizer, train_data, val_data = prepare_data(
+            cfg.data, env, tokenizer_dir, encoder=encoder, seed=cfg.train.seed
+        )
         # Every teacher (and a student folder) must use the tokenizer the data was cut with.
         others = teacher_paths[1:] if cfg.data.tokenizer is None else teacher_paths
         for folder in [*others, *([cfg.model.path] if teacher_paths and cfg.model.path else [])]:
@@ -101,11 +111,10 @@ def run(
         # The student: its vocabulary is the teacher's (same output rows) or the tokenizer's.
         # A classifier's outputs are the training split's classes; logits are cut to ``cut``.
         classes = getattr(train_data, "classes", None)
-        num_labels = len(classes) if classes is not None else None
-        cut = num_labels or len(tokenizer)
+        cut = len(classes) if classes is not None else len(tokenizer)
         head = teacher_model.get_output_embeddings() if teacher_model else None
         vocab = head.weight.shape[0] if head is not None else None
-        model = _student(cfg, folder_model, vocab or len(tokenizer), tokenizer, num_labels)
+        model = _student(cfg, vocab or len(tokenizer), tokenizer, classes)
         check_fits_data(model, tokenizer, cfg.data.seq_len, "model")
         for role, m in [("model", model)] + [("teacher", t) for t in teacher_models]:
             # Same tokenizer (checked above); embedding tables padded to different sizes are
@@ -158,6 +167,8 @@ def run(
             student=model,
             vocab=cut,
             chunk_size=chunk,
+            states_on="labels" if task == "lm" else "tokens",
+            pad_token_id=tokenizer.pad_token_id,
         )
         n_student = compute_params(model)
         flops_per_token = (
@@ -242,6 +253,8 @@ def run(
                     else {
                         "generation_tokens_per_s": generation_speed(model, tokenizer, device=device)
                     }
+                    if task == "lm"
+                    else {}
                 ),
                 "device": str(device),
                 "world_size": env.world_size,
