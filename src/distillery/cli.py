@@ -145,6 +145,15 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             pools = pools.model_copy(update={"seeds": pools.seeds[:1]})
         codistill_study(pools, overwrite=args.overwrite)
         return 0
+    if args.experiment == "classifiers":
+        from distillery.config import ClassifiersConfig
+        from distillery.recipes.classifiers import classifiers
+
+        table = _recipe_config(ClassifiersConfig, args)
+        if args.quick:
+            table = table.model_copy(update={"seeds": table.seeds[:1]})
+        classifiers(table, overwrite=args.overwrite)
+        return 0
     if args.experiment == "iit":
         from distillery.config import IITStudyConfig
         from distillery.recipes.iit import iit_study
@@ -256,10 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "experiment",
         help="a lab experiment: distill-expand (distil mid-training, grow back), iit "
-        "(interchange intervention training at equal compute), codistill (pools vs alone)",
+        "(interchange intervention training at equal compute), codistill (pools vs alone), "
+        "classifiers (DistilBERT's recipe: retained-performance table)",
     )
     p.add_argument(
-        "experiment", choices=["distill-expand", "iit", "codistill"], help="which experiment"
+        "experiment",
+        choices=["distill-expand", "iit", "codistill", "classifiers"],
+        help="which experiment",
     )
     common(p)
     p.add_argument("--quick", action="store_true", help="one seed (distill-expand: one point)")

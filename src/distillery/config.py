@@ -609,6 +609,72 @@ class IITStudyConfig(TeacherStudentRecipe, SeededStudy):
         return self
 
 
+def _classify_data() -> DataConfig:
+    return DataConfig(task="classify", val_fraction=0.1, test_fraction=0.1)
+
+
+class ClassifiersConfig(SeededStudy):
+    """``distillery experiment classifiers``: DistilBERT's recipe and a retained-performance
+    table (see ``recipes/classifiers``). The teacher is pretrained by the lab on the texts of
+    ``data`` (masked LM for a ``bert-*`` preset, next tokens for a decoder) or read from
+    ``teacher.path`` (a pretrained masked/causal LM folder), then fine-tuned on the labels; the
+    student (``student_layers`` deep, the teacher's width) is pretrained with and without the
+    teacher, then fine-tuned with and without task distillation; accuracy and macro-F1 on the
+    test split."""
+
+    data: DataConfig = Field(default_factory=_classify_data)  # the labelled texts
+    teacher: ModelSpec = Field(default_factory=lambda: ModelSpec(preset="bert-mini"))
+    teacher_pretrain: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=600, lr=1e-3, warmup_steps=40)
+    )
+    teacher_finetune: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=100, lr=5e-4, warmup_steps=10)
+    )
+    student_layers: int = Field(2, gt=0)  # initialised from every other teacher layer
+    # The student's architecture: default the teacher preset at ``student_layers``; needed
+    # (a preset of the teacher's width) when the teacher is a folder.
+    student: ModelSpec | None = None
+    general_objectives: list[ObjectiveConfig] = Field(
+        default_factory=_distilbert_mix, min_length=1
+    )  # the student's pretraining with the teacher (DistilBERT's triple loss)
+    general_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=300, lr=1e-3, warmup_steps=20)
+    )
+    task_objectives: list[ObjectiveConfig] = Field(
+        default_factory=lambda: [
+            CrossEntropyObjective(weight=1.0),
+            ForwardKLObjective(weight=1.0, temperature=2.0),
+        ],
+        min_length=1,
+    )  # fine-tuning the distilled student with the fine-tuned teacher
+    finetune: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=100, lr=5e-4, warmup_steps=10)
+    )
+    out: Path = Path("runs/classifiers")
+
+    @model_validator(mode="after")
+    def _shape(self) -> ClassifiersConfig:
+        if self.data.task != "classify":
+            raise ValueError("data.task: the labelled texts must be data.task=classify")
+        if self.teacher.init_from_teacher is not None or self.teacher.grow is not None:
+            raise ValueError("teacher: a preset or a pretrained folder, nothing else")
+        if self.teacher.path is not None and self.student is None:
+            raise ValueError("student: give the student's preset when the teacher is a folder")
+        if self.student is not None and self.student.path is not None:
+            raise ValueError("student: a preset (it is initialised from the teacher's layers)")
+        layers = self.teacher.preset_layers
+        if layers is not None and 2 * self.student_layers - 1 > layers:
+            raise ValueError(
+                f"student_layers={self.student_layers} needs a teacher with at least "
+                f"{2 * self.student_layers - 1} layers (every other layer); it has {layers}"
+            )
+        for field in ("general_objectives", "task_objectives"):
+            kinds = [o.kind for o in getattr(self, field)]
+            if "attention_kl" in kinds or "iit" in kinds:
+                raise ValueError(f"{field}: logits and hidden_cosine/hidden_mse only")
+        return self
+
+
 EXPAND_ARMS = ("baseline", "distill-expand", "shrink-expand", "stacking")
 
 

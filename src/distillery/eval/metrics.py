@@ -192,6 +192,28 @@ def evaluate_model(
     return out
 
 
+TIMING_BATCHES, TIMING_REPEATS = 8, 3
+
+
+@torch.inference_mode()
+def inference_seconds(
+    predictor: Predictor, data: Examples, device: torch.device, vocab: int | None = None
+) -> float:
+    """Fastest of ``TIMING_REPEATS`` passes over the first ``TIMING_BATCHES`` batches of
+    ``data`` (logits only; a first pass warms up). Compare predictors timed in one process."""
+    best = float("inf")
+    for _ in range(TIMING_REPEATS + 1):
+        start = time.perf_counter()
+        for _ in predictions(
+            predictor, data, device=device, max_batches=TIMING_BATCHES, vocab=vocab
+        ):
+            pass
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 @torch.no_grad()
 def generation_speed(
     model: nn.Module,

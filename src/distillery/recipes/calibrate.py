@@ -17,7 +17,6 @@ single model, and the training FLOPs behind each predictor. Writes ``<name>.{md,
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from distillery.config import CalibrateConfig, RunConfig
 from distillery.distributed import DistEnv, resolve_device
 from distillery.engine import seed_everything
 from distillery.eval import CalibrationStats, evaluate_model, fit_temperature, predictions
+from distillery.eval.metrics import TIMING_BATCHES, TIMING_REPEATS, inference_seconds
 from distillery.files import atomic_write_text, write_json
 from distillery.models import load_pretrained
 from distillery.recipes.common import (
@@ -88,24 +88,6 @@ def _train_models(cfg: CalibrateConfig, seed: int, reuse: bool) -> dict[str, dic
     return runs
 
 
-TIMING_BATCHES, TIMING_REPEATS = 8, 3
-
-
-@torch.inference_mode()
-def _seconds(predictor: TeacherSignal, data: Any, device: torch.device, vocab: int) -> float:
-    """Fastest of ``TIMING_REPEATS`` passes over the first ``TIMING_BATCHES`` test batches
-    (logits only; the first pass also warms up)."""
-    best = float("inf")
-    for _ in range(TIMING_REPEATS + 1):
-        start = time.perf_counter()
-        for _ in predictions(
-            predictor, data, device=device, max_batches=TIMING_BATCHES, vocab=vocab
-        ):
-            pass
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def _evaluate_seed(
     cfg: CalibrateConfig,
     seed: int,
@@ -163,7 +145,7 @@ def _evaluate_seed(
                 n_bins=cfg.n_bins,
                 stats=stats,
             )
-        seconds = _seconds(predictor, test, device, cut)
+        seconds = inference_seconds(predictor, test, device, cut)
         pooled.setdefault(name, CalibrationStats()).parts.extend(stats.parts)
         out[name] = {
             **{k: metrics[k] for k in ("accuracy", "ece", "mce", "brier")},
