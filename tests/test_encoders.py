@@ -322,3 +322,87 @@ def test_classifiers_experiment_end_to_end(corpus: Path, cache_dir: Path, tmp_pa
     # A second call reuses every finished stage.
     again = run_cli("experiment", "classifiers", "--config", str(path), timeout=600)
     assert again.returncode == 0 and again.stdout.count("reusing") >= 1 + 2 * 6
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model" / "model.safetensors"))
+
+
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def test_token_mean_terms_are_exact_across_micro_batches(
+    mlm_teacher: Path, corpus: Path, cache_dir: Path, tmp_path: Path
+):
+    """Masked-LM distillation with a hidden cosine (counted over tokens, labels on ~15% of
+    them) gives the same update in one batch and in micro-batches of one block."""
+    from distillery.recipes.run import run
+
+    for name, micro in (("big", None), ("micro", 1)):
+        run(
+            _mlm_run(
+                corpus, cache_dir, tmp_path / name, teacher=str(mlm_teacher),
+                model={"preset": "bert-tiny", "overrides": NO_DROPOUT},
+                objectives=[{"kind": "forward_kl", "temperature": 2.0}, {"kind": "ce"},
+                            {"kind": "hidden_cosine", "projection": "linear"}],
+                train={"steps": 3, "batch_size": 4, "micro_batch_size": micro, "lr": 3e-3,
+                       "warmup_steps": 1, "eval_batches": 1},
+            )
+        )  # fmt: skip
+    a, b = _weights(tmp_path / "big"), _weights(tmp_path / "micro")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_masked_lm_run_resumes_bit_identically(corpus: Path, cache_dir: Path, tmp_path: Path):
+    from distillery.recipes.run import run
+
+    train = {"steps": 6, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "eval_batches": 1,
+             "checkpoint_every": 2}  # fmt: skip
+    run(_mlm_run(corpus, cache_dir, tmp_path / "full", train=train))
+    cut = _mlm_run(corpus, cache_dir, tmp_path / "cut", train=train)
+    assert run(cut, stop_after=3) == {"step": 3, "finished": False}
+    assert run(cut, resume=True)["finished"]
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_engine_reports_token_terms_as_means_over_tokens(tmp_path: Path):
+    """With labels on a few positions, the engine's hidden-cosine term is still the mean over
+    every token of the global batch (not a sum over tokens divided by the label count)."""
+    from distillery.config import TrainConfig
+    from distillery.data import global_batch_indices
+    from distillery.engine import Engine
+
+    vocab = 60
+
+    class Blocks:  # 6 fixed blocks, labels on a few positions only
+        seq_len, num_blocks, identity = 16, 6, "blocks"
+        ids = torch.randint(3, vocab, (6, 16), generator=torch.Generator().manual_seed(0))
+
+        def examples(self, indices: np.ndarray, draw: int = 0) -> tuple:
+            return mask_tokens(
+                self.ids[torch.as_tensor(indices)], indices, mask_id=MASK, vocab_size=vocab,
+                special_ids=SPECIALS, probability=0.15, seed=0, draw=draw,
+            )  # fmt: skip
+
+    student = _tiny_bert(vocab, 2, 0, **NO_DROPOUT)
+    teacher = _tiny_bert(vocab, 2, 1, **NO_DROPOUT)
+    mix = LossMix(
+        terms_from_config([{"kind": "ce"}, {"kind": "hidden_cosine"}]), LiveTeacher(teacher),
+        student=student, vocab=vocab, states_on="tokens", pad_token_id=1,
+    )  # fmt: skip
+    cfg = TrainConfig(steps=1, batch_size=4, micro_batch_size=1, tensorboard=False)
+    data = Blocks()
+    ids, labels = data.examples(global_batch_indices(6, 0, 4, cfg.seed), draw=0)
+    with torch.no_grad():
+        s = student(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        t = teacher(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    expected = (1 - F.cosine_similarity(s, t, dim=-1)).mean().item()
+    engine = Engine(
+        student, mix, data, cfg, tmp_path, device=torch.device("cpu"), flops_per_token=1.0
+    )
+    out = engine.train_step(0)
+    assert (labels != IGNORE_INDEX).sum() < ids.numel() / 3
+    assert out["hidden_cosine"] == pytest.approx(expected, rel=1e-4)
