@@ -19,13 +19,12 @@ from typing import Any
 import torch
 
 from distillery.config import AblationConfig, ModelSpec, RunConfig
-from distillery.files import atomic_write_text, write_json
 from distillery.recipes.common import (
     hardware,
-    is_main_process,
     mean_std,
     prepare_out_dir,
     run_or_reuse,
+    write_study,
 )
 from distillery.recipes.quickstart import teacher_config
 
@@ -90,14 +89,7 @@ def ablate(cfg: AblationConfig, *, overwrite: bool = False) -> dict[str, Any]:
         "arms": arms,
         "config": cfg.model_dump(mode="json"),
     }
-    table = ablation_markdown(result)
-    if not is_main_process():
-        return result
-    for folder in [out, *([cfg.results] if cfg.results else [])]:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        write_json(Path(folder) / "ablation.json", result)
-        atomic_write_text(Path(folder) / "ablation.md", table)
-    print(table)
+    write_study("ablation", result, ablation_markdown(result), [out, cfg.results])
     return result
 
 

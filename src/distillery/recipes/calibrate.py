@@ -27,16 +27,15 @@ from distillery.distributed import DistEnv, resolve_device
 from distillery.engine import seed_everything
 from distillery.eval import CalibrationStats, evaluate_model, fit_temperature, predictions
 from distillery.eval.metrics import TIMING_BATCHES, TIMING_REPEATS, inference_seconds
-from distillery.files import atomic_write_text, write_json
 from distillery.models import load_pretrained
 from distillery.recipes.common import (
     against_spread,
     hardware,
-    is_main_process,
     mean_std,
     prepare_data,
     prepare_out_dir,
     run_or_reuse,
+    write_study,
 )
 from distillery.teachers import (
     EnsembleTeacher,
@@ -208,15 +207,13 @@ def calibrate(cfg: CalibrateConfig, *, overwrite: bool = False) -> dict[str, Any
         },
         "config": cfg.model_dump(mode="json"),
     }
-    if is_main_process():
-        table = calibration_markdown(result)
-        for folder in [out, *([cfg.results] if cfg.results else [])]:
-            folder = Path(folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            write_json(folder / f"{cfg.name}.json", result)
-            atomic_write_text(folder / f"{cfg.name}.md", table)
-            plot_reliability(result, folder / f"{cfg.name}-reliability.png")
-        print(table)
+    write_study(
+        cfg.name,
+        result,
+        calibration_markdown(result),
+        [out, cfg.results],
+        lambda folder: plot_reliability(result, folder / f"{cfg.name}-reliability.png"),
+    )
     return result
 
 

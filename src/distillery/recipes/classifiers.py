@@ -27,16 +27,15 @@ from distillery.config import ClassifiersConfig, CrossEntropyObjective, ModelSpe
 from distillery.distributed import DistEnv, resolve_device
 from distillery.eval import evaluate_model
 from distillery.eval.metrics import inference_seconds
-from distillery.files import atomic_write_text, write_json
 from distillery.models import folder_is_encoder, is_encoder, load_pretrained
 from distillery.recipes.common import (
     against_spread,
     hardware,
-    is_main_process,
     mean_std,
     prepare_data,
     prepare_out_dir,
     run_or_reuse,
+    write_study,
 )
 from distillery.teachers import LiveTeacher
 
@@ -204,15 +203,12 @@ def classifiers(cfg: ClassifiersConfig, *, overwrite: bool = False) -> dict[str,
             "seconds": speed[name],
             "speedup": speed["teacher"] / speed[name],
         }
-        for key in METRICS:
-            mean, std = mean_std([float(v[key]) for v in values])
-            rows[name][key] = {"mean": mean, "std": std}
+        rows[name] |= {key: _spread([float(v[key]) for v in values]) for key in METRICS}
     for name in ROWS:
         for key in ("accuracy", "macro_f1"):
             rows[name][f"retained_{key}"] = (
                 100.0 * rows[name][key]["mean"] / rows["teacher"][key]["mean"]
             )
-    pretrain_metric = "val_ppl"
     result = {
         "hardware": hardware(),
         "torch": torch.__version__,
@@ -220,39 +216,26 @@ def classifiers(cfg: ClassifiersConfig, *, overwrite: bool = False) -> dict[str,
         "family": "encoder (masked LM)" if encoder else "decoder (next tokens)",
         "test_examples": test.num_blocks,
         "classes": test.classes,
-        "teacher_pretrain": {k: pretrain.get(k) for k in (pretrain_metric, "steps", "flops")},
+        "teacher_pretrain": {k: pretrain.get(k) for k in ("val_ppl", "steps", "flops")},
+        # The student bodies' held-out masked/next-token perplexity (and agreement).
         "bodies": {
             name: {
-                pretrain_metric: dict(
-                    zip(("mean", "std"), mean_std([b[pretrain_metric] for b in runs_]), strict=True)
-                ),
-                **(
-                    {
-                        "agreement": dict(
-                            zip(
-                                ("mean", "std"),
-                                mean_std([b["agreement"] for b in runs_]),
-                                strict=True,
-                            )
-                        )
-                    }
-                    if "agreement" in runs_[0]
-                    else {}
-                ),
+                key: _spread([b[key] for b in summaries])
+                for key in ("val_ppl", "agreement")
+                if key in summaries[0]
             }
-            for name, runs_ in bodies.items()
+            for name, summaries in bodies.items()
         },
         "rows": rows,
         "config": cfg.model_dump(mode="json"),
     }
-    if is_main_process():
-        table = classifiers_markdown(result)
-        for folder in [out, *([cfg.results] if cfg.results else [])]:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            write_json(Path(folder) / "classifiers.json", result)
-            atomic_write_text(Path(folder) / "classifiers.md", table)
-        print(table)
+    write_study("classifiers", result, classifiers_markdown(result), [out, cfg.results])
     return result
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std}
 
 
 def _pm(value: dict[str, float], scale: float = 1.0, digits: int = 3) -> str:

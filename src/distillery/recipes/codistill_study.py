@@ -34,9 +34,15 @@ from distillery.config import CodistillConfig, CodistillStudyConfig, config_to_y
 from distillery.distributed import DistEnv, resolve_device
 from distillery.errors import DistilleryError
 from distillery.eval import evaluate_model
-from distillery.files import atomic_write_text, write_json
+from distillery.files import atomic_write_text
 from distillery.models import load_pretrained
-from distillery.recipes.common import hardware, mean_std, prepare_data, prepare_out_dir
+from distillery.recipes.common import (
+    hardware,
+    mean_std,
+    prepare_data,
+    prepare_out_dir,
+    write_study,
+)
 from distillery.report import read_metrics
 from distillery.teachers import LiveTeacher
 
@@ -195,14 +201,13 @@ def codistill_study(cfg: CodistillStudyConfig, *, overwrite: bool = False) -> di
                 result["churn"][arm] = _churn(cfg, *dirs)
         per_seed.append(result)
     summary = _summarise(cfg, per_seed)
-    table = codistill_markdown(summary)
-    for folder in [out, *([cfg.results] if cfg.results else [])]:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "codistill.json", summary)
-        atomic_write_text(folder / "codistill.md", table)
-        plot_codistill(summary, folder / "codistill.png")
-    print(table)
+    write_study(
+        "codistill",
+        summary,
+        codistill_markdown(summary),
+        [out, cfg.results],
+        lambda folder: plot_codistill(summary, folder / "codistill.png"),
+    )
     return summary
 
 

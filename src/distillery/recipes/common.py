@@ -33,7 +33,7 @@ from distillery.data import (
 from distillery.distributed import DistEnv
 from distillery.engine import list_checkpoints
 from distillery.errors import DistilleryError
-from distillery.files import publish_folder, temp_folder_next_to
+from distillery.files import atomic_write_text, publish_folder, temp_folder_next_to, write_json
 
 # What a run leaves; the first three are worth keeping (resumable or finished).
 KEPT_ITEMS = ("checkpoints", "model", "summary.json")
@@ -221,6 +221,26 @@ def run_or_reuse(cfg: RunConfig, name: str, *, reuse: bool = True) -> tuple[dict
     if result is None:
         raise DistilleryError(f"{name}: the run in {out} did not finish")
     return result, False
+
+
+def write_study(
+    name: str,
+    result: dict[str, Any],
+    table: str,
+    folders: list[Path | None],
+    plot: Callable[[Path], None] | None = None,
+) -> None:
+    """A study's ``NAME.json`` and ``NAME.md`` (and its ``plot``) into each folder given; the
+    table printed. Only the main process writes."""
+    if not is_main_process():
+        return
+    for folder in [Path(f) for f in folders if f is not None]:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / f"{name}.json", result)
+        atomic_write_text(folder / f"{name}.md", table)
+        if plot is not None:
+            plot(folder)
+    print(table)
 
 
 def is_main_process() -> bool:

@@ -30,14 +30,13 @@ from distillery.config import (
     ModelSpec,
     RunConfig,
 )
-from distillery.files import atomic_write_text, write_json
 from distillery.recipes.common import (
     against_spread,
     hardware,
-    is_main_process,
     mean_std,
     prepare_out_dir,
     run_or_reuse,
+    write_study,
 )
 from distillery.report import read_metrics
 
@@ -204,15 +203,13 @@ def distill_expand(cfg: DistillExpandConfig, *, overwrite: bool = False) -> dict
         "rows": rows,
         "config": cfg.model_dump(mode="json"),
     }
-    if is_main_process():
-        table = expand_markdown(result)
-        for folder in [out, *([cfg.results] if cfg.results else [])]:
-            folder = Path(folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            write_json(folder / "distill-expand.json", result)
-            atomic_write_text(folder / "distill-expand.md", table)
-            plot_expand(result, folder)
-        print(table)
+    write_study(
+        "distill-expand",
+        result,
+        expand_markdown(result),
+        [out, cfg.results],
+        lambda folder: plot_expand(result, folder),
+    )
     return result
 
 

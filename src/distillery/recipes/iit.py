@@ -21,18 +21,17 @@ import torch
 from distillery.config import IITStudyConfig, ModelSpec, RunConfig
 from distillery.distributed import DistEnv, resolve_device
 from distillery.eval import interchange_agreement
-from distillery.files import atomic_write_text, write_json
 from distillery.models import load_pretrained
 from distillery.models.interventions import num_layers
 from distillery.objectives.representations import layer_pairs
 from distillery.recipes.common import (
     against_spread,
     hardware,
-    is_main_process,
     mean_std,
     prepare_data,
     prepare_out_dir,
     run_or_reuse,
+    write_study,
 )
 from distillery.recipes.quickstart import teacher_config
 
@@ -123,13 +122,7 @@ def iit_study(cfg: IITStudyConfig, *, overwrite: bool = False) -> dict[str, Any]
         "rows": rows,
         "config": cfg.model_dump(mode="json"),
     }
-    if is_main_process():
-        table = iit_markdown(result)
-        for folder in [out, *([cfg.results] if cfg.results else [])]:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            write_json(Path(folder) / "iit.json", result)
-            atomic_write_text(Path(folder) / "iit.md", table)
-        print(table)
+    write_study("iit", result, iit_markdown(result), [out, cfg.results])
     return result
 
 
