@@ -406,3 +406,10 @@ def test_engine_reports_token_terms_as_means_over_tokens(tmp_path: Path):
     out = engine.train_step(0)
     assert (labels != IGNORE_INDEX).sum() < ids.numel() / 3
     assert out["hidden_cosine"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_masked_lm_is_no_classifier_teacher(mlm_teacher: Path):
+    from distillery.models import load_pretrained
+
+    with pytest.raises(DistilleryError, match="not a classifier: fine-tune it first"):
+        load_pretrained(mlm_teacher, "teacher", "classify")

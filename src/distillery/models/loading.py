@@ -101,7 +101,13 @@ def load_pretrained(
             f"({auto.__name__} cannot load it)"
         )
     extra: dict[str, Any] = {}
-    head_only = not any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    architectures = config.architectures or []
+    head_only = not any(a.endswith("ForSequenceClassification") for a in architectures)
+    if task == "classify" and head_only and classes is None and architectures:
+        raise DistilleryError(
+            f"{role} folder {folder} holds a {architectures[0]}, not a classifier: fine-tune it "
+            f"first (distillery train --model {folder} --out DIR data.task=classify)"
+        )
     if task == "classify" and classes is not None and head_only:
         extra = dict(
             num_labels=len(classes),

@@ -27,7 +27,7 @@ from distillery.config import ClassifiersConfig, CrossEntropyObjective, ModelSpe
 from distillery.distributed import DistEnv, resolve_device
 from distillery.eval import evaluate_model
 from distillery.eval.metrics import inference_seconds
-from distillery.models import folder_is_encoder, is_encoder, load_pretrained
+from distillery.models import folder_is_encoder, is_encoder, load_pretrained, num_params
 from distillery.recipes.common import (
     against_spread,
     hardware,
@@ -191,7 +191,7 @@ def classifiers(cfg: ClassifiersConfig, *, overwrite: bool = False) -> dict[str,
             runs[name][i] |= {"seed": seed, **metrics}
             if i == 0:
                 speed[name] = inference_seconds(model, test, device)
-                params[name] = sum(p.numel() for p in model.parameters())
+                params[name] = num_params(model)
                 layers[name] = model.config.num_hidden_layers
     rows: dict[str, Any] = {}
     for name, values in runs.items():
