@@ -374,13 +374,13 @@ class LossMix:
             total = (self._weights(self.logit_terms, logit_sums.device) * logit_sums).sum()
         for i, term in enumerate(self.logit_terms):
             sums[term.name] = logit_sums[i]
+        state_mask = self._state_mask(input_ids, mask)  # (N,) positions representations count
         for term in self.terms:
             if term.reads == "interchange":
                 value = self._interchange_sum(term, model, input_ids, mask)
                 sums[term.name] = value
                 total = total + term.weight * value
             elif term.reads != "logits":
-                state_mask = self._state_mask(input_ids, mask)
                 value = self._representation_sum(term, student, teacher, state_mask) * state_scale
                 sums[term.name] = value
                 total = total + term.weight * value

@@ -37,6 +37,7 @@ from distillery.models import (
 )
 from distillery.models.dropout import add_residual_dropout
 from distillery.models.growth import grow_layers, stack_layers
+from distillery.models.loading import is_bidirectional
 from distillery.objectives.chunked import check_plain_head
 from distillery.objectives.mix import LossMix, terms_from_config
 from distillery.recipes.common import export_model, once_per_job, prepare_data, prepare_out_dir
@@ -94,7 +95,7 @@ def run(
         teacher_model = teacher_models[0] if teacher_models else None
         tokenizer_dir = teacher_paths[0] if teacher_paths else cfg.model.path
         # Encoders read texts as cls + tokens + sep (decoders: tokens + eos).
-        encoder = any(folder_is_encoder(p) for p in teacher_paths) or (
+        encoder = any(is_bidirectional(m.config) for m in teacher_models) or (
             folder_is_encoder(cfg.model.path)
             if cfg.model.path
             else is_encoder(cfg.model.preset or "")
