@@ -28,10 +28,10 @@ from distillery.data import bbc_news_labelled
 from distillery.distributed import DistEnv, resolve_device
 from distillery.engine import Engine, seed_everything
 from distillery.models import build_model, compute_params
-from distillery.objectives.mix import LossMix, terms_from_config
 from distillery.recipes.common import export_model, prepare_data
-from distillery.teacher_cache import CachedTeacher, build_teacher_cache, cache_key
+from distillery.step import DistillStep, terms_from_config
 from distillery.teachers import LiveTeacher
+from distillery.teachers.cache import CachedTeacher, build_teacher_cache, cache_key
 
 
 def main() -> None:
@@ -75,16 +75,16 @@ def main() -> None:
         log_every=10**6,
     )
 
-    def engine(model: torch.nn.Module, loss: LossMix, folder: str) -> Engine:
+    def engine(model: torch.nn.Module, loss: DistillStep, folder: str) -> Engine:
         per_token = 6.0 * compute_params(model) + loss.teacher_flops_per_token()
         return Engine(
             model, loss, train, cfg, tmp / folder, device=device, flops_per_token=per_token
         )
 
     arms = {
-        "teacher train": engine(teacher, LossMix(ce), "a"),
-        "student train": engine(scratch, LossMix(ce), "b"),
-        "student distill": engine(student, LossMix(kd, live), "c"),
+        "teacher train": engine(teacher, DistillStep(ce), "a"),
+        "student train": engine(scratch, DistillStep(ce), "b"),
+        "student distill": engine(student, DistillStep(kd, live), "c"),
     }
     cache_note = ""
     if args.cache_articles:
@@ -94,7 +94,7 @@ def main() -> None:
         cached = CachedTeacher(tmp / "cache", train, key)
         twin = build_model(args.teacher, len(tokenizer), {"num_hidden_layers": args.student_layers})
         twin.load_state_dict(student.state_dict())
-        arms["student distill (cache)"] = engine(twin, LossMix(kd, cached), "d")
+        arms["student distill (cache)"] = engine(twin, DistillStep(kd, cached), "d")
         cache_note = (
             f"cache: {train.num_blocks} blocks, top-{args.top_k}, built once in "
             f"{meta['seconds']:.1f} s; teacher/student compute params "

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from distillery.config import AblationConfig, build_config
-from distillery.recipes.ablate import ablate
+from distillery.config import build_config
+from distillery.recipes.ablate import AblationConfig, ablate
 from tests.conftest import run_cli, tiny_recipe
 
 

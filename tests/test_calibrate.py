@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from distillery.config import CalibrateConfig
-from distillery.recipes.calibrate import PREDICTORS, calibrate
+from distillery.recipes.calibrate import PREDICTORS, CalibrateConfig, calibrate
 from tests.conftest import run_cli
 
 

@@ -14,8 +14,9 @@ from transformers import LlamaForCausalLM
 
 from distillery.data import shift_labels
 from distillery.errors import DistilleryError
-from distillery.objectives.chunked import check_plain_head, chunked_loss, head_inputs
-from distillery.objectives.mix import LossMix, terms_from_config
+from distillery.models.heads import check_plain_head, head_inputs
+from distillery.objectives.chunked import chunked_loss
+from distillery.step import DistillStep, terms_from_config
 from distillery.teachers import LiveTeacher
 from tests.conftest import tiny_llama
 
@@ -44,7 +45,7 @@ def test_chunked_sums_equal_unchunked_values_and_gradients():
     labels = torch.randint(0, v, (n,), generator=g)
     labels[torch.rand(n, generator=g) < 0.25] = -100
     mask = labels != -100
-    mix = LossMix(terms_from_config(ALL_TERMS), teacher=_NoTeacher(), vocab=v)
+    mix = DistillStep(terms_from_config(ALL_TERMS), teacher=_NoTeacher(), vocab=v)
     full_signals = {
         "student_logits": s_head(s_hidden),
         "teacher_logits": t_head(t_hidden)[:, :v].detach(),
@@ -75,7 +76,7 @@ def test_chunked_sums_equal_unchunked_values_and_gradients():
 
 
 class _NoTeacher:
-    """Stands in where LossMix needs a teacher object but the test feeds signals itself."""
+    """Stands in where DistillStep needs a teacher object but the test feeds signals itself."""
 
     compute_params = 0
 
@@ -98,8 +99,8 @@ def test_loss_mix_chunked_equals_unchunked_on_real_models(chunk):
     ids = torch.randint(0, 120, (3, 17))
     labels = shift_labels(ids)
     terms = terms_from_config(ALL_TERMS)
-    plain = LossMix(terms, teacher, vocab=120)
-    chunked = LossMix(terms, teacher, vocab=120, chunk_size=chunk)
+    plain = DistillStep(terms, teacher, vocab=120)
+    chunked = DistillStep(terms, teacher, vocab=120, chunk_size=chunk)
     twin = copy.deepcopy(student)
     total_a, sums_a = plain(student, ids, labels)
     total_b, sums_b = chunked(twin, ids, labels)
@@ -139,7 +140,7 @@ def test_distillation_with_chunks_trains_like_without(corpus, cache_dir, tmp_pat
 
 BIG_VOCAB_SCRIPT = r"""
 import json, resource, sys, torch
-from distillery.objectives.mix import LossMix, terms_from_config
+from distillery.step import DistillStep, terms_from_config
 from distillery.data import shift_labels
 from distillery.teachers import LiveTeacher
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -151,7 +152,7 @@ def model(h):
 student, teacher = model(16), LiveTeacher(model(32))
 ids = torch.randint(0, 262144, (2, 256))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-mix = LossMix(terms_from_config([{"kind": "ce"}, {"kind": "forward_kl"}]), teacher,
+mix = DistillStep(terms_from_config([{"kind": "ce"}, {"kind": "forward_kl"}]), teacher,
               chunk_size=chunk)
 total, _ = mix(student, ids, shift_labels(ids))
 total.backward()
@@ -182,7 +183,7 @@ def test_evaluation_by_chunks_equals_evaluation_on_whole_logits(
 ):
     from distillery.distributed import DistEnv
     from distillery.eval import metrics
-    from distillery.models import load_pretrained
+    from distillery.models import heads, load_pretrained
     from distillery.recipes.common import prepare_data
     from tests.conftest import tiny_run
 
@@ -197,9 +198,9 @@ def test_evaluation_by_chunks_equals_evaluation_on_whole_logits(
             student, val, device=device, max_batches=2, teacher=teacher, vocab=len(tokenizer)
         )
 
-    monkeypatch.setattr(metrics, "EVAL_CHUNK_LOGITS", 37 * len(tokenizer))  # 37 positions
+    monkeypatch.setattr(heads, "CHUNK_LOGITS", 37 * len(tokenizer))  # 37 positions
     chunked = evaluate()
-    monkeypatch.setattr(metrics, "is_plain_head", lambda head, config: False)
+    monkeypatch.setattr(metrics, "has_plain_head", lambda model: False)
     whole = evaluate()
     assert chunked.keys() == whole.keys() and chunked["eval_tokens"] > 37
     for key in whole:

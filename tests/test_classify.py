@@ -150,8 +150,8 @@ def test_distil_a_classifier_from_mc_dropout_and_from_an_ensemble(
     kl = [{"kind": "forward_kl", "temperature": 1.0}]
     mc = run(
         classify_run(
-            corpus, cache_dir, tmp_path / "mc", teacher=str(teacher), teacher_mc_samples=3,
-            objectives=kl,
+            corpus, cache_dir, tmp_path / "mc", objectives=kl,
+            teacher={"kind": "mc_dropout", "path": str(teacher), "samples": 3},
         )
     )  # fmt: skip
     plain = run(classify_run(corpus, cache_dir, tmp_path / "plain", teacher=str(teacher)))
@@ -175,8 +175,8 @@ def test_classification_config_errors_are_one_line():
         RunConfig.model_validate({**base, "objectives": [{"kind": "attention_kl"}]})
     # Hidden states are matched over the texts' tokens (see test_encoders).
     RunConfig.model_validate({**base, "objectives": [{"kind": "hidden_cosine"}]})
-    with pytest.raises(Exception, match="exactly one teacher"):
-        RunConfig.model_validate({"teacher": ["a", "b"], "teacher_mc_samples": 4})
+    with pytest.raises(Exception, match=r"teacher\.mc_dropout\.path"):  # one folder only
+        RunConfig.model_validate({"teacher": {"kind": "mc_dropout", "path": ["a", "b"]}})
     with pytest.raises(Exception, match="for causal language models"):
         RunConfig.model_validate({**base, "train": {"logit_chunk_size": 64}})
 

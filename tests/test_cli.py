@@ -238,7 +238,8 @@ def test_overrides_may_come_before_options_and_more_input_checks(
 
 def test_out_and_data_flags_beat_the_config_file_and_overrides_beat_both(tmp_path):
     from distillery.cli import _recipe_config, build_parser
-    from distillery.config import AblationConfig, QuickstartConfig
+    from distillery.recipes.ablate import AblationConfig
+    from distillery.recipes.quickstart import QuickstartConfig
 
     cfg_file = tmp_path / "exp.yaml"
     cfg_file.write_text("out: runs/from-file\ndata: {source: from-file.txt, seq_len: 64}\n")

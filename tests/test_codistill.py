@@ -18,7 +18,9 @@ import yaml
 
 from distillery.config import ExchangeSpec
 from distillery.data import PackedTokens
-from distillery.pool import MASKED, PeerTeacher, PoolData, Shard
+from distillery.objectives import forward_kl
+from distillery.pool import PeerTeacher, PoolData, Shard
+from distillery.teachers import TopK
 from tests.conftest import run_cli
 
 
@@ -155,8 +157,9 @@ def test_predictions_mode_pool_of_unequal_peers_under_torchrun(
 
     for i, layers in ((0, 2), (1, 1)):  # every rank exported its own model
         assert load_pretrained(out / f"peer{i}" / "model").config.num_hidden_layers == layers
-    # Exchanges at steps 2, 4, 6 (burn-in 2): each sends B·T·2k float32 and gets the other's.
-    payload = 4 * 32 * 2 * 8 * 4
+    # Exchanges at steps 2, 4, 6 (burn-in 2): each sends B·T·(2k + 1) float32 (log-probs, ids,
+    # the left-over mass) and gets the other's.
+    payload = 4 * 32 * (2 * 8 + 1) * 4
     for s in (big, small):
         assert s["exchanges"] == 3 and s["steps"] == 8
         assert s["bytes_sent"] == 3 * payload and s["bytes_received"] == 3 * payload
@@ -194,10 +197,30 @@ def test_peer_targets_mean_and_each():
     each = PeerTeacher(ExchangeSpec(target="each", temperature=t), None).combine(z)
     softened = torch.stack([(x / t).softmax(-1) for x in z]).mean(0)
     assert torch.allclose((each / t).softmax(-1), softened, atol=1e-6)
-    # Tokens outside a peer's top-k carry no probability at all.
-    masked = torch.full((1, 1, 5), MASKED)
-    masked[..., 2] = 0.0
-    assert masked.softmax(-1)[..., [0, 1, 3, 4]].max() == 0.0
+
+
+def test_gathered_peer_top_k_keeps_the_left_over_mass_as_the_cache_does():
+    """A peer's shared top-k is completed like the teacher cache's: the forward KL towards it
+    equals the bucketed KL Σ_topk p·log(p/q) + r·log(r/q_rest), written here in float64."""
+    gen = torch.Generator().manual_seed(3)
+    n, v, k, t = 6, 13, 4, 2.0
+    peer, student = torch.randn(n, v, generator=gen), torch.randn(n, v, generator=gen)
+    teacher = PeerTeacher(ExchangeSpec(target="each", temperature=t), None)
+    teacher.gathered = [TopK.of(peer, k, t)]
+    out = teacher.run(torch.zeros(2, 3, dtype=torch.long))
+    assert out.logits is None and out.chunk_logits is not None
+    targets = out.chunk_logits(slice(None), student)
+    mask = torch.ones(n, dtype=torch.bool)
+    got = forward_kl(student, targets, mask, temperature=t)
+    p, q = (peer.double() / t).softmax(-1), (student.double() / t).softmax(-1)
+    top = p.topk(k, dim=-1).indices
+    p_top, q_top = p.gather(1, top), q.gather(1, top)
+    r, q_rest = 1 - p_top.sum(-1), 1 - q_top.sum(-1)
+    expected = ((p_top * (p_top / q_top).log()).sum(-1) + r * (r / q_rest).log()).sum() * t * t
+    assert torch.allclose(got.double(), expected, rtol=1e-4)
+    # A student equal to the peer has nothing left to learn from it.
+    same = teacher.run(torch.zeros(2, 3, dtype=torch.long)).chunk_logits(slice(None), peer)
+    assert float(forward_kl(peer, same, mask, temperature=t)) < 1e-5
 
 
 def test_launch_errors_are_one_line(corpus: Path, cache_dir: Path, tmp_path: Path):

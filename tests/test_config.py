@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from distillery.config import AblationConfig, QuickstartConfig, RunConfig, build_config
+from distillery.config import RunConfig, build_config
 from distillery.errors import DistilleryError
+from distillery.recipes.ablate import AblationConfig
+from distillery.recipes.quickstart import QuickstartConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

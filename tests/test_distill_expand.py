@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import yaml
 
-from distillery.config import DistillExpandConfig, build_config
-from distillery.recipes.distill_expand import distill_expand
+from distillery.config import build_config
+from distillery.recipes.distill_expand import DistillExpandConfig, distill_expand
 from tests.conftest import run_cli, tiny_recipe
 
 TRAIN = (
@@ -73,7 +73,7 @@ def test_every_arm_spends_the_budget_on_one_data_stream(corpus, cache_dir, tmp_p
     # The 2n-layer phase of f_train = 0.25 is one run shared by distill- and shrink-expand.
     assert "shrink-expand-0.25/train-2n/seed-0: finished before, reusing" in capsys.readouterr().out
     shrink = yaml.safe_load((dx / "shrink-expand-0.25" / "train-2n" / "config.yaml").read_text())
-    assert shrink["teacher"] == str(dx / "train-2n-0.25" / "model")
+    assert shrink["teacher"]["path"] == str(dx / "train-2n-0.25" / "model")
     assert shrink["model"]["grow"] == {"kind": "top", "layers": 2, "identity": True}
     curve = rows["baseline"]["runs"][0]["curve"]
     assert [round(x / step_flops) for x, _ in curve] == [2, 4, 6, 8, 10, 12]

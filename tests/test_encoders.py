@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from distillery.config import ClassifiersConfig, RunConfig
+from distillery.config import RunConfig
 from distillery.data import IGNORE_INDEX, encode_labelled, mask_tokens
 from distillery.errors import DistilleryError
 from distillery.models import build_model, every_other, init_from_teacher
 from distillery.models.loading import mask_padding
-from distillery.objectives.mix import LossMix, terms_from_config
+from distillery.recipes.classifiers import ClassifiersConfig
+from distillery.step import DistillStep, terms_from_config
 from distillery.teachers import LiveTeacher
 from tests.conftest import run_cli
 
@@ -88,14 +89,14 @@ def test_mlm_distillation_counts_masked_positions_only():
         {"kind": "ce", "weight": 2.0},
         {"kind": "hidden_cosine", "weight": 1.0, "layers": "last"},
     ]
-    mix = LossMix(
+    mix = DistillStep(
         terms_from_config(objectives), LiveTeacher(teacher), student=student, vocab=vocab,
         states_on="tokens", pad_token_id=1,
     )  # fmt: skip
     counts = mix.counts(inputs, labels)
     n_masked = int((labels != IGNORE_INDEX).sum())
     assert counts.tolist() == [n_masked, 3 * 47]
-    _, sums = mix(student, inputs, labels, state_scale=float(counts[0] / counts[1]))
+    _, sums = mix(student, inputs, labels, counts=counts)
 
     with torch.no_grad():
         s_out = student(input_ids=inputs, output_hidden_states=True)
@@ -389,7 +390,7 @@ def test_engine_reports_token_terms_as_means_over_tokens(tmp_path: Path):
 
     student = _tiny_bert(vocab, 2, 0, **NO_DROPOUT)
     teacher = _tiny_bert(vocab, 2, 1, **NO_DROPOUT)
-    mix = LossMix(
+    mix = DistillStep(
         terms_from_config([{"kind": "ce"}, {"kind": "hidden_cosine"}]), LiveTeacher(teacher),
         student=student, vocab=vocab, states_on="tokens", pad_token_id=1,
     )  # fmt: skip

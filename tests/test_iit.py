@@ -13,7 +13,7 @@ from distillery.config import RunConfig
 from distillery.data import PackedTokens, shift_labels
 from distillery.errors import DistilleryError
 from distillery.eval import interchange_agreement
-from distillery.objectives.mix import LossMix, terms_from_config
+from distillery.step import DistillStep, terms_from_config
 from distillery.teachers import EnsembleTeacher, LiveTeacher
 from tests.conftest import tiny_llama, tiny_run
 
@@ -40,13 +40,13 @@ def _batch(vocab: int = 97) -> tuple[torch.Tensor, torch.Tensor]:
 def test_a_student_equal_to_its_teacher_has_zero_iit_loss_and_others_get_gradients():
     teacher = tiny_llama(97, layers=2)
     student = copy.deepcopy(teacher)
-    mix = LossMix(terms_from_config([IIT]), LiveTeacher(teacher), student=student, vocab=97)
+    mix = DistillStep(terms_from_config([IIT]), LiveTeacher(teacher), student=student, vocab=97)
     ids, labels = _batch()
     torch.manual_seed(0)
     total, terms = mix(student, ids, labels)
     assert abs(total.item()) < 1e-5 and abs(terms["iit"].item()) < 1e-5
     other = tiny_llama(97, layers=2, seed=3)
-    mix = LossMix(terms_from_config([IIT]), LiveTeacher(teacher), student=other, vocab=97)
+    mix = DistillStep(terms_from_config([IIT]), LiveTeacher(teacher), student=other, vocab=97)
     total, _ = mix(other, ids, labels)
     assert total.item() > 1e-3
     total.backward()
@@ -57,11 +57,11 @@ def test_a_student_equal_to_its_teacher_has_zero_iit_loss_and_others_get_gradien
 def test_the_teacher_runs_only_for_counterfactuals_and_the_meter_counts_them():
     teacher, student = tiny_llama(97, layers=4), tiny_llama(97, layers=2, seed=1)
     live = LiveTeacher(teacher)
-    mix = LossMix(terms_from_config([{"kind": "ce"}, IIT]), live, student=student, vocab=97)
+    mix = DistillStep(terms_from_config([{"kind": "ce"}, IIT]), live, student=student, vocab=97)
     assert mix.teacher_forward is False and mix.teacher_flops_per_token() == 0.0
     n = 1000
     assert mix.interchange_flops_per_token(n) == 4.0 * live.compute_params + 12.0 * n
-    half = LossMix(
+    half = DistillStep(
         terms_from_config([{**IIT, "probability": 0.5}, {"kind": "forward_kl"}]),
         live,
         student=student,
@@ -82,9 +82,9 @@ def test_iit_needs_one_live_teacher_and_layers_in_range():
     teacher, student = tiny_llama(97, layers=2), tiny_llama(97, layers=2)
     ensemble = EnsembleTeacher([LiveTeacher(teacher), LiveTeacher(tiny_llama(97))], vocab=97)
     with pytest.raises(DistilleryError, match="single teacher, not an ensemble"):
-        LossMix(terms_from_config([IIT]), ensemble, student=student, vocab=97)
+        DistillStep(terms_from_config([IIT]), ensemble, student=student, vocab=97)
     with pytest.raises(DistilleryError, match=r"layer pair \[1, 5\] is out of range"):
-        LossMix(
+        DistillStep(
             terms_from_config([{**IIT, "layers": [[1, 5]]}]),
             LiveTeacher(teacher),
             student=student,

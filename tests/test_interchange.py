@@ -10,14 +10,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distillery.errors import DistilleryError
-from distillery.models.interventions import capture_states, interchange, sample_positions
-from distillery.models.surgery import decoder_layers
-from distillery.objectives.interchange import (
+from distillery.models.interchange import (
     iit_loss,
     interchange_logits,
     pair_batch,
     pair_index,
 )
+from distillery.models.interventions import capture_states, interchange, sample_positions
+from distillery.models.surgery import decoder_layers
 from distillery.objectives.logits import forward_kl
 
 VOCAB, B, T, N_LAYERS = 101, 4, 12, 3

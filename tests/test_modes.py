@@ -9,10 +9,11 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from distillery.config import ModesConfig, build_config
+from distillery.config import build_config
 from distillery.engine import steps_for_budget
 from distillery.errors import DistilleryError
 from distillery.recipes.modes import compare_modes, plan
+from distillery.recipes.modes_config import ModesConfig
 from distillery.recipes.run import run
 from tests.conftest import run_cli, tiny_recipe, tiny_run
 
@@ -60,9 +61,11 @@ def test_self_distill_chains_generations_and_matches_the_chains_flops(corpus, ca
     gens = result["arms"]["born-again"]["stages"]
     assert [g["name"] for g in gens] == ["gen-1", "gen-2"]
     # Each generation: the teacher's architecture, random init, taught by the one before.
-    assert _run_config(out / "born-again/gen-1/seed-0")["teacher"] == str(out / "teacher/model")
+    assert _run_config(out / "born-again/gen-1/seed-0")["teacher"]["path"] == str(
+        out / "teacher/model"
+    )
     second = _run_config(out / "born-again/gen-2/seed-0")
-    assert second["teacher"] == str(out / "born-again/gen-1/seed-0/model")
+    assert second["teacher"]["path"] == str(out / "born-again/gen-1/seed-0/model")
     assert second["model"]["init_from_teacher"] is None
     assert all(g["layers"] == 4 for g in gens)
     # Generation 0 (the teacher's training) is charged to the chain, and the plain run spends it.
@@ -85,12 +88,12 @@ def test_rounds_distil_through_the_assistant_and_direct_gets_the_same_flops(
     assert [s["layers"] for s in result["arms"]["assistants"]["stages"]] == [2, 1]
     assistant = out / "assistants/2-layers/seed-0/model"
     student = _run_config(out / "assistants/1-layers/seed-0")
-    assert student["teacher"] == str(assistant)
+    assert student["teacher"]["path"] == str(assistant)
     assert student["model"]["init_from_teacher"] == "every_other"
     # The student starts from the assistant's layer 0, which started from the teacher's layer 0
     # but was then trained: the student's untrained start differs from the direct student's.
     direct = _run_config(out / "direct/1-layers/seed-0")
-    assert direct["teacher"] == str(out / "teacher/model")
+    assert direct["teacher"]["path"] == str(out / "teacher/model")
     _equal_compute(result, "assistants", "direct")
     assert result["arms"]["direct"]["stages"][0]["runs"][0]["steps"] > 4
 
@@ -123,8 +126,9 @@ def test_multi_teacher_trains_distinct_teachers_and_reuses_finished_runs(
     b = load_file(out / "teacher-1/model/model.safetensors")
     assert any(not (a[k] == b[k]).all() for k in a)  # different seeds, different teachers
     ensemble = _run_config(out / "ensemble/student/seed-0")
-    assert ensemble["teacher"] == [str(out / "teacher/model"), str(out / "teacher-1/model")]
-    assert ensemble["teacher_weights"] == [2.0, 1.0]
+    teacher = ensemble["teacher"]
+    assert teacher["path"] == [str(out / "teacher/model"), str(out / "teacher-1/model")]
+    assert teacher["weights"] == [2.0, 1.0]
     _equal_compute(result, "ensemble", "single")
     # Two teachers' forwards per step: the single-teacher student gets more steps.
     assert result["arms"]["single"]["stages"][0]["runs"][0]["steps"] > 4
@@ -208,7 +212,7 @@ def test_a_finished_run_is_reused_when_its_config_reads_back_equal(corpus, cache
     """A run saved before a field existed (here ``train.data_offset``) is still reused; one
     whose settings differ is not."""
     from distillery.config import config_to_yaml
-    from distillery.recipes.common import run_or_reuse
+    from distillery.recipes.study import run_or_reuse
 
     cfg = tiny_run(corpus, cache_dir, tmp_path / "old", steps=2)
     saved = yaml.safe_load(config_to_yaml(cfg))

@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from distillery.data import shift_labels
 from distillery.errors import DistilleryError
 from distillery.objectives import OBJECTIVES, get_objective, register_objective
 from distillery.objectives.logits import IGNORE_INDEX, cross_entropy, forward_kl, hard_labels
-from distillery.objectives.mix import LossMix, Term, terms_from_config
+from distillery.step import DistillStep, Term, terms_from_config
 from distillery.teachers import LiveTeacher, TeacherOutput
 from tests.conftest import tiny_llama
 
@@ -417,7 +418,12 @@ def test_terms_from_config_accepts_pydantic_entries():
     )
     assert [t.name for t in terms] == ["ce", "forward_kl", "hard_labels"]
     assert terms[0].weight == 0.25
-    assert terms[1].params == {"temperature": 2.0}
+    # The schema's default is the function's own (declared once, in its signature).
+    assert terms[1].params == {"temperature": 1.0}
+    assert (
+        ForwardKLObjective().temperature
+        == inspect.signature(forward_kl).parameters["temperature"].default
+    )
 
 
 def test_terms_from_config_rejects_unknown_parameter_and_kind():
@@ -427,7 +433,7 @@ def test_terms_from_config_rejects_unknown_parameter_and_kind():
         terms_from_config([{"kind": "nope"}])
 
 
-# --------------------------------------------------------------------------- 7. LossMix
+# --------------------------------------------------------------------------- 7. DistillStep
 
 VOCAB = 128
 
@@ -459,7 +465,7 @@ def _mix_terms() -> list[Term]:
 def test_loss_mix_total_is_weighted_sum_and_terms_match_objectives(batch):
     ids, labels = batch
     student, teacher_model = _tiny_llama(1), _tiny_llama(2)
-    mix = LossMix(_mix_terms(), teacher=LiveTeacher(teacher_model))
+    mix = DistillStep(_mix_terms(), teacher=LiveTeacher(teacher_model))
     total, sums = mix(student, ids, labels)
     assert set(sums) == {"ce", "forward_kl", "hard_labels"}
     expected = 0.5 * sums["ce"] + 2.0 * sums["forward_kl"] + 0.25 * sums["hard_labels"]
@@ -486,7 +492,7 @@ def test_loss_mix_student_equal_to_teacher_and_gradient_flow(batch):
     teacher_model = _tiny_llama(3)
     student = copy.deepcopy(teacher_model).train()
     teacher = LiveTeacher(teacher_model)
-    mix = LossMix(_mix_terms(), teacher=teacher)
+    mix = DistillStep(_mix_terms(), teacher=teacher)
     total, sums = mix(student, ids, labels)
     count = int((labels != IGNORE_INDEX).sum())
     assert abs(sums["forward_kl"].item()) < 1e-5 * count
@@ -504,7 +510,7 @@ def test_loss_mix_micro_batches_add_up(batch):
     """Rows split into micro-batches: Σ totals / global count == big-batch total / count."""
     ids, labels = batch
     student = _tiny_llama(4)
-    mix = LossMix(_mix_terms(), teacher=LiveTeacher(_tiny_llama(5)))
+    mix = DistillStep(_mix_terms(), teacher=LiveTeacher(_tiny_llama(5)))
     count = int((labels != IGNORE_INDEX).sum())
 
     big, _ = mix(student, ids, labels)
@@ -524,10 +530,10 @@ def test_loss_mix_micro_batches_add_up(batch):
 
 def test_loss_mix_requires_teacher_and_terms():
     with pytest.raises(DistilleryError, match="teacher"):
-        LossMix(terms_from_config([{"kind": "ce"}, {"kind": "forward_kl"}]))
+        DistillStep(terms_from_config([{"kind": "ce"}, {"kind": "forward_kl"}]))
     with pytest.raises(DistilleryError):
-        LossMix([])
-    ce_only = LossMix(terms_from_config([{"kind": "ce"}]))
+        DistillStep([])
+    ce_only = DistillStep(terms_from_config([{"kind": "ce"}]))
     assert ce_only.needs_teacher is False
     assert ce_only.teacher_flops_per_token() == 0.0
 
@@ -541,7 +547,7 @@ def test_loss_mix_rejects_teacher_with_other_vocabulary(batch):
         def run(self, input_ids, **_):
             return TeacherOutput(logits=torch.zeros(*input_ids.shape, VOCAB + 1))
 
-    mix = LossMix(terms_from_config([{"kind": "forward_kl"}]), teacher=WrongVocabTeacher())
+    mix = DistillStep(terms_from_config([{"kind": "forward_kl"}]), teacher=WrongVocabTeacher())
     with pytest.raises(DistilleryError, match="vocabulary"):
         mix(_tiny_llama(6), ids, labels)
 

@@ -13,8 +13,8 @@ from distillery.data import shift_labels
 from distillery.errors import DistilleryError
 from distillery.objectives import get_objective
 from distillery.objectives.logits import IGNORE_INDEX
-from distillery.objectives.mix import LossMix, terms_from_config
 from distillery.objectives.representations import layer_pairs, match_heads
+from distillery.step import DistillStep, terms_from_config
 from distillery.teachers import LiveTeacher
 from tests.conftest import tiny_llama
 
@@ -218,9 +218,9 @@ def test_hidden_terms_through_the_mix_match_a_manual_computation(batch):
             {"kind": "hidden_cosine", "layers": [[2, 3]]},
         ]
     )
-    mix = LossMix(terms, LiveTeacher(teacher_model), student=student)
+    mix = DistillStep(terms, LiveTeacher(teacher_model), student=student)
     assert [t.pairs for t in mix.terms] == [[(1, 2), (2, 4)], [(0, 0)], [(2, 3)]]
-    assert set(mix.projections) == {"hidden_mse", "hidden_mse_2", "hidden_cosine"}
+    assert set(mix.modules) == {"hidden_mse", "hidden_mse_2", "hidden_cosine"}
     total, sums = mix(student, ids, labels)
 
     mask = labels.reshape(-1) != IGNORE_INDEX
@@ -233,7 +233,7 @@ def test_hidden_terms_through_the_mix_match_a_manual_computation(batch):
         t = torch.stack([ht[j].flatten(0, 1) for _, j in pairs]).double()
         return s, t
 
-    p = mix.projections
+    p = mix.modules
     expected = {
         "hidden_mse": ref_mse(*mapped([(1, 2), (2, 4)], p["hidden_mse"]), mask),
         "hidden_mse_2": ref_mse(*mapped([(0, 0)], p["hidden_mse_2"]), mask),
@@ -252,7 +252,7 @@ def test_hidden_terms_through_the_mix_match_a_manual_computation(batch):
 def test_attention_kl_through_the_mix_maps_heads(batch):
     ids, labels = batch
     student, teacher_model = _llama(3, heads=2), _llama(4, layers=4, heads=4)
-    mix = LossMix(
+    mix = DistillStep(
         terms_from_config([{"kind": "attention_kl", "layers": "uniform"}]),
         LiveTeacher(teacher_model),
         student=student,
@@ -287,14 +287,14 @@ def test_identical_teacher_and_student_give_zero_for_every_representation_term(b
             {"kind": "forward_kl"},
         ]
     )
-    mix = LossMix(terms, LiveTeacher(teacher_model), student=student)
+    mix = DistillStep(terms, LiveTeacher(teacher_model), student=student)
     assert not mix.parameters()  # same width: no projection
     _, sums = mix(student, ids, labels)
     for name, value in sums.items():
         assert abs(value.item()) < 1e-4, name
 
 
-def _full_mix(student, teacher_model, chunk_size: int) -> LossMix:
+def _full_mix(student, teacher_model, chunk_size: int) -> DistillStep:
     terms = terms_from_config(
         [
             {"kind": "ce", "weight": 0.5},
@@ -303,7 +303,7 @@ def _full_mix(student, teacher_model, chunk_size: int) -> LossMix:
             {"kind": "attention_kl", "layers": "last", "heads": "average", "weight": 0.3},
         ]
     )
-    return LossMix(terms, LiveTeacher(teacher_model), student=student, chunk_size=chunk_size)
+    return DistillStep(terms, LiveTeacher(teacher_model), student=student, chunk_size=chunk_size)
 
 
 def test_chunked_and_unchunked_mix_agree_with_representation_terms(batch):
@@ -349,7 +349,7 @@ def test_micro_batches_add_up_with_representation_terms(batch):
 def test_representation_config_errors_are_one_line_and_early():
     def refused(entries, student, teacher_model) -> str:
         with pytest.raises(DistilleryError) as err:
-            LossMix(terms_from_config(entries), LiveTeacher(teacher_model), student=student)
+            DistillStep(terms_from_config(entries), LiveTeacher(teacher_model), student=student)
         assert "\n" not in str(err.value)
         return str(err.value)
 
@@ -372,7 +372,7 @@ def test_representation_config_errors_are_one_line_and_early():
 def test_nan_in_masked_student_states_gives_the_projection_a_finite_gradient(batch):
     ids, labels = batch
     student, teacher_model = _llama(4, hidden=24), _llama(5, layers=4)
-    mix = LossMix(
+    mix = DistillStep(
         terms_from_config([{"kind": "hidden_mse", "layers": "uniform"}]),
         LiveTeacher(teacher_model),
         student=student,

@@ -14,12 +14,12 @@ from distillery.distributed import DistEnv
 from distillery.errors import DistilleryError
 from distillery.models import load_pretrained
 from distillery.objectives import forward_kl
-from distillery.objectives.mix import LossMix, terms_from_config
 from distillery.recipes.cache import cache_teacher
 from distillery.recipes.common import prepare_data
 from distillery.recipes.run import run
-from distillery.teacher_cache import CachedTeacher, cache_key
+from distillery.step import DistillStep, terms_from_config
 from distillery.teachers import LiveTeacher
+from distillery.teachers.cache import CachedTeacher, cache_key
 from tests.conftest import tiny_run
 
 
@@ -98,7 +98,7 @@ def test_sparse_cache_loss_is_the_top_k_plus_one_bucket_kl(
         z = student(input_ids=ids).logits[..., :vocab].reshape(-1, vocab)
     z = z.detach().requires_grad_(True)
     terms = terms_from_config([{"kind": "forward_kl", "temperature": 1.0}])
-    mix = LossMix(terms, cached, vocab=vocab)
+    mix = DistillStep(terms, cached, vocab=vocab)
     signals = {"student_logits": z, "labels": labels.reshape(-1), "mask": mask}
     out = cached.run(ids)
     signals["teacher_logits"] = out.chunk_logits(slice(None), z.detach())
@@ -127,7 +127,7 @@ def test_sparse_cache_loss_is_the_top_k_plus_one_bucket_kl(
 
     # Chunked and whole reads agree, through the mix.
     whole, _ = mix(student, ids, labels)
-    chunked, _ = LossMix(terms, cached, vocab=vocab, chunk_size=13)(student, ids, labels)
+    chunked, _ = DistillStep(terms, cached, vocab=vocab, chunk_size=13)(student, ids, labels)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-4)
 
 
@@ -150,7 +150,7 @@ def test_stale_or_mismatched_caches_are_refused(setting, small, cache_dir, teach
 def test_distilling_from_the_cache_end_to_end(setting, small, cache_dir, teacher_dir, tmp_path):
     folder = setting[3]
     cfg = tiny_run(small, cache_dir, tmp_path / "s", teacher=teacher_dir, steps=3).model_dump()
-    cfg["teacher_cache"] = str(folder)
+    cfg["teacher"] = {"kind": "cache", "path": str(teacher_dir), "cache": str(folder)}
     cfg["objectives"] = [{"kind": "ce"}, {"kind": "forward_kl", "temperature": 2.0}]
     summary = run(RunConfig.model_validate(cfg), name="distill")
     assert summary["flops"] == pytest.approx(6 * summary["compute_params"] * 3 * 4 * 32)
@@ -167,7 +167,7 @@ def test_a_confident_teacher_leaves_a_finite_rest_and_reverse_kl_stays_finite(
 ):
     """A very peaked teacher: 1 − Σ top-k cancels to 0 in float32, the mass outside does not."""
     from distillery.recipes.common import export_model
-    from distillery.teacher_cache import build_teacher_cache
+    from distillery.teachers.cache import build_teacher_cache
 
     tokenizer, train, _, _ = setting
     model = load_pretrained(teacher_dir)
@@ -184,14 +184,14 @@ def test_a_confident_teacher_leaves_a_finite_rest_and_reverse_kl_stays_finite(
     ids = train.blocks([0, 1])
     labels = shift_labels(ids)
     for kind in ("reverse_kl", "jsd", "tvd", "forward_kl"):
-        mix = LossMix(terms_from_config([{"kind": kind}]), cached, vocab=len(tokenizer))
+        mix = DistillStep(terms_from_config([{"kind": kind}]), cached, vocab=len(tokenizer))
         total, _ = mix(load_pretrained(teacher_dir), ids, labels)
         assert torch.isfinite(total), kind
 
 
 def test_hard_labels_are_refused_with_a_cache(setting, small, cache_dir, teacher_dir, tmp_path):
     cfg = tiny_run(small, cache_dir, tmp_path / "s", teacher=teacher_dir, steps=2).model_dump()
-    cfg["teacher_cache"] = str(setting[3])
+    cfg["teacher"] = {"kind": "cache", "path": str(teacher_dir), "cache": str(setting[3])}
     cfg["objectives"] = [{"kind": "hard_labels"}]
     with pytest.raises(DistilleryError, match="hard_labels cannot read a teacher cache"):
         run(RunConfig.model_validate(cfg))

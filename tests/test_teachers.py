@@ -10,7 +10,7 @@ from transformers import LlamaForCausalLM
 
 from distillery.data import shift_labels
 from distillery.errors import DistilleryError
-from distillery.objectives.mix import LossMix, terms_from_config
+from distillery.step import DistillStep, terms_from_config
 from distillery.teachers import EnsembleTeacher, LiveTeacher
 from tests.conftest import tiny_llama
 
@@ -77,7 +77,9 @@ def test_loss_mix_with_an_ensemble_chunked_equals_unchunked(members, ids):
     results = []
     for chunk in (0, 5):
         student = _llama(4, 92).train()
-        total, sums = LossMix(terms, ensemble, vocab=VOCAB, chunk_size=chunk)(student, ids, labels)
+        total, sums = DistillStep(terms, ensemble, vocab=VOCAB, chunk_size=chunk)(
+            student, ids, labels
+        )
         total.backward()
         results.append((total.detach(), sums, [p.grad.clone() for p in student.parameters()]))
     (t0, s0, g0), (t1, s1, g1) = results
@@ -86,13 +88,13 @@ def test_loss_mix_with_an_ensemble_chunked_equals_unchunked(members, ids):
     assert s0["forward_kl"] > 0
     for a, b in zip(g0, g1, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
-    mix = LossMix(terms, ensemble, vocab=VOCAB)
+    mix = DistillStep(terms, ensemble, vocab=VOCAB)
     assert mix.teacher_flops_per_token() == 2.0 * sum(m.compute_params for m in members)
 
 
 def test_ensemble_refusals_are_one_line(members):
     with pytest.raises(DistilleryError, match="single teacher, not an ensemble"):
-        LossMix(
+        DistillStep(
             terms_from_config([{"kind": "hidden_mse"}]),
             EnsembleTeacher(members, vocab=VOCAB),
             student=_llama(5, 96),
@@ -118,8 +120,7 @@ def test_distilling_from_two_teachers_end_to_end(corpus, cache_dir, tmp_path, te
 
     cfg = tiny_run(corpus, cache_dir, tmp_path / "student", steps=3).model_dump()
     cfg.update(
-        teacher=[str(t) for t in teachers],
-        teacher_weights=[2.0, 1.0],
+        teacher={"kind": "live", "path": [str(t) for t in teachers], "weights": [2.0, 1.0]},
         objectives=[{"kind": "ce"}, {"kind": "forward_kl", "temperature": 2.0}],
     )
     summary = run(RunConfig.model_validate(cfg), name="distill")
@@ -132,5 +133,5 @@ def test_distilling_from_two_teachers_end_to_end(corpus, cache_dir, tmp_path, te
     first = json.loads((tmp_path / "student" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["forward_kl"] > 0
 
-    with pytest.raises(Exception, match="teacher_weights: give one weight per teacher"):
-        RunConfig.model_validate({**cfg, "teacher_weights": [1.0]})
+    with pytest.raises(Exception, match="weights: give one weight per teacher"):
+        RunConfig.model_validate({**cfg, "teacher": {**cfg["teacher"], "weights": [1.0]}})

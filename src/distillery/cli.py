@@ -41,7 +41,7 @@ def _run_config(args: argparse.Namespace, command: str) -> Any:
     if args.out:
         shorthands["out"] = args.out
     if command == "distill" and "objectives" not in base:
-        base.setdefault("objectives", [{"kind": "ce"}, {"kind": "forward_kl"}])
+        base.setdefault("objectives", [{"kind": "ce"}, {"kind": "forward_kl", "temperature": 2.0}])
     deep_merge(base, load_yaml(Path(args.config)) if args.config else {})
     deep_merge(base, shorthands)
     cfg = build_config(RunConfig, None, args.overrides, base=base)
@@ -96,24 +96,23 @@ def _recipe_config(cls: type, args: argparse.Namespace) -> Any:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from distillery.config import QuickstartConfig
-    from distillery.recipes.quickstart import quickstart
+    from distillery.recipes.quickstart import QuickstartConfig, quickstart
 
     quickstart(_recipe_config(QuickstartConfig, args), overwrite=args.overwrite)
     return 0
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from distillery.config import AblationConfig
-    from distillery.recipes.ablate import ablate
+    from distillery.recipes.ablate import AblationConfig, ablate
 
     ablate(_recipe_config(AblationConfig, args), overwrite=args.overwrite)
     return 0
 
 
 def cmd_mode(args: argparse.Namespace) -> int:
-    from distillery.config import ModesConfig, load_yaml
+    from distillery.config import load_yaml
     from distillery.recipes.modes import compare_modes
+    from distillery.recipes.modes_config import ModesConfig
 
     file = load_yaml(Path(args.config)) if args.config else {}
     mode = file.get("mode")
@@ -137,8 +136,7 @@ def cmd_mode(args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     if args.experiment == "codistill":
-        from distillery.config import CodistillStudyConfig
-        from distillery.recipes.codistill_study import codistill_study
+        from distillery.recipes.codistill_study import CodistillStudyConfig, codistill_study
 
         pools = _recipe_config(CodistillStudyConfig, args)
         if args.quick:
@@ -146,8 +144,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         codistill_study(pools, overwrite=args.overwrite)
         return 0
     if args.experiment == "classifiers":
-        from distillery.config import ClassifiersConfig
-        from distillery.recipes.classifiers import classifiers
+        from distillery.recipes.classifiers import ClassifiersConfig, classifiers
 
         table = _recipe_config(ClassifiersConfig, args)
         if args.quick:
@@ -155,16 +152,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         classifiers(table, overwrite=args.overwrite)
         return 0
     if args.experiment == "iit":
-        from distillery.config import IITStudyConfig
-        from distillery.recipes.iit import iit_study
+        from distillery.recipes.iit import IITStudyConfig, iit_study
 
         study = _recipe_config(IITStudyConfig, args)
         if args.quick:
             study = study.model_copy(update={"seeds": study.seeds[:1]})
         iit_study(study, overwrite=args.overwrite)
         return 0
-    from distillery.config import DistillExpandConfig
-    from distillery.recipes.distill_expand import distill_expand
+    from distillery.recipes.distill_expand import DistillExpandConfig, distill_expand
 
     cfg = _recipe_config(DistillExpandConfig, args)
     if args.quick:  # one seed, one sweep point: a smoke run of the whole protocol
@@ -187,8 +182,7 @@ def cmd_codistill(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from distillery.config import CalibrateConfig
-    from distillery.recipes.calibrate import calibrate
+    from distillery.recipes.calibrate import CalibrateConfig, calibrate
 
     calibrate(_recipe_config(CalibrateConfig, args), overwrite=args.overwrite)
     return 0
@@ -205,19 +199,17 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="distillery", description="Distil transformer language models into smaller students."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def common(p: argparse.ArgumentParser) -> None:
+    """The flags every config-driven command takes."""
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--data", help="'bbc-news', a text file/folder, .jsonl or .csv")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="YAML config file")
-        p.add_argument("--data", help="'bbc-news', a text file/folder, .jsonl or .csv")
-        p.add_argument("--out", help="output folder")
-        p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-        p.add_argument("overrides", nargs="*", help="key=value config overrides")
 
+def _run_commands(sub: Any) -> None:
+    """``train``, ``distill`` and ``eval``."""
     for name, text in (("train", "train a model on data"), ("distill", "distil a teacher")):
         p = sub.add_parser(name, help=text)
         common(p)
@@ -240,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.seq_len=256")
     p.set_defaults(func=cmd_eval)
 
+
+def _study_commands(sub: Any) -> None:
+    """The recipes that run several runs: quickstart, ablate, mode, experiment, calibrate."""
     p = sub.add_parser("quickstart", help="teacher → distilled student vs scratch, with a report")
     common(p)
     p.set_defaults(func=cmd_quickstart)
@@ -250,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_ablate)
 
-    from distillery.config import MODES
+    from distillery.recipes.modes_config import MODES
 
     p = sub.add_parser(
         "mode", help="a distillation mode vs plain distillation at equal compute, over seeds"
@@ -276,16 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--quick", action="store_true", help="one seed (distill-expand: one point)")
     p.set_defaults(func=cmd_experiment)
-
-    p = sub.add_parser(
-        "codistill",
-        help="one peer of a codistillation pool (torchrun: one process per peer, or --peer I)",
-    )
-    common(p)
-    p.add_argument("--peer", type=int, default=None, help="run peer I alone (no torchrun)")
-    p.add_argument("--resume", action="store_true", help="continue from the peer's checkpoint")
-    p.set_defaults(func=cmd_codistill)
-
     p = sub.add_parser(
         "calibrate",
         help="single model, temperature scaling, MC dropout, deep ensemble and students "
@@ -294,6 +279,22 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_calibrate)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distillery", description="Distil transformer language models into smaller students."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_commands(sub)
+    _study_commands(sub)
+    p = sub.add_parser(
+        "codistill",
+        help="one peer of a codistillation pool (torchrun: one process per peer, or --peer I)",
+    )
+    common(p)
+    p.add_argument("--peer", type=int, default=None, help="run peer I alone (no torchrun)")
+    p.add_argument("--resume", action="store_true", help="continue from the peer's checkpoint")
+    p.set_defaults(func=cmd_codistill)
     p = sub.add_parser(
         "cache-teacher", help="store a teacher's top-k over the training data, to distil from"
     )

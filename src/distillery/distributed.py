@@ -75,3 +75,9 @@ def resolve_device(choice: str, env: DistEnv | None = None) -> torch.device:
             raise DistilleryError("train.device=cuda but no GPU is visible; use device=auto or cpu")
         return torch.device("cuda", env.local_rank if env else 0)
     return torch.device("cpu")
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a lone process, read from torchrun's ``RANK`` (also before
+    or after a process group exists, unlike ``DistEnv.is_main``)."""
+    return int(os.environ.get("RANK", "0")) == 0

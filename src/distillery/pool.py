@@ -27,9 +27,8 @@ from distillery.config import ExchangeSpec
 from distillery.data import PackedTokens, global_batch_indices
 from distillery.errors import DistilleryError
 from distillery.models.loading import compute_params
-from distillery.teachers import LiveTeacher, TeacherBase, TeacherOutput, mean_distribution
+from distillery.teachers import LiveTeacher, TeacherBase, TeacherOutput, TopK, mean_distribution
 
-MASKED = -1e4  # the logit of tokens outside a peer's shared top-k (softmax gives exactly 0)
 PUBLISHED_KEEP = 2  # weight files each peer keeps published
 
 
@@ -91,7 +90,7 @@ class PeerTeacher(TeacherBase):
     def __init__(self, spec: ExchangeSpec, config: Any) -> None:
         self.spec, self.config = spec, config
         self.copies: dict[int, LiveTeacher] = {}  # checkpoints mode: stale copies by peer
-        self.gathered: list[torch.Tensor] = []  # predictions mode: dense logits per peer
+        self.gathered: list[TopK] = []  # predictions mode: each other peer's top-k
         self.compute_params = 0
 
     def combine(self, member_logits: list[torch.Tensor]) -> torch.Tensor:
@@ -111,9 +110,14 @@ class PeerTeacher(TeacherBase):
         if any(internals.values()):
             raise DistilleryError("codistillation peers give logits only")
         if self.gathered:
-            if self.gathered[0].shape[:2] != input_ids.shape:
+            if self.gathered[0].ids.shape[0] != input_ids.numel():
                 raise DistilleryError("internal: the gathered predictions are for another batch")
-            return TeacherOutput(logits=self.combine(self.gathered))
+            peers = self.gathered
+            return TeacherOutput(
+                chunk_logits=lambda part, student=None: self.combine(
+                    [top[part].dense(student) for top in peers]
+                )
+            )
         outs = [copy.logits(input_ids) for copy in self.copies.values()]
         return TeacherOutput(logits=self.combine(outs))
 
@@ -216,20 +220,24 @@ class Exchange:
 
     # ----------------------------------------------------------------- predictions mode
     @torch.no_grad()
-    def _own_top_k(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _own_top_k(self, ids: torch.Tensor) -> TopK:
+        """This peer's top-k on the shared batch, at the temperature its peers' targets are
+        made at (``each``: softened per peer; ``mean``: at 1, the objective softens the mean)."""
         was = self.model.training
         self.model.eval()
-        logp = torch.log_softmax(self.model(input_ids=ids).logits.float(), dim=-1)
+        logits = self.model(input_ids=ids).logits.reshape(ids.numel(), -1)  # (N, V)
         self.model.train(was)
-        values, index = logp.topk(self.spec.top_k, dim=-1)  # (B, T, k)
-        return values, index.to(torch.int32)
+        temperature = self.spec.temperature if self.spec.target == "each" else 1.0
+        return TopK.of(logits, self.spec.top_k, temperature)
 
     def gather(self, step: int, batch_size: int) -> None:
-        """All-gather every peer's top-k on the shared batch; keep the others' as dense logits."""
+        """All-gather every peer's top-k (ids, log-probabilities and the left-over mass) on
+        the shared batch; keep the others'."""
         ids = self.data.data.examples(self.data.shared_indices(step // self.spec.every, batch_size))
-        values, index = self._own_top_k(ids[0].to(self.device))
-        payload = torch.cat([values, index.float()], dim=-1).contiguous()  # (B, T, 2k)
-        gathered = [torch.empty_like(payload) for _ in range(self.peers)]
+        own = self._own_top_k(ids[0].to(self.device))
+        k = self.spec.top_k
+        payload = torch.cat([own.logp, own.ids.float(), own.rest[:, None]], dim=-1).contiguous()
+        gathered = [torch.empty_like(payload) for _ in range(self.peers)]  # (N, 2k + 1) each
         start = time.perf_counter()
         try:
             dist.all_gather(gathered, payload)
@@ -242,16 +250,11 @@ class Exchange:
         size = payload.numel() * payload.element_size()
         self.accounts.bytes_sent += size
         self.accounts.bytes_received += size * (self.peers - 1)
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        k = self.spec.top_k
-        dense = []
-        for other, part in enumerate(gathered):
-            if other == self.peer:
-                continue
-            logits = torch.full((*part.shape[:2], vocab), MASKED, device=self.device)
-            logits.scatter_(-1, part[..., k:].long(), part[..., :k])
-            dense.append(logits)
-        self.teacher.gathered = dense
+        self.teacher.gathered = [
+            TopK(part[:, k : 2 * k].long(), part[:, :k], part[:, -1], own.temperature, own.vocab)
+            for other, part in enumerate(gathered)
+            if other != self.peer
+        ]
 
     # ----------------------------------------------------------------- every step
     def before_step(self, step: int, batch_size: int) -> float:

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from distillery.data import IGNORE_INDEX, PackedTokens, sequential_batches, shift_labels
+from distillery.models.interchange import interchange_logits, pair_batch
 from distillery.models.interventions import PositionSampling, sample_positions
-from distillery.objectives.interchange import interchange_logits, pair_batch
 
 
 @torch.no_grad()

@@ -15,11 +15,9 @@ from torch import nn
 
 from distillery.data import IGNORE_INDEX, Examples, LabelledExamples
 from distillery.eval.calibration import CalibrationStats
-from distillery.objectives.chunked import head_inputs, is_plain_head
+from distillery.models.heads import chunk_rows, chunks, cut_vocab, has_plain_head, hidden_and_head
 from distillery.objectives.logits import forward_kl
 from distillery.teachers import TeacherSignal
-
-EVAL_CHUNK_LOGITS = 2**22  # logits (positions × vocabulary) made at once when evaluating
 
 Predictor = nn.Module | TeacherSignal  # a model, or any teacher signal (ensemble, MC dropout, …)
 
@@ -29,11 +27,8 @@ def _signal_chunks(
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     out = signal.run(ids, logits=False)
     assert out.chunk_logits is not None
-    n = ids.numel()
-    chunk = max(1, EVAL_CHUNK_LOGITS // max(vocab or 1, 1))
-    for start in range(0, n, chunk):
-        part = slice(start, min(start + chunk, n))
-        yield part, out.chunk_logits(part, None)[..., :vocab].float()
+    for part in chunks(ids.numel(), chunk_rows(vocab or 1)):
+        yield part, cut_vocab(out.chunk_logits(part, None), vocab).float()
 
 
 def _logits_by_chunk(
@@ -43,37 +38,24 @@ def _logits_by_chunk(
     float32, cut to ``vocab`` — never a whole batch of full-vocabulary logits when the output
     projections are plain linear layers (else one chunk: the model's own logits)."""
     n = ids.numel()
+    t_chunks = teacher.run(ids, logits=False).chunk_logits if teacher is not None else None
+
+    def teacher_part(part: slice, logits: torch.Tensor) -> torch.Tensor | None:
+        return None if t_chunks is None else cut_vocab(t_chunks(part, logits), vocab).float()
+
     if not isinstance(model, nn.Module):  # a teacher signal evaluated as a predictor
-        t_chunks = None
-        if teacher is not None:
-            t_out = teacher.run(ids, logits=False)
-            t_chunks = t_out.chunk_logits
         for part, logits in _signal_chunks(model, ids, vocab):
-            t_logits = t_chunks(part, logits)[..., :vocab].float() if t_chunks else None
-            yield part, logits, t_logits
+            yield part, logits, teacher_part(part, logits)
         return
+    if not has_plain_head(model):
+        logits = cut_vocab(model(input_ids=ids).logits, vocab).float().reshape(n, -1)
+        yield slice(0, n), logits, teacher_part(slice(0, n), logits)
+        return
+    _, hidden = hidden_and_head(model, ids)  # (N, H)
     head = model.get_output_embeddings()
-    plain = is_plain_head(head, model.config)
-    if not plain:
-        logits = model(input_ids=ids).logits[..., :vocab].float().reshape(n, -1)
-        t_logits = None
-        if teacher is not None:
-            t_logits = teacher.logits(ids)[..., :vocab].float().reshape(n, -1)
-        yield slice(0, n), logits, t_logits
-        return
-    with head_inputs(model) as captured:
-        model(input_ids=ids)
-    hidden = captured["hidden"].reshape(n, -1)  # (N, H)
-    teacher_logits = teacher.run(ids, logits=False).chunk_logits if teacher is not None else None
-    rows = vocab or head.weight.shape[0]
-    chunk = max(1, EVAL_CHUNK_LOGITS // rows)
-    for start in range(0, n, chunk):
-        part = slice(start, start + chunk)
-        logits = head(hidden[part])[..., :vocab].float()  # (C, V)
-        t_logits = None
-        if teacher_logits is not None:
-            t_logits = teacher_logits(part, logits)[..., :vocab].float()
-        yield part, logits, t_logits
+    for part in chunks(n, chunk_rows(vocab or head.weight.shape[0])):
+        logits = cut_vocab(head(hidden[part]), vocab).float()  # (C, V)
+        yield part, logits, teacher_part(part, logits)
 
 
 def predictions(

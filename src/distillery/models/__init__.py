@@ -9,6 +9,8 @@ from distillery.models.loading import (
     folder_is_encoder,
     load_pretrained,
     num_params,
+    spec_is_encoder,
+    uses_encoder_layout,
 )
 from distillery.models.presets import PRESETS, is_encoder, preset_config
 from distillery.models.surgery import decoder_layers, every_other, init_from_teacher
@@ -28,4 +30,6 @@ __all__ = [
     "load_pretrained",
     "num_params",
     "preset_config",
+    "spec_is_encoder",
+    "uses_encoder_layout",
 ]

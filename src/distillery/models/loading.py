@@ -3,6 +3,7 @@ from a preset; count parameters."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +55,17 @@ def folder_is_encoder(folder: Path | None) -> bool:
     except Exception:  # load_pretrained gives the clear error
         return False
     return is_bidirectional(config)
+
+
+def spec_is_encoder(spec: Any) -> bool:
+    """Whether a model spec (``config.ModelSpec``: a folder or a preset) is an encoder."""
+    return folder_is_encoder(spec.path) if spec.path else is_encoder(spec.preset or "")
+
+
+def uses_encoder_layout(teachers: Sequence[PreTrainedModel], spec: Any) -> bool:
+    """Whether a run reads texts as an encoder does (cls + tokens + sep): any teacher is
+    bidirectional, or the student ``spec`` is an encoder."""
+    return any(is_bidirectional(m.config) for m in teachers) or spec_is_encoder(spec)
 
 
 def mask_padding(model: PreTrainedModel) -> None:
@@ -231,3 +243,9 @@ def check_classes(model: PreTrainedModel, classes: list[str], role: str) -> None
             f"the {role}'s classes are {names} but the data's are {list(classes)}: use a {role} "
             "trained on these labels"
         )
+
+
+def use_eager_attention(model: PreTrainedModel) -> None:
+    """Switch ``model`` to the eager attention kernel, the one that can return its maps."""
+    if model.config._attn_implementation != "eager":
+        model.set_attn_implementation("eager")

@@ -1,7 +1,7 @@
 """The one place that owns big-vocabulary memory: logits made and consumed chunk by chunk.
 
 Instead of the model's ``(B, T, V)`` logits, the final hidden states (the output projection's
-input, fetched with a forward pre-hook, so no model is rewritten) are projected a chunk of
+input, fetched by ``models.heads.head_inputs``, so no model is rewritten) are projected a chunk of
 positions at a time, and each chunk's gradient is taken at once, so no pass holds more than one
 chunk of full-vocabulary logits. Objectives are unchanged: they are called on each chunk and
 their sums add up exactly (the loss contract).
@@ -9,55 +9,12 @@ their sums add up exactly (the loss contract).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from distillery.errors import DistilleryError
-
-
-@contextmanager
-def head_inputs(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """While active, the model's output projection records its input under ``"hidden"``
-    (``(B, T, H)``) and projects nothing, so a forward pass returns empty logits."""
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    captured: dict[str, torch.Tensor] = {}
-
-    def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        captured["hidden"] = args[0]
-        return (args[0][..., :0, :], *args[1:])  # (B, 0, H): no full-vocabulary logits
-
-    handle = head.register_forward_pre_hook(pre_hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def is_plain_head(head: nn.Module, config: Any) -> bool:
-    """Whether logits are exactly ``head(hidden)``: a linear head, no softcapping or scaling
-    (``logit_scale``: Cohere; ``logits_scaling``: Granite)."""
-    scales = (getattr(config, name, None) for name in ("logit_scale", "logits_scaling"))
-    return (
-        isinstance(head, nn.Linear)
-        and not getattr(config, "final_logit_softcapping", None)
-        and all(scale is None or scale == 1.0 for scale in scales)
-    )
-
-
-def check_plain_head(model: nn.Module, role: str) -> None:
-    """Chunking recomputes logits as ``head(hidden)``; refuse models that post-process them."""
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    if not is_plain_head(head, getattr(model, "config", None)):
-        raise DistilleryError(
-            f"the {role}'s logits are not a plain linear projection of its last hidden states "
-            "(a non-linear head, softcapping or logit_scale), which chunked losses do not "
-            "reproduce; set train.logit_chunk_size=0"
-        )
 
 
 class _FusedChunks(torch.autograd.Function):

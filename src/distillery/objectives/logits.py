@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from distillery.data.packed import IGNORE_INDEX as IGNORE_INDEX  # re-exported
-from distillery.objectives.registry import register_objective
+from distillery.objectives.registry import Beta, Temperature, register_objective
 
 
 def _counted(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ def forward_kl(
     teacher_logits: torch.Tensor,
     mask: torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
 ) -> torch.Tensor:
     """T² · KL(p_teacher ‖ p_student) with both distributions softened at ``temperature``."""
     t = float(temperature)
@@ -79,7 +79,7 @@ def reverse_kl(
     teacher_logits: torch.Tensor,
     mask: torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
 ) -> torch.Tensor:
     """T² · KL(p_student ‖ p_teacher): mode-seeking, as in MiniLLM (forward KL, roles swapped)."""
     return forward_kl(teacher_logits, student_logits, mask, temperature=temperature)
@@ -91,8 +91,8 @@ def generalized_jsd(
     teacher_logits: torch.Tensor,
     mask: torch.Tensor,
     *,
-    beta: float = 0.5,
-    temperature: float = 1.0,
+    beta: Beta = 0.5,
+    temperature: Temperature = 1.0,
 ) -> torch.Tensor:
     """T² · generalized JSD(β) as in GKD (Agarwal et al. 2024).
 
@@ -121,7 +121,7 @@ def total_variation(
     teacher_logits: torch.Tensor,
     mask: torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
 ) -> torch.Tensor:
     """T² · total variation distance ½·Σ|p_teacher − p_student| at ``temperature``."""
     t = float(temperature)

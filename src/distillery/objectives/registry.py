@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 
 from distillery.errors import DistilleryError
 
 ObjectiveFn = Callable[..., torch.Tensor]
+
+# Parameter types with their bounds: an objective's keyword-only parameters are its config
+# schema (``config.objective_schema``), so each default and bound is written once, here or in
+# the function's signature.
+Temperature = Annotated[float, Field(gt=0.0)]
+Beta = Annotated[float, Field(ge=0.0, le=1.0)]
 
 # The tensors an objective may ask for, by argument name (shapes: ``logits.py`` and
 # ``representations.py``).
@@ -34,6 +43,8 @@ class Objective:
     fn: ObjectiveFn
     signals: tuple[str, ...]
     params: tuple[str, ...]
+    # name -> (annotated type, default) of each keyword-only parameter
+    param_specs: dict[str, tuple[Any, Any]]
 
     @property
     def needs_teacher(self) -> bool:
@@ -46,6 +57,12 @@ class Objective:
             if f"student_{kind}" in self.signals:
                 return kind
         return "logits"
+
+    @property
+    def default_layers(self) -> str | None:
+        """The layer map used when none is given: the last layers for hidden states, all
+        blocks spread uniformly for attention maps (None: the objective reads logits)."""
+        return {"states": "last", "attentions": "uniform"}.get(self.reads)
 
     def __call__(self, signals: dict[str, torch.Tensor | None], **params: float) -> torch.Tensor:
         args = {name: signals[name] for name in self.signals}
@@ -66,8 +83,12 @@ def register_objective(name: str) -> Callable[[ObjectiveFn], ObjectiveFn]:
         unknown = set(signals) - set(SIGNAL_NAMES)
         if unknown:
             raise ValueError(f"objective {name!r} reads unknown signals {sorted(unknown)}")
-        params = tuple(p.name for p in sig if p.kind is p.KEYWORD_ONLY)
-        OBJECTIVES[name] = Objective(name, fn, signals, params)
+        keyword = [p for p in sig if p.kind is p.KEYWORD_ONLY]
+        if any(p.default is p.empty for p in keyword):
+            raise ValueError(f"objective {name!r}: every keyword-only parameter needs a default")
+        hints = typing.get_type_hints(fn, include_extras=True)
+        specs = {p.name: (hints.get(p.name, Any), p.default) for p in keyword}
+        OBJECTIVES[name] = Objective(name, fn, signals, tuple(specs), specs)
         return fn
 
     return wrap

@@ -5,7 +5,7 @@ Which layers are compared is a *layer map*: pairs ``(student_layer, teacher_laye
 numbering; for attention maps, i is block i and 0 is not allowed). As in HF, the last entry
 (i = L) is taken after the model's final norm, the others are the raw residual stream: map last
 layers to last layers (``uniform`` and ``last`` do) or use ``hidden_cosine``, which ignores scale.
-The mix (``objectives.mix``) gathers the mapped tensors, projects the student's hidden states
+The distillation step (``step``) gathers the mapped tensors, projects the student's hidden states
 to the teacher's width when they differ, and hands the losses below plain stacked tensors:
 
 - ``student_states`` / ``teacher_states``: ``(L, N, D)``, L mapped layers, N flattened positions;

@@ -17,16 +17,63 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, model_validator
 
-from distillery.config import AblationConfig, ModelSpec, RunConfig
-from distillery.recipes.common import (
+from distillery.config import ModelSpec, ObjectiveConfig, RunConfig, Strict
+from distillery.recipes.common import prepare_out_dir
+from distillery.recipes.quickstart import teacher_config
+from distillery.recipes.study import (
+    SeededStudy,
+    TeacherStudentRecipe,
+    distilbert_mix,
     hardware,
     mean_std,
-    prepare_out_dir,
     run_or_reuse,
     write_study,
 )
-from distillery.recipes.quickstart import teacher_config
+
+
+class AblationArm(Strict):
+    """One arm of an ablation: the full objective mix minus ``drop``, with or without the
+    student initialised from the teacher's layers."""
+
+    drop: list[str] = Field(default_factory=list)  # objective kinds left out
+    init_from_teacher: bool = True
+
+
+def _distilbert_arms() -> dict[str, AblationArm]:
+    return {
+        "full": AblationArm(),
+        "no-soft-kl": AblationArm(drop=["forward_kl"]),
+        "no-cosine": AblationArm(drop=["hidden_cosine"]),
+        "no-task-ce": AblationArm(drop=["ce"]),
+        "random-init": AblationArm(init_from_teacher=False),
+    }
+
+
+class AblationConfig(TeacherStudentRecipe, SeededStudy):
+    """``distillery ablate``: one teacher, then the same student distilled with the full mix
+    and with each part removed, over several seeds."""
+
+    objectives: list[ObjectiveConfig] = Field(default_factory=distilbert_mix, min_length=1)
+    arms: dict[str, AblationArm] = Field(default_factory=_distilbert_arms, min_length=1)
+    out: Path = Path("runs/ablation")
+
+    @model_validator(mode="after")
+    def _arms_make_sense(self) -> AblationConfig:
+        kinds = [o.kind for o in self.objectives]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError("objectives: each kind once (arms drop objectives by kind)")
+        for name, arm in self.arms.items():
+            if not name or not all(c.isalnum() or c in "-_" for c in name):
+                raise ValueError(f"arms: name {name!r} must be letters, digits, '-' or '_'")
+            unknown = sorted(set(arm.drop) - set(kinds))
+            if unknown:
+                raise ValueError(f"arms.{name}.drop: {unknown} not among the objectives {kinds}")
+            if set(kinds) <= set(arm.drop):
+                raise ValueError(f"arms.{name}: drops every objective")
+        return self
+
 
 METRICS = ("val_ppl", "val_loss", "agreement", "kl_teacher_student", "accuracy")
 KEPT = (*METRICS, "flops", "train_seconds")

@@ -10,8 +10,8 @@ from distillery.data import has_tokenizer, load_tokenizer
 from distillery.distributed import DistEnv, resolve_device
 from distillery.models import check_fits_data, check_same_tokenizer, load_pretrained
 from distillery.recipes.common import prepare_data
-from distillery.teacher_cache import build_teacher_cache, cache_key
 from distillery.teachers import LiveTeacher
+from distillery.teachers.cache import build_teacher_cache, cache_key
 
 
 def cache_teacher(cfg: CacheTeacherConfig, *, overwrite: bool = False) -> dict[str, Any]:

@@ -21,19 +21,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, model_validator
 
-from distillery.config import CalibrateConfig, RunConfig
+from distillery.config import (
+    DataConfig,
+    ForwardKLObjective,
+    LiveTeacherSpec,
+    MCDropoutTeacherSpec,
+    ModelSpec,
+    ObjectiveConfig,
+    RunConfig,
+    TrainConfig,
+)
 from distillery.distributed import DistEnv, resolve_device
 from distillery.engine import seed_everything
 from distillery.eval import CalibrationStats, evaluate_model, fit_temperature, predictions
 from distillery.eval.metrics import TIMING_BATCHES, TIMING_REPEATS, inference_seconds
 from distillery.models import load_pretrained
-from distillery.recipes.common import (
+from distillery.recipes.common import prepare_data, prepare_out_dir
+from distillery.recipes.study import (
+    SeededStudy,
     against_spread,
     hardware,
     mean_std,
-    prepare_data,
-    prepare_out_dir,
     run_or_reuse,
     write_study,
 )
@@ -44,6 +54,45 @@ from distillery.teachers import (
     TeacherSignal,
     TemperatureScaled,
 )
+
+
+class CalibrateConfig(SeededStudy):
+    """``distillery calibrate``: a single model, its temperature-scaled and MC-dropout versions,
+    a deep ensemble, and students of the single model's size distilled from the ensemble and
+    from MC dropout — calibration on the test split, over seeds (see ``recipes/calibrate``)."""
+
+    name: str = Field("calibration", pattern=r"^[A-Za-z0-9_-]+$")  # file names of the results
+    data: DataConfig = Field(
+        default_factory=lambda: DataConfig(val_fraction=0.1, test_fraction=0.1)
+    )
+    # Every model's architecture; its dropout is what MC dropout samples (so it must be > 0).
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(preset="mini", dropout=0.1))
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=240, lr=2e-3, warmup_steps=20, checkpoint_every=0)
+    )
+    members: int = Field(3, ge=2)  # deep-ensemble size (members trained with different seeds)
+    mc_samples: int = Field(8, ge=2)  # stochastic passes of MC dropout
+    distill_objectives: list[ObjectiveConfig] = Field(
+        default_factory=lambda: [ForwardKLObjective(weight=1.0, temperature=1.0)], min_length=1
+    )  # the students' objectives (towards the ensemble's / MC dropout's mean distribution)
+    n_bins: int = Field(10, ge=2)  # equal-width ECE bins (equal-mass ECE is reported too)
+    eval_batches: int | None = Field(None, gt=0)  # cap on test batches (None: the whole split)
+    temperature_batches: int = Field(8, gt=0)  # validation batches the temperature is fitted on
+    out: Path = Path("runs/calibrate")
+
+    @model_validator(mode="after")
+    def _samples_something(self) -> CalibrateConfig:
+        if self.model.dropout <= 0:
+            raise ValueError("model.dropout: MC dropout needs a model trained with dropout (> 0)")
+        if self.model.path is not None or self.model.init_from_teacher or self.model.grow:
+            raise ValueError("model: calibrate trains its models from a preset (model.preset)")
+        if not self.data.test_fraction or not self.data.val_fraction:
+            raise ValueError(
+                "data: calibrate fits temperatures on the validation split and measures on the "
+                "test split; give both val_fraction and test_fraction"
+            )
+        return self
+
 
 PREDICTORS = (
     "single",
@@ -71,8 +120,10 @@ def _train_models(cfg: CalibrateConfig, seed: int, reuse: bool) -> dict[str, dic
         reuse = reuse and reused
     members = [runs[f"member{i}"]["out"] / "model" for i in range(cfg.members)]
     students = {
-        "student-ensemble": {"teacher": members},
-        "student-mcdropout": {"teacher": members[0], "teacher_mc_samples": cfg.mc_samples},
+        "student-ensemble": {"teacher": LiveTeacherSpec(path=members)},
+        "student-mcdropout": {
+            "teacher": MCDropoutTeacherSpec(path=members[0], samples=cfg.mc_samples)
+        },
     }
     for name, teacher in students.items():
         run_cfg = RunConfig(

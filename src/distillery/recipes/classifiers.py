@@ -22,22 +22,99 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, model_validator
 
-from distillery.config import ClassifiersConfig, CrossEntropyObjective, ModelSpec, RunConfig
+from distillery.config import (
+    CrossEntropyObjective,
+    DataConfig,
+    ForwardKLObjective,
+    ModelSpec,
+    ObjectiveConfig,
+    RunConfig,
+    TrainConfig,
+)
 from distillery.distributed import DistEnv, resolve_device
 from distillery.eval import evaluate_model
 from distillery.eval.metrics import inference_seconds
-from distillery.models import folder_is_encoder, is_encoder, load_pretrained, num_params
-from distillery.recipes.common import (
+from distillery.models import load_pretrained, num_params, spec_is_encoder
+from distillery.recipes.common import prepare_data, prepare_out_dir
+from distillery.recipes.study import (
+    SeededStudy,
     against_spread,
+    distilbert_mix,
     hardware,
     mean_std,
-    prepare_data,
-    prepare_out_dir,
     run_or_reuse,
     write_study,
 )
 from distillery.teachers import LiveTeacher
+
+
+def _classify_data() -> DataConfig:
+    return DataConfig(task="classify", val_fraction=0.1, test_fraction=0.1)
+
+
+class ClassifiersConfig(SeededStudy):
+    """``distillery experiment classifiers``: DistilBERT's recipe and a retained-performance
+    table (see ``recipes/classifiers``). The teacher is pretrained by the lab on the texts of
+    ``data`` (masked LM for a ``bert-*`` preset, next tokens for a decoder) or read from
+    ``teacher.path`` (a pretrained masked/causal LM folder), then fine-tuned on the labels; the
+    student (``student_layers`` deep, the teacher's width) is pretrained with and without the
+    teacher, then fine-tuned with and without task distillation; accuracy and macro-F1 on the
+    test split."""
+
+    data: DataConfig = Field(default_factory=_classify_data)  # the labelled texts
+    teacher: ModelSpec = Field(default_factory=lambda: ModelSpec(preset="bert-mini"))
+    teacher_pretrain: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=600, lr=1e-3, warmup_steps=40)
+    )
+    teacher_finetune: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=100, lr=5e-4, warmup_steps=10)
+    )
+    student_layers: int = Field(2, gt=0)  # initialised from every other teacher layer
+    # The student's architecture: default the teacher preset at ``student_layers``; needed
+    # (a preset of the teacher's width) when the teacher is a folder.
+    student: ModelSpec | None = None
+    general_objectives: list[ObjectiveConfig] = Field(
+        default_factory=distilbert_mix, min_length=1
+    )  # the student's pretraining with the teacher (DistilBERT's triple loss)
+    general_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=300, lr=1e-3, warmup_steps=20)
+    )
+    task_objectives: list[ObjectiveConfig] = Field(
+        default_factory=lambda: [
+            CrossEntropyObjective(weight=1.0),
+            ForwardKLObjective(weight=1.0, temperature=2.0),
+        ],
+        min_length=1,
+    )  # fine-tuning the distilled student with the fine-tuned teacher
+    finetune: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=100, lr=5e-4, warmup_steps=10)
+    )
+    out: Path = Path("runs/classifiers")
+
+    @model_validator(mode="after")
+    def _shape(self) -> ClassifiersConfig:
+        if self.data.task != "classify":
+            raise ValueError("data.task: the labelled texts must be data.task=classify")
+        if self.teacher.init_from_teacher is not None or self.teacher.grow is not None:
+            raise ValueError("teacher: a preset or a pretrained folder, nothing else")
+        if self.teacher.path is not None and self.student is None:
+            raise ValueError("student: give the student's preset when the teacher is a folder")
+        if self.student is not None and self.student.path is not None:
+            raise ValueError("student: a preset (it is initialised from the teacher's layers)")
+        layers = self.teacher.preset_layers
+        if layers is not None and 2 * self.student_layers - 1 > layers:
+            raise ValueError(
+                f"student_layers={self.student_layers} needs a teacher with at least "
+                f"{2 * self.student_layers - 1} layers (every other layer); it has {layers}"
+            )
+        for field in ("general_objectives", "task_objectives"):
+            kinds = [o.kind for o in getattr(self, field)]
+            if "attention_kl" in kinds or "iit" in kinds:
+                raise ValueError(f"{field}: logits and hidden_cosine/hidden_mse only")
+        return self
+
 
 ROWS = {
     "teacher": "teacher (fine-tuned)",
@@ -57,121 +134,80 @@ def _student_spec(cfg: ClassifiersConfig, *, init: bool) -> ModelSpec:
     return base.model_copy(update={"init_from_teacher": "every_other" if init else None})
 
 
-def classifiers(cfg: ClassifiersConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """Run every stage × seed into ``cfg.out``; return the table's data."""
-    out = Path(cfg.out)
-    prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
-    encoder = (
-        folder_is_encoder(cfg.teacher.path)
-        if cfg.teacher.path
-        else is_encoder(cfg.teacher.preset or "")
-    )
-    texts = cfg.data.model_copy(update={"task": "mlm" if encoder else "lm"})
-    ce = [CrossEntropyObjective()]
-
-    # 1. The teacher's pretrained body (its tokenizer serves every later run).
-    reuse = not overwrite
-    pretrain: dict[str, Any] = {"flops": 0.0}
+def _pretrained_body(
+    cfg: ClassifiersConfig, out: Path, texts: Any, *, reuse: bool
+) -> tuple[Path, dict[str, Any], bool]:
+    """(the teacher's pretrained body, its run's summary, whether it was reused): the folder
+    given, or pretrained by the lab on ``texts``. Its tokenizer serves every later run."""
     if cfg.teacher.path is not None:
-        body = Path(cfg.teacher.path)
-    else:
-        pretrain, reuse = run_or_reuse(
-            RunConfig(
-                data=texts,
-                model=cfg.teacher,
-                objectives=ce,
-                train=cfg.teacher_pretrain,
-                out=out / "teacher-pretrain",
-            ),
-            "teacher-pretrain",
-            reuse=reuse,
-        )
-        body = out / "teacher-pretrain" / "model"
-    texts = texts.model_copy(update={"tokenizer": body})
-    labelled = cfg.data.model_copy(update={"tokenizer": body})
+        return Path(cfg.teacher.path), {"flops": 0.0}, reuse
+    summary, reused = run_or_reuse(
+        RunConfig(
+            data=texts,
+            model=cfg.teacher,
+            objectives=[CrossEntropyObjective()],
+            train=cfg.teacher_pretrain,
+            out=out / "teacher-pretrain",
+        ),
+        "teacher-pretrain",
+        reuse=reuse,
+    )
+    return out / "teacher-pretrain" / "model", summary, reused
 
-    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in ROWS}
-    folders: dict[str, dict[int, Path]] = {key: {} for key in ROWS}
-    bodies: dict[str, list[dict[str, Any]]] = {"distilled": [], "no-teacher": []}
-    for seed in cfg.seeds:
 
-        def stage(name: str, rc: RunConfig, upstream: bool, seed: int = seed) -> dict[str, Any]:
-            summary, reused = run_or_reuse(rc, f"{name}/seed-{seed}", reuse=upstream)
-            summary["_reused"] = reused
-            return summary
+def _seed_runs(
+    cfg: ClassifiersConfig, seed: int, out: Path, body: Path, data: dict[str, Any], reuse: bool
+) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
+    """One seed's stages: the teacher fine-tuned, the two student bodies, the three fine-tunes;
+    (summaries, exported model folders) by stage. A stage reruns when one it builds on did."""
+    texts, labelled, ce = data["texts"], data["labelled"], [CrossEntropyObjective()]
 
-        def train(base: Any, seed: int = seed) -> Any:
-            return base.model_copy(update={"seed": seed})
+    def stage(name: str, upstream: bool, **fields: Any) -> dict[str, Any]:
+        train = fields.pop("train").model_copy(update={"seed": seed})
+        rc = RunConfig(**fields, train=train, out=out / name / f"seed-{seed}")
+        summary, reused = run_or_reuse(rc, f"{name}/seed-{seed}", reuse=upstream)
+        return {**summary, "_reused": reused, "_out": rc.out}
 
-        where = {name: out / name / f"seed-{seed}" for name in (
-            "teacher", "body-distilled", "body-no-teacher", *list(ROWS)[1:]
-        )}  # fmt: skip
-        teacher = stage(
-            "teacher",
-            RunConfig(
-                data=labelled,
-                model=ModelSpec(path=body),
-                objectives=ce,
-                train=train(cfg.teacher_finetune),
-                out=where["teacher"],
-            ),
-            reuse,
-        )
-        d_body = stage(
-            "body-distilled",
-            RunConfig(
-                data=texts,
-                model=_student_spec(cfg, init=True),
-                teacher=body,
-                objectives=cfg.general_objectives,
-                train=train(cfg.general_train),
-                out=where["body-distilled"],
-            ),
-            reuse,
-        )
-        f_body = stage(
-            "body-no-teacher",
-            RunConfig(
-                data=texts,
-                model=_student_spec(cfg, init=False),
-                objectives=ce,
-                train=train(cfg.general_train),
-                out=where["body-no-teacher"],
-            ),
-            reuse,
-        )
-        bodies["distilled"].append(d_body)
-        bodies["no-teacher"].append(f_body)
-        t_dir = where["teacher"] / "model"
-        finals = {
-            "distilled": (d_body, t_dir, cfg.task_objectives),
-            "distilled-labels": (d_body, None, ce),
-            "no-teacher": (f_body, None, ce),
-        }
-        runs["teacher"].append({"flops": pretrain["flops"] + teacher["flops"]})
-        folders["teacher"][seed] = t_dir
-        for name, (body_run, fine_teacher, objectives) in finals.items():
-            source = where["body-distilled" if name != "no-teacher" else "body-no-teacher"]
-            fresh_teacher = fine_teacher is not None and not teacher["_reused"]
-            upstream = reuse and body_run["_reused"] and not fresh_teacher
-            summary = stage(
-                name,
-                RunConfig(
-                    data=labelled,
-                    model=ModelSpec(path=source / "model"),
-                    teacher=fine_teacher,
-                    objectives=objectives,
-                    train=train(cfg.finetune),
-                    out=where[name],
-                ),
-                upstream,
-            )
-            runs[name].append({"flops": body_run["flops"] + summary["flops"]})
-            folders[name][seed] = where[name] / "model"
+    teacher = stage(
+        "teacher", reuse, data=labelled, model=ModelSpec(path=body), objectives=ce,
+        train=cfg.teacher_finetune,
+    )  # fmt: skip
+    d_body = stage(
+        "body-distilled", reuse, data=texts, model=_student_spec(cfg, init=True), teacher=body,
+        objectives=cfg.general_objectives, train=cfg.general_train,
+    )  # fmt: skip
+    f_body = stage(
+        "body-no-teacher", reuse, data=texts, model=_student_spec(cfg, init=False),
+        objectives=ce, train=cfg.general_train,
+    )  # fmt: skip
+    summaries = {"teacher": teacher, "body-distilled": d_body, "body-no-teacher": f_body}
+    t_dir = teacher["_out"] / "model"
+    finals = {
+        "distilled": (d_body, t_dir, cfg.task_objectives),
+        "distilled-labels": (d_body, None, ce),
+        "no-teacher": (f_body, None, ce),
+    }
+    for name, (body_run, fine_teacher, objectives) in finals.items():
+        fresh_teacher = fine_teacher is not None and not teacher["_reused"]
+        summaries[name] = stage(
+            name, reuse and body_run["_reused"] and not fresh_teacher, data=labelled,
+            model=ModelSpec(path=body_run["_out"] / "model"), teacher=fine_teacher,
+            objectives=objectives, train=cfg.finetune,
+        )  # fmt: skip
+        summaries[name]["flops"] += body_run["flops"]  # the body's pretraining counts too
+    folders = {name: summaries[name]["_out"] / "model" for name in ROWS}
+    return summaries, folders
 
-    # 5. Test-split quality (against that seed's teacher) and speed, side by side.
+
+def _test_rows(
+    cfg: ClassifiersConfig,
+    test: Any,
+    runs: dict[str, list[dict[str, Any]]],
+    folders: dict[str, dict[int, Path]],
+) -> dict[str, Any]:
+    """Test-split quality of every row and seed (against that seed's teacher), and size and
+    speed timed side by side (first seed)."""
     device = resolve_device(cfg.finetune.device)
-    _, test = prepare_data(labelled, DistEnv(), body, splits=("test",), encoder=encoder)
     speed: dict[str, float] = {}
     params: dict[str, int] = {}
     layers: dict[str, int] = {}
@@ -209,6 +245,33 @@ def classifiers(cfg: ClassifiersConfig, *, overwrite: bool = False) -> dict[str,
             rows[name][f"retained_{key}"] = (
                 100.0 * rows[name][key]["mean"] / rows["teacher"][key]["mean"]
             )
+    return rows
+
+
+def classifiers(cfg: ClassifiersConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run every stage × seed into ``cfg.out``; return the table's data."""
+    out = Path(cfg.out)
+    prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
+    encoder = spec_is_encoder(cfg.teacher)
+    texts = cfg.data.model_copy(update={"task": "mlm" if encoder else "lm"})
+    body, pretrain, reuse = _pretrained_body(cfg, out, texts, reuse=not overwrite)
+    data = {
+        "texts": texts.model_copy(update={"tokenizer": body}),
+        "labelled": cfg.data.model_copy(update={"tokenizer": body}),
+    }
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in ROWS}
+    folders: dict[str, dict[int, Path]] = {key: {} for key in ROWS}
+    bodies: dict[str, list[dict[str, Any]]] = {"distilled": [], "no-teacher": []}
+    for seed in cfg.seeds:
+        summaries, seed_folders = _seed_runs(cfg, seed, out, body, data, reuse)
+        bodies["distilled"].append(summaries["body-distilled"])
+        bodies["no-teacher"].append(summaries["body-no-teacher"])
+        runs["teacher"].append({"flops": pretrain["flops"] + summaries["teacher"]["flops"]})
+        for name in list(ROWS)[1:]:
+            runs[name].append({"flops": summaries[name]["flops"]})
+        for name, folder in seed_folders.items():
+            folders[name][seed] = folder
+    _, test = prepare_data(data["labelled"], DistEnv(), body, splits=("test",), encoder=encoder)
     result = {
         "hardware": hardware(),
         "torch": torch.__version__,
@@ -226,7 +289,7 @@ def classifiers(cfg: ClassifiersConfig, *, overwrite: bool = False) -> dict[str,
             }
             for name, summaries in bodies.items()
         },
-        "rows": rows,
+        "rows": _test_rows(cfg, test, runs, folders),
         "config": cfg.model_dump(mode="json"),
     }
     write_study("classifiers", result, classifiers_markdown(result), [out, cfg.results])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,9 @@ from distillery.eval import evaluate_model, folder_size
 from distillery.files import atomic_write_text, write_json
 from distillery.models import build_model, compute_params, num_params
 from distillery.models.dropout import add_residual_dropout
-from distillery.objectives.mix import LossMix, terms_from_config
 from distillery.pool import Exchange, PoolData, agree_on_start, check_same_config
 from distillery.recipes.common import export_model, prepare_data, prepare_out_dir
+from distillery.step import DistillStep, terms_from_config
 
 
 def _peer_index(cfg: CodistillConfig, peer: int | None) -> tuple[int, DistEnv, bool]:
@@ -66,17 +67,84 @@ def _peer_index(cfg: CodistillConfig, peer: int | None) -> tuple[int, DistEnv, b
     return env.rank, env, True
 
 
+def _peer_builder(cfg: CodistillConfig, tokenizer: Any) -> Callable[[int], Any]:
+    """``build_peer(i)``: a fresh model of peer i's architecture (with its residual dropout)."""
+    special = dict(
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+    def build_peer(i: int) -> Any:
+        spec_i = cfg.peers[i]
+        model = build_model(spec_i.preset or "", len(tokenizer), spec_i.overrides, **special)
+        add_residual_dropout(model, spec_i.dropout)
+        return model
+
+    return build_peer
+
+
+def _model_facts(model: Any, folder: Path) -> dict[str, Any]:
+    return {
+        "params": num_params(model),
+        "compute_params": compute_params(model),
+        "layers": model.config.num_hidden_layers,
+        "size_on_disk": folder_size(folder),
+    }
+
+
+def _progress_facts(progress: Any) -> dict[str, Any]:
+    return {
+        "steps": progress.step,
+        "flops": progress.flops,
+        "tokens": progress.tokens,
+        "train_seconds": progress.seconds,
+    }
+
+
+def _resume_upto(out: Path, collective: bool) -> int:
+    """The step lockstep peers resume from: the newest checkpoint they all have."""
+    found = list_checkpoints(out)
+    return agree_on_start(checkpoint_step(found[-1]) if found else 0, collective)
+
+
+def _finish_peer(
+    cfg: CodistillConfig,
+    index: int,
+    model: Any,
+    tokenizer: Any,
+    val: Any,
+    engine: Engine,
+    exchange: Exchange,
+    device: Any,
+) -> dict[str, Any]:
+    """Export the peer's model, evaluate it once in full, write its ``summary.json``."""
+    out = Path(cfg.out) / f"peer{index}"
+    export_model(model, tokenizer, out / "model")
+    metrics = evaluate_model(model, val, device=device, vocab=len(tokenizer))
+    engine.log({"step": engine.progress.step, **metrics, "final": True})
+    summary = {
+        "name": f"peer{index}",
+        "peer": index,
+        "peers": len(cfg.peers),
+        "mode": cfg.exchange.mode,
+        **_model_facts(model, out / "model"),
+        **metrics,
+        **_progress_facts(engine.progress),
+        **exchange.accounts.summary(),
+        "device": str(device),
+        "finished": True,
+    }
+    write_json(out / "summary.json", summary)
+    return summary
+
+
 def codistill(
     cfg: CodistillConfig, *, peer: int | None = None, resume: bool = False, overwrite: bool = False
 ) -> dict[str, Any]:
     """Train this process's peer of the pool; returns its summary."""
     index, env, collective = _peer_index(cfg, peer)
     spec, n = cfg.exchange, len(cfg.peers)
-    if collective and spec.mode == "predictions" and cfg.train.checkpoint_every % spec.every:
-        raise DistilleryError(
-            f"train.checkpoint_every ({cfg.train.checkpoint_every}) must be a multiple of "
-            f"exchange.every ({spec.every}) so that peers can restart together"
-        )
     try:
         device = resolve_device(cfg.train.device, env)
         out = Path(cfg.out) / f"peer{index}"
@@ -89,18 +157,7 @@ def codistill(
             dist.destroy_process_group()  # from here on peers meet only through files
             collective = False
         vocab = len(tokenizer)
-        special = dict(
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-
-        def build_peer(i: int) -> Any:
-            spec_i = cfg.peers[i]
-            model = build_model(spec_i.preset or "", vocab, spec_i.overrides, **special)
-            add_residual_dropout(model, spec_i.dropout)
-            return model
-
+        build_peer = _peer_builder(cfg, tokenizer)
         seed_everything(cfg.train.seed * 1000 + index)  # each peer its own initialisation
         model = build_peer(index)
         data = PoolData(train, index, n, shared_seed=cfg.train.seed)
@@ -114,69 +171,42 @@ def codistill(
             build_peer=build_peer,
             device=device,
         )
-        task = LossMix(terms_from_config([CrossEntropyObjective()]), vocab=vocab)
         kd = ForwardKLObjective(weight=spec.weight, temperature=spec.temperature)
-        distil = LossMix(
-            terms_from_config([CrossEntropyObjective(), kd]), exchange.teacher, vocab=vocab
+        distil = DistillStep(
+            terms_from_config([CrossEntropyObjective(), kd]),
+            exchange.teacher,
+            vocab=vocab,
+            chunk_size=cfg.train.logit_chunk_size,
         )
         train_cfg = cfg.train.model_copy(update={"seed": cfg.train.seed + index})
         n_params = compute_params(model)
-
-        def eval_fn(m: Any) -> dict[str, float]:
-            return evaluate_model(
-                m, val, device=device, max_batches=cfg.train.eval_batches, vocab=vocab
-            )
-
         engine = Engine(
             model,
-            task,
+            distil,
             data,
             train_cfg,
             out,
             device=device,
             flops_per_token=6.0 * n_params,
-            eval_fn=eval_fn,
+            eval_fn=lambda m: evaluate_model(
+                m, val, device=device, max_batches=cfg.train.eval_batches, vocab=vocab
+            ),
             name=f"peer{index}",
         )
 
         def before_step(step: int) -> None:
             extra = exchange.before_step(step, train_cfg.batch_size)
-            engine.loss = distil if exchange.active else task
+            distil.teacher_enabled = exchange.active  # the task loss alone until peers teach
             engine.flops_per_token = 6.0 * n_params + extra
 
-        upto = None
-        if resume and spec.mode == "predictions":
-            found = list_checkpoints(out)
-            latest = checkpoint_step(found[-1]) if found else 0
-            upto = agree_on_start(latest, collective)
+        upto = _resume_upto(out, collective) if resume and spec.mode == "predictions" else None
         atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
-        progress = engine.fit(resume=resume, before_step=before_step, resume_upto=upto)
+        engine.fit(resume=resume, before_step=before_step, resume_upto=upto)
         if collective:  # lockstep peers finish together, then each saves on its own
             dist.barrier()
             dist.destroy_process_group()
             collective = False
-        export_model(model, tokenizer, out / "model")
-        metrics = evaluate_model(model, val, device=device, vocab=vocab)
-        engine.log({"step": progress.step, **metrics, "final": True})
-        summary = {
-            "name": f"peer{index}",
-            "peer": index,
-            "peers": n,
-            "mode": spec.mode,
-            "params": num_params(model),
-            "compute_params": n_params,
-            "layers": model.config.num_hidden_layers,
-            **metrics,
-            "steps": progress.step,
-            "flops": progress.flops,
-            "tokens": progress.tokens,
-            "train_seconds": progress.seconds,
-            **exchange.accounts.summary(),
-            "size_on_disk": folder_size(out / "model"),
-            "device": str(device),
-            "finished": True,
-        }
-        write_json(out / "summary.json", summary)
+        summary = _finish_peer(cfg, index, model, tokenizer, val, engine, exchange, device)
         return summary
     finally:
         # (transformers saves only on rank 0 while a process group exists, so every peer

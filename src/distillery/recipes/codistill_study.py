@@ -25,26 +25,58 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
+from pydantic import Field, model_validator
 
-from distillery.config import CodistillConfig, CodistillStudyConfig, config_to_yaml
+from distillery.config import (
+    CodistillConfig,
+    DataConfig,
+    ExchangeSpec,
+    ModelSpec,
+    TrainConfig,
+    config_to_yaml,
+)
 from distillery.distributed import DistEnv, resolve_device
 from distillery.errors import DistilleryError
 from distillery.eval import evaluate_model
 from distillery.files import atomic_write_text
 from distillery.models import load_pretrained
-from distillery.recipes.common import (
-    hardware,
-    mean_std,
-    prepare_data,
-    prepare_out_dir,
-    write_study,
-)
+from distillery.recipes.common import prepare_data, prepare_out_dir
+from distillery.recipes.study import SeededStudy, hardware, mean_std, write_study
 from distillery.report import read_metrics
 from distillery.teachers import LiveTeacher
+
+CODISTILL_ARMS = ("predictions", "checkpoints", "unequal")
+
+
+class CodistillStudyConfig(SeededStudy):
+    """``distillery experiment codistill``: two-peer pools against each peer trained alone
+    (``recipes/codistill_study``): ``predictions`` and ``checkpoints`` exchange between equal
+    peers, and ``unequal`` (``model`` with ``small``, checkpoints)."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    small: ModelSpec = Field(
+        default_factory=lambda: ModelSpec(preset="mini", overrides={"num_hidden_layers": 2})
+    )
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(checkpoint_every=0, eval_every=25, eval_batches=1000)
+    )
+    exchange: ExchangeSpec = Field(default_factory=ExchangeSpec)  # its mode is set per arm
+    prediction_every: int = Field(1, gt=0)  # exchange.every for the predictions arm
+    arms: list[Literal["predictions", "checkpoints", "unequal"]] = Field(
+        default_factory=lambda: list(CODISTILL_ARMS), min_length=1
+    )
+    out: Path = Path("runs/codistill-study")
+
+    @model_validator(mode="after")
+    def _evaluated(self) -> CodistillStudyConfig:
+        if not self.train.eval_every:
+            raise ValueError("train.eval_every: the study needs validation curves (set it > 0)")
+        return self
 
 
 def _free_port() -> int:

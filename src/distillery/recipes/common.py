@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 import torch.distributed as dist
-import yaml
 from transformers import PreTrainedModel
 
-from distillery.config import DataConfig, RunConfig
+from distillery.config import DataConfig
 from distillery.data import (
     MASK_TOKEN,
     MaskedBlocks,
@@ -33,7 +28,7 @@ from distillery.data import (
 from distillery.distributed import DistEnv
 from distillery.engine import list_checkpoints
 from distillery.errors import DistilleryError
-from distillery.files import atomic_write_text, publish_folder, temp_folder_next_to, write_json
+from distillery.files import publish_folder, temp_folder_next_to
 
 # What a run leaves; the first three are worth keeping (resumable or finished).
 KEPT_ITEMS = ("checkpoints", "model", "summary.json")
@@ -188,82 +183,3 @@ def export_model(model: PreTrainedModel, tokenizer: Any, dest: Path) -> Path:
         raise
     publish_folder(tmp, dest, replace=True)
     return dest
-
-
-def run_or_reuse(cfg: RunConfig, name: str, *, reuse: bool = True) -> tuple[dict[str, Any], bool]:
-    """(summary, reused): ``run(cfg)``, unless ``cfg.out`` holds a finished run of exactly this
-    config. The summary is read back from disk, so every rank of a torchrun job has it."""
-    from distillery.recipes.run import run  # run builds on this module
-
-    out = Path(cfg.out)
-    saved, summary = out / "config.yaml", out / "summary.json"
-
-    def finished() -> dict[str, Any] | None:
-        if not summary.is_file():
-            return None
-        result = json.loads(summary.read_text(encoding="utf-8"))
-        return result if result.get("finished") else None
-
-    same = False
-    if saved.is_file():  # read back through today's config: fields added since take defaults
-        try:
-            same = (
-                RunConfig.model_validate(yaml.safe_load(saved.read_text(encoding="utf-8"))) == cfg
-            )
-        except (ValueError, yaml.YAMLError):
-            same = False
-    if reuse and same and (result := finished()):
-        if is_main_process():
-            print(f"[distillery] {name}: finished before, reusing {out}", flush=True)
-        return result, True
-    run(cfg, overwrite=True, name=name)
-    result = finished()
-    if result is None:
-        raise DistilleryError(f"{name}: the run in {out} did not finish")
-    return result, False
-
-
-def write_study(
-    name: str,
-    result: dict[str, Any],
-    table: str,
-    folders: list[Path | None],
-    plot: Callable[[Path], None] | None = None,
-) -> None:
-    """A study's ``NAME.json`` and ``NAME.md`` (and its ``plot``) into each folder given; the
-    table printed. Only the main process writes."""
-    if not is_main_process():
-        return
-    for folder in [Path(f) for f in folders if f is not None]:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / f"{name}.json", result)
-        atomic_write_text(folder / f"{name}.md", table)
-        if plot is not None:
-            plot(folder)
-    print(table)
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a torchrun job, or a lone process."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def hardware() -> str:
-    """A short name of the machine for result folders and tables."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name().replace(" ", "-")
-    return f"cpu-{os.cpu_count()}core"
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def against_spread(gap: float, stds: list[float], seeds: int, digits: int = 1) -> str:
-    """Whether ``gap`` is larger than twice the larger seed std, in words."""
-    if seeds < 2:
-        return "one seed only, so no seed spread to compare it with"
-    spread = max(stds)
-    size = "larger" if abs(gap) > 2 * spread else "not larger"
-    return f"{size} than twice the larger seed std ({spread:.{digits}f})"

@@ -19,26 +19,78 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 
 from distillery.config import (
     CrossEntropyObjective,
-    DistillExpandConfig,
+    DataConfig,
+    ForwardKLObjective,
     GrowSpec,
     ModelSpec,
+    ObjectiveConfig,
     RunConfig,
+    TrainConfig,
 )
-from distillery.recipes.common import (
+from distillery.recipes.common import prepare_out_dir
+from distillery.recipes.study import (
+    SeededStudy,
     against_spread,
     hardware,
     mean_std,
-    prepare_out_dir,
     run_or_reuse,
     write_study,
 )
 from distillery.report import read_metrics
+
+EXPAND_ARMS = ("baseline", "distill-expand", "shrink-expand", "stacking")
+
+
+class DistillExpandConfig(SeededStudy):
+    """``distillery experiment distill-expand``: arms that all end in the 2n-layer ``model``,
+    each spending the same FLOPs budget on the same data order (see ``recipes/distill_expand``)."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelSpec = Field(default_factory=ModelSpec)  # the 2n-layer model (a preset)
+    budget_flops: float = Field(gt=0.0)  # B, per arm and seed
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(lr=2e-3, warmup_steps=10, checkpoint_every=0)
+    )  # every phase's settings; ``steps`` is set by each phase's share of B
+    distill_objectives: list[ObjectiveConfig] = Field(
+        default_factory=lambda: [
+            CrossEntropyObjective(weight=1.0),
+            ForwardKLObjective(weight=1.0, temperature=2.0),
+        ],
+        min_length=1,
+    )
+    # (f_train, f_distill) points: 2n layers trained for f_train·B, distilled for f_distill·B.
+    sweep: list[tuple[Annotated[float, Field(gt=0.0, lt=1.0)], Annotated[float, Field(gt=0.0)]]] = (
+        Field(default_factory=lambda: [(0.25, 0.1), (0.5, 0.1)], min_length=1)
+    )
+    stack_fraction: float = Field(0.5, gt=0.0, lt=1.0)  # stacking: n layers for this share of B
+    # More learning rates for the baseline (a tuned baseline); the answer is against the best.
+    baseline_lrs: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=list)
+    arms: list[Literal["baseline", "distill-expand", "shrink-expand", "stacking"]] = Field(
+        default_factory=lambda: list(EXPAND_ARMS), min_length=1
+    )
+    out: Path = Path("runs/distill-expand")
+
+    @model_validator(mode="after")
+    def _fits(self) -> DistillExpandConfig:
+        layers = self.model.preset_layers
+        if layers is None or self.model.init_from_teacher or self.model.grow:
+            raise ValueError("model: give the 2n-layer model as a preset (with overrides)")
+        if layers < 2 or layers % 2:
+            raise ValueError(f"model: needs an even number of layers (2n), not {layers}")
+        for f_train, f_distill in self.sweep:
+            if f_train + f_distill >= 1.0:
+                raise ValueError(
+                    f"sweep: f_train + f_distill = {f_train + f_distill:g} leaves nothing to "
+                    "train the grown model with; keep it below 1"
+                )
+        return self
 
 
 class _Arm:

@@ -17,23 +17,55 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, model_validator
 
-from distillery.config import IITStudyConfig, ModelSpec, RunConfig
+from distillery.config import (
+    CrossEntropyObjective,
+    ForwardKLObjective,
+    InterchangeObjective,
+    ModelSpec,
+    ObjectiveConfig,
+    RunConfig,
+)
 from distillery.distributed import DistEnv, resolve_device
 from distillery.eval import interchange_agreement
 from distillery.models import load_pretrained
 from distillery.models.interventions import num_layers
 from distillery.objectives.representations import layer_pairs
-from distillery.recipes.common import (
+from distillery.recipes.common import prepare_data, prepare_out_dir
+from distillery.recipes.quickstart import teacher_config
+from distillery.recipes.study import (
+    SeededStudy,
+    TeacherStudentRecipe,
     against_spread,
     hardware,
     mean_std,
-    prepare_data,
-    prepare_out_dir,
     run_or_reuse,
     write_study,
 )
-from distillery.recipes.quickstart import teacher_config
+
+
+class IITStudyConfig(TeacherStudentRecipe, SeededStudy):
+    """``distillery experiment iit``: the same student distilled with ``objectives`` and with
+    ``objectives`` + ``iit``, at equal FLOPs (and, for reference, at equal steps), over seeds."""
+
+    objectives: list[ObjectiveConfig] = Field(
+        default_factory=lambda: [
+            CrossEntropyObjective(weight=1.0),
+            ForwardKLObjective(weight=1.0, temperature=2.0),
+        ],
+        min_length=1,
+    )
+    iit: InterchangeObjective = Field(default_factory=InterchangeObjective)
+    eval_batches: int | None = Field(None, gt=0)  # held-out batches for interchange agreement
+    out: Path = Path("runs/iit")
+
+    @model_validator(mode="after")
+    def _no_iit_twice(self) -> IITStudyConfig:
+        if any(o.kind == "iit" for o in self.objectives):
+            raise ValueError("objectives: the iit term is set apart in 'iit', not in objectives")
+        return self
+
 
 ARMS = ("standard", "standard + IIT", "standard + IIT, same steps")
 METRICS = (

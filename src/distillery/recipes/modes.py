@@ -30,25 +30,21 @@ import torch
 
 from distillery.config import (
     CrossEntropyObjective,
+    LiveTeacherSpec,
     ModelSpec,
+    RunConfig,
+    TrainConfig,
+)
+from distillery.recipes.common import prepare_out_dir
+from distillery.recipes.modes_config import (
     ModesConfig,
     MultiTeacherMode,
     RoundsMode,
-    RunConfig,
     SelfDistillMode,
-    TrainConfig,
     TwoStepMode,
 )
-from distillery.files import atomic_write_text, write_json
-from distillery.recipes.common import (
-    against_spread,
-    hardware,
-    is_main_process,
-    mean_std,
-    prepare_out_dir,
-    run_or_reuse,
-)
 from distillery.recipes.quickstart import teacher_config
+from distillery.recipes.study import against_spread, hardware, mean_std, run_or_reuse, write_study
 
 METRICS = ("val_ppl", "val_loss", "accuracy", "agreement")
 KEPT = (*METRICS, "steps", "flops", "train_seconds")
@@ -68,7 +64,7 @@ class Stage:
     init: str
     train: TrainConfig
     match: str | None = None  # the arm whose total FLOPs (same seed) this arm spends
-    run_fields: dict[str, Any] = field(default_factory=dict)  # e.g. teacher_weights, ensemble
+    teacher_fields: dict[str, Any] = field(default_factory=dict)  # e.g. weights, combine
 
 
 @dataclass(frozen=True)
@@ -85,11 +81,11 @@ def plan(cfg: ModesConfig) -> dict[str, Arm]:
     mode, student, objectives = cfg.mode, cfg.student_layers, cfg.objectives
     plain = Stage("student", student, objectives, (0,), "every_other", cfg.student_train)
     if isinstance(mode, MultiTeacherMode):
-        ensemble = {"teacher_weights": mode.weights, "ensemble": mode.ensemble}
+        ensemble = {"weights": mode.weights, "combine": mode.ensemble}
         teachers = tuple(range(mode.teachers))
         return {
             "ensemble": Arm(
-                [replace(plain, teachers=teachers, run_fields=ensemble)],
+                [replace(plain, teachers=teachers, teacher_fields=ensemble)],
                 label=f"{mode.teachers} teachers ({mode.ensemble})",
             ),
             "single": Arm([replace(plain, match="ensemble")], label="teacher 0, same FLOPs"),
@@ -169,15 +165,14 @@ def _stage_config(
             overrides={**cfg.teacher.overrides, "num_hidden_layers": stage.layers},
             init_from_teacher="every_other" if stage.init == "every_other" else None,
         )
-    fields = {k: v for k, v in stage.run_fields.items() if v is not None}
+    fields = {k: v for k, v in stage.teacher_fields.items() if v is not None}
     return RunConfig(
         data=cfg.data.model_copy(update={"tokenizer": teachers[0]}),
         model=model,
-        teacher=paths[0] if len(paths) == 1 else paths,
+        teacher=LiveTeacherSpec(path=paths[0] if len(paths) == 1 else paths, **fields),
         objectives=stage.objectives,
         train=stage.train.model_copy(update={"seed": seed, "flops_budget": budget}),
         out=out,
-        **fields,
     )
 
 
@@ -243,39 +238,38 @@ def compare_modes(cfg: ModesConfig, *, overwrite: bool = False) -> dict[str, Any
             {k: t[k] for k in ("val_ppl", "accuracy", "layers", "params", "flops")}
             for t in teachers
         ],
-        "arms": {
-            name: {
-                "label": arm.label,
-                "charged_teacher": arm.charged,
-                "stages": [
-                    {
-                        "name": stage.name,
-                        "layers": stage.layers,
-                        "init": stage.init,
-                        "objectives": " + ".join(
-                            f"{o.weight:g}·{o.kind}" for o in stage.objectives
-                        ),
-                        "runs": stage_runs,
-                        **{
-                            k: _stats([r[k] for r in stage_runs])
-                            for k in (*METRICS, "arm_flops", "steps")
-                        },
-                    }
-                    for stage, stage_runs in zip(arm.stages, runs[name], strict=True)
-                ],
-            }
-            for name, arm in arms.items()
-        },
+        "arms": _arm_tables(arms, runs),
         "config": cfg.model_dump(mode="json"),
     }
-    table = modes_markdown(result)
-    if is_main_process():
-        for folder in [out, *([cfg.results] if cfg.results else [])]:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            write_json(Path(folder) / f"{cfg.mode.kind}.json", result)
-            atomic_write_text(Path(folder) / f"{cfg.mode.kind}.md", table)
-        print(table)
+    write_study(cfg.mode.kind, result, modes_markdown(result), [out, cfg.results])
     return result
+
+
+def _arm_tables(
+    arms: dict[str, Arm], runs: dict[str, list[list[dict[str, Any]]]]
+) -> dict[str, Any]:
+    """Every arm's stages with their runs and statistics over seeds."""
+    return {
+        name: {
+            "label": arm.label,
+            "charged_teacher": arm.charged,
+            "stages": [
+                {
+                    "name": stage.name,
+                    "layers": stage.layers,
+                    "init": stage.init,
+                    "objectives": " + ".join(f"{o.weight:g}·{o.kind}" for o in stage.objectives),
+                    "runs": stage_runs,
+                    **{
+                        k: _stats([r[k] for r in stage_runs])
+                        for k in (*METRICS, "arm_flops", "steps")
+                    },
+                }
+                for stage, stage_runs in zip(arm.stages, runs[name], strict=True)
+            ],
+        }
+        for name, arm in arms.items()
+    }
 
 
 def _stats(values: list[float]) -> dict[str, float]:

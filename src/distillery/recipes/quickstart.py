@@ -12,17 +12,33 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from distillery.config import (
     CrossEntropyObjective,
+    ForwardKLObjective,
     ModelSpec,
-    QuickstartConfig,
+    ObjectiveConfig,
     RunConfig,
-    TeacherStudentRecipe,
 )
 from distillery.errors import DistilleryError
 from distillery.recipes.common import prepare_out_dir
 from distillery.recipes.run import run
+from distillery.recipes.study import TeacherStudentRecipe
 from distillery.report import markdown_table, write_report
+
+
+class QuickstartConfig(TeacherStudentRecipe):
+    """The main job: train a teacher, distil a half-depth student, train it from scratch too."""
+
+    objectives: list[ObjectiveConfig] = Field(
+        default_factory=lambda: [
+            CrossEntropyObjective(weight=1.0),
+            ForwardKLObjective(weight=1.0, temperature=2.0),
+        ]
+    )
+    out: Path = Path("runs/quickstart")
+
 
 KEPT = (
     "params",

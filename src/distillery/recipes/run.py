@@ -1,11 +1,12 @@
 """``distillery train`` and ``distillery distill``: one recipe, with or without a teacher.
 
-Protocol: config → output folder → models from folders → data → student → objectives →
+Protocol: config → output folder → teacher folders → data → student → teacher signal and step →
 engine → export → one full evaluation → summary.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,9 @@ from transformers import PreTrainedModel
 
 from distillery.config import RunConfig, config_to_yaml
 from distillery.data import has_tokenizer, load_tokenizer
-from distillery.distributed import init_distributed, resolve_device, shutdown_distributed
+from distillery.distributed import DistEnv, init_distributed, resolve_device, shutdown_distributed
 from distillery.engine import Engine, seed_everything, steps_for_budget
-from distillery.eval import (
-    evaluate_model,
-    folder_size,
-    generation_speed,
-    interchange_agreement,
-)
+from distillery.eval import evaluate_model, folder_size, generation_speed, interchange_agreement
 from distillery.files import atomic_write_text, write_json
 from distillery.models import (
     build_model,
@@ -29,43 +25,220 @@ from distillery.models import (
     check_same_tokenizer,
     compute_params,
     every_other,
-    folder_is_encoder,
     init_from_teacher,
-    is_encoder,
     load_pretrained,
     num_params,
+    uses_encoder_layout,
 )
 from distillery.models.dropout import add_residual_dropout
 from distillery.models.growth import grow_layers, stack_layers
-from distillery.models.loading import is_bidirectional
-from distillery.objectives.chunked import check_plain_head
-from distillery.objectives.mix import LossMix, terms_from_config
+from distillery.models.heads import check_plain_head
 from distillery.recipes.common import export_model, once_per_job, prepare_data, prepare_out_dir
-from distillery.teacher_cache import CachedTeacher, cache_key, check_cache_objectives
-from distillery.teachers import EnsembleTeacher, LiveTeacher, MCDropoutTeacher, TeacherSignal
+from distillery.step import DistillStep, terms_from_config
+from distillery.teachers import LiveTeacher, TeacherSignal
+from distillery.teachers.cache import CachedTeacher
+from distillery.teachers.factory import build_teacher
+
+
+def _check_tokenizers(cfg: RunConfig, tokenizer: Any) -> None:
+    """Every teacher (and a student folder) must use the tokenizer the data was cut with."""
+    paths = cfg.teacher_paths
+    others = paths[1:] if cfg.data.tokenizer is None else paths
+    for folder in [*others, *([cfg.model.path] if paths and cfg.model.path else [])]:
+        if has_tokenizer(folder):
+            check_same_tokenizer(load_tokenizer(folder), tokenizer)
 
 
 def _student(
-    cfg: RunConfig,
-    vocab: int,
-    tok: Any,
-    classes: list[str] | None,
+    cfg: RunConfig, tokenizer: Any, teachers: list[PreTrainedModel], classes: list[str] | None
 ) -> PreTrainedModel:
-    """The model to train (seeded): from its folder — a language model given ``classes``
-    becomes a classifier with a new head (fine-tuning) — else a fresh preset."""
+    """The model to train (seeded), checked against the data and the teachers: from its folder
+    (a language model given ``classes`` becomes a classifier with a new head), else a fresh
+    preset with the teacher's output rows; then initialised from the teacher, grown, given
+    residual dropout, as the config says."""
     seed_everything(cfg.train.seed)
     if cfg.model.path is not None:
-        return load_pretrained(cfg.model.path, "student", cfg.data.task, classes=classes)
-    return build_model(
-        cfg.model.preset or "",
-        vocab,
-        cfg.model.overrides,
-        num_labels=len(classes) if classes is not None else None,
-        task=cfg.data.task,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+        model = load_pretrained(cfg.model.path, "student", cfg.data.task, classes=classes)
+    else:
+        head = teachers[0].get_output_embeddings() if teachers else None
+        model = build_model(
+            cfg.model.preset or "",
+            head.weight.shape[0] if head is not None else len(tokenizer),
+            cfg.model.overrides,
+            num_labels=len(classes) if classes is not None else None,
+            task=cfg.data.task,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    for role, m in [("model", model)] + [("teacher", t) for t in teachers]:
+        # Embedding tables padded to different sizes are reconciled by cutting both sides'
+        # logits to the tokenizer's real tokens.
+        check_fits_data(m, tokenizer, cfg.data.seq_len, role)
+        if classes is not None:
+            check_classes(m, classes, role)
+    if classes is not None:
+        model.config.id2label = dict(enumerate(classes))  # saved with the model
+        model.config.label2id = {c: i for i, c in enumerate(classes)}
+    init = cfg.model.init_from_teacher
+    if init is not None and teachers:
+        depth = teachers[0].config.num_hidden_layers
+        layers = every_other(depth, model.config.num_hidden_layers)
+        init_from_teacher(model, teachers[0], layers if init == "every_other" else list(init))
+    if cfg.model.grow is not None:
+        grow = cfg.model.grow
+        if grow.kind == "stack":
+            stack_layers(model)
+        else:
+            grow_layers(model, grow.layers or 0, where=grow.kind, identity=grow.identity)
+    add_residual_dropout(model, cfg.model.dropout)
+    return model
+
+
+def _summary(
+    cfg: RunConfig, name: str, model: Any, metrics: dict[str, Any], engine: Engine, data: Any, **kw
+) -> dict[str, Any]:
+    """What a finished run reports (``summary.json``)."""
+    progress, classes = engine.progress, getattr(data, "classes", None)
+    teacher = engine.step.teacher  # type: ignore[attr-defined]
+    return {
+        "name": name,
+        "params": num_params(model),
+        "compute_params": compute_params(model),
+        "layers": model.config.num_hidden_layers,
+        **metrics,
+        "steps": progress.step,
+        "flops": progress.flops,
+        **(
+            {"teacher_cache_flops": teacher.meta["teacher_flops"]}
+            if isinstance(teacher, CachedTeacher)
+            else {}
+        ),
+        "tokens": progress.tokens,
+        "train_seconds": progress.seconds,
+        "tokens_per_s": progress.tokens / max(progress.seconds, 1e-9),
+        "size_on_disk": folder_size(Path(cfg.out) / "model"),
+        **({"classes": classes, "truncated_train_texts": data.truncated} if classes else {}),
+        **kw,
+        "finished": True,
+    }
+
+
+def _final_metrics(
+    model: Any, step: DistillStep, live: TeacherSignal | None, val: Any, device: Any, vocab: int
+) -> dict[str, Any]:
+    """One full evaluation (fp32, whole validation split) against the real teacher, and
+    interchange agreement for IIT runs."""
+    if isinstance(step.teacher, CachedTeacher) and isinstance(live, LiveTeacher):
+        live.model.to(device)
+    metrics = evaluate_model(model, val, device=device, teacher=live, vocab=vocab)
+    iit = [t for t in step.terms if t.reads == "interchange"]
+    if iit and isinstance(live, LiveTeacher):
+        spec = iit[0].interchange
+        assert spec is not None
+        metrics |= interchange_agreement(
+            model,
+            live.model,
+            val,
+            iit[0].pairs,
+            device=device,
+            positions=spec["positions"],
+            fraction=spec["fraction"],
+            vocab=vocab,
+        )
+    return metrics
+
+
+@dataclass
+class _Parts:
+    """What a run is assembled from, once every input has been checked."""
+
+    tokenizer: Any
+    train: Any
+    val: Any
+    model: PreTrainedModel
+    step: DistillStep
+    live: TeacherSignal | None  # the real teacher, for the final evaluation
+    vocab: int  # logits are cut to this many outputs (tokens, or classes)
+
+
+def _assemble(cfg: RunConfig, env: DistEnv, device: Any) -> _Parts:
+    """Teacher folders → data → student → teacher signal → the distillation step."""
+    teachers = [load_pretrained(p, "teacher", cfg.data.task) for p in cfg.teacher_paths]
+    tokenizer, train, val = prepare_data(
+        cfg.data,
+        env,
+        cfg.teacher_paths[0] if teachers else cfg.model.path,
+        encoder=uses_encoder_layout(teachers, cfg.model),
+        seed=cfg.train.seed,
     )
+    _check_tokenizers(cfg, tokenizer)
+    classes = getattr(train, "classes", None)
+    vocab = len(classes) if classes is not None else len(tokenizer)
+    model = _student(cfg, tokenizer, teachers, classes)
+    teacher = live = None
+    if cfg.teacher is not None:
+        teacher, live = build_teacher(
+            cfg.teacher,
+            teachers,
+            device=device,
+            vocab=vocab,
+            tokenizer=tokenizer,
+            train_data=train,
+            objectives=cfg.objectives,
+        )
+    if cfg.train.logit_chunk_size:
+        check_plain_head(model, "model")
+    seed_everything(cfg.train.seed)  # the objectives' projections start the same each run
+    step = DistillStep(
+        terms_from_config(cfg.objectives),
+        teacher,
+        student=model,
+        vocab=vocab,
+        chunk_size=cfg.train.logit_chunk_size,
+        states_on="labels" if cfg.data.task == "lm" else "tokens",
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return _Parts(tokenizer, train, val, model, step, live, vocab)
+
+
+def _engine(cfg: RunConfig, parts: _Parts, env: DistEnv, device: Any, name: str) -> Engine:
+    """The engine for these parts; a FLOPs budget becomes the steps it pays for."""
+    flops_per_token = parts.step.flops_per_token(compute_params(parts.model))
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    return Engine(
+        parts.model,
+        parts.step,
+        parts.train,
+        steps_for_budget(cfg.train, flops_per_token * tokens_per_step),
+        Path(cfg.out),
+        device=device,
+        env=env,
+        flops_per_token=flops_per_token,
+        eval_fn=lambda m: evaluate_model(
+            m, parts.val, device=device, max_batches=cfg.train.eval_batches, vocab=parts.vocab
+        ),
+        name=name,
+    )
+
+
+def _finish(
+    cfg: RunConfig, parts: _Parts, engine: Engine, env: DistEnv, device: Any, name: str
+) -> dict[str, Any]:
+    """Export the student, evaluate it once in full, write ``summary.json``."""
+    out, model = Path(cfg.out), parts.model
+    export_model(model, parts.tokenizer, out / "model")
+    metrics = _final_metrics(model, parts.step, parts.live, parts.val, device, parts.vocab)
+    engine.log({"step": engine.progress.step, **metrics, "final": True})
+    speed = {}
+    if cfg.data.task == "lm":
+        speed["generation_tokens_per_s"] = generation_speed(model, parts.tokenizer, device=device)
+    summary = _summary(
+        cfg, name, model, metrics, engine, parts.train, **speed,
+        device=str(device), world_size=env.world_size,
+    )  # fmt: skip
+    write_json(out / "summary.json", summary)
+    return summary
 
 
 def run(
@@ -83,186 +256,28 @@ def run(
     try:
         device = resolve_device(cfg.train.device, env)
         once_per_job(
-            env,
-            lambda: prepare_out_dir(out, resume=resume, overwrite=overwrite),
-            everyone=False,
+            env, lambda: prepare_out_dir(out, resume=resume, overwrite=overwrite), everyone=False
         )
-
-        # Models given as folders: the teacher(s) (frozen) and perhaps the student.
-        teacher_paths = cfg.teacher_paths
-        task = cfg.data.task
-        teacher_models = [load_pretrained(p, "teacher", task) for p in teacher_paths]
-        teacher_model = teacher_models[0] if teacher_models else None
-        tokenizer_dir = teacher_paths[0] if teacher_paths else cfg.model.path
-        # Encoders read texts as cls + tokens + sep (decoders: tokens + eos).
-        encoder = any(is_bidirectional(m.config) for m in teacher_models) or (
-            folder_is_encoder(cfg.model.path)
-            if cfg.model.path
-            else is_encoder(cfg.model.preset or "")
-        )
-        tokenizer, train_data, val_data = prepare_data(
-            cfg.data, env, tokenizer_dir, encoder=encoder, seed=cfg.train.seed
-        )
-        # Every teacher (and a student folder) must use the tokenizer the data was cut with.
-        others = teacher_paths[1:] if cfg.data.tokenizer is None else teacher_paths
-        for folder in [*others, *([cfg.model.path] if teacher_paths and cfg.model.path else [])]:
-            if has_tokenizer(folder):
-                check_same_tokenizer(load_tokenizer(folder), tokenizer)
-
-        # The student: its vocabulary is the teacher's (same output rows) or the tokenizer's.
-        # A classifier's outputs are the training split's classes; logits are cut to ``cut``.
-        classes = getattr(train_data, "classes", None)
-        cut = len(classes) if classes is not None else len(tokenizer)
-        head = teacher_model.get_output_embeddings() if teacher_model else None
-        vocab = head.weight.shape[0] if head is not None else None
-        model = _student(cfg, vocab or len(tokenizer), tokenizer, classes)
-        check_fits_data(model, tokenizer, cfg.data.seq_len, "model")
-        for role, m in [("model", model)] + [("teacher", t) for t in teacher_models]:
-            # Same tokenizer (checked above); embedding tables padded to different sizes are
-            # reconciled by cutting both sides' logits to the tokenizer's real tokens.
-            check_fits_data(m, tokenizer, cfg.data.seq_len, role)
-            if classes is not None:
-                check_classes(m, classes, role)
-        if classes is not None:
-            model.config.id2label = dict(enumerate(classes))  # saved with the model
-            model.config.label2id = {c: i for i, c in enumerate(classes)}
-        if cfg.model.init_from_teacher is not None and teacher_model is not None:
-            layer_map = (
-                every_other(teacher_model.config.num_hidden_layers, model.config.num_hidden_layers)
-                if cfg.model.init_from_teacher == "every_other"
-                else list(cfg.model.init_from_teacher)
-            )
-            init_from_teacher(model, teacher_model, layer_map)
-        if cfg.model.grow is not None:
-            grow = cfg.model.grow
-            if grow.kind == "stack":
-                stack_layers(model)
-            else:
-                grow_layers(model, grow.layers or 0, where=grow.kind, identity=grow.identity)
-        add_residual_dropout(model, cfg.model.dropout)
-
-        # Objectives and the teacher signal; compute charged per trained token.
-        # With a teacher cache the live teacher is only for the final evaluation: it waits on
-        # the CPU meanwhile.
-        cached = cfg.teacher_cache is not None
-        members = [LiveTeacher(m if cached else m.to(device)) for m in teacher_models]
-        teacher: TeacherSignal | None = members[0] if members else None
-        if len(members) > 1:
-            teacher = EnsembleTeacher(
-                members, vocab=cut, weights=cfg.teacher_weights, combine=cfg.ensemble
-            )
-        if cfg.teacher_mc_samples is not None:
-            teacher = MCDropoutTeacher(members[0], cfg.teacher_mc_samples, vocab=cut)
-        live_teacher = teacher  # the final evaluation always asks the real teacher
-        if cfg.teacher_cache is not None:
-            expect = cache_key(teacher_paths[0], tokenizer, train_data)
-            teacher = CachedTeacher(cfg.teacher_cache, train_data, expect)
-            check_cache_objectives(cfg.objectives, teacher.temperature, cfg.teacher_cache)
-        chunk = cfg.train.logit_chunk_size
-        if chunk:
-            check_plain_head(model, "model")
-        seed_everything(cfg.train.seed)  # the objectives' projections start the same each run
-        loss = LossMix(
-            terms_from_config(cfg.objectives),
-            teacher,
-            student=model,
-            vocab=cut,
-            chunk_size=chunk,
-            states_on="labels" if task == "lm" else "tokens",
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        n_student = compute_params(model)
-        flops_per_token = (
-            6.0 * n_student
-            + loss.teacher_flops_per_token()
-            + loss.interchange_flops_per_token(n_student)
-        )
-        train_cfg = steps_for_budget(
-            cfg.train, flops_per_token * cfg.train.batch_size * cfg.data.seq_len
-        )
-
-        def eval_fn(m: Any) -> dict[str, float]:
-            return evaluate_model(
-                m, val_data, device=device, max_batches=cfg.train.eval_batches, vocab=cut
-            )
-
-        engine = Engine(
-            model,
-            loss,
-            train_data,
-            train_cfg,
-            out,
-            device=device,
-            env=env,
-            flops_per_token=flops_per_token,
-            eval_fn=eval_fn,
-            name=name,
-        )
-        if env.is_main and classes is not None and train_data.truncated:
-            print(
-                f"[distillery] {train_data.truncated} of {train_data.num_blocks} training texts "
-                f"are longer than data.seq_len={cfg.data.seq_len} tokens: each is cut to its "
-                "first tokens",
-                flush=True,
-            )
+        parts = _assemble(cfg, env, device)
+        engine = _engine(cfg, parts, env, device, name)
+        _say_truncated(env, parts.train, cfg)
         if env.is_main:  # written once everything above has been checked
             atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
         progress = engine.fit(resume=resume, stop_after=stop_after)
         summary: dict[str, Any] = {"step": progress.step, "finished": False}
-        if progress.step == train_cfg.steps and env.is_main:
-            export_model(model, tokenizer, out / "model")
-            # One full evaluation (fp32, whole validation split), logged and summarised.
-            if isinstance(teacher, CachedTeacher) and isinstance(live_teacher, LiveTeacher):
-                live_teacher.model.to(device)
-            metrics = evaluate_model(
-                model, val_data, device=device, teacher=live_teacher, vocab=cut
-            )
-            if loss.interchange_terms and isinstance(live_teacher, LiveTeacher):
-                term = loss.interchange_terms[0]
-                assert term.interchange is not None
-                metrics |= interchange_agreement(
-                    model,
-                    live_teacher.model,
-                    val_data,
-                    term.pairs,
-                    device=device,
-                    positions=term.interchange["positions"],
-                    fraction=term.interchange["fraction"],
-                    vocab=cut,
-                )
-            engine.log({"step": progress.step, **metrics, "final": True})
-            summary = {
-                "name": name,
-                "params": num_params(model),
-                "compute_params": compute_params(model),
-                "layers": model.config.num_hidden_layers,
-                **metrics,
-                "steps": progress.step,
-                "flops": progress.flops,
-                **(
-                    {"teacher_cache_flops": teacher.meta["teacher_flops"]}
-                    if isinstance(teacher, CachedTeacher)
-                    else {}
-                ),
-                "tokens": progress.tokens,
-                "train_seconds": progress.seconds,
-                "tokens_per_s": progress.tokens / max(progress.seconds, 1e-9),
-                "size_on_disk": folder_size(out / "model"),
-                **(
-                    {"classes": classes, "truncated_train_texts": train_data.truncated}
-                    if classes is not None
-                    else {
-                        "generation_tokens_per_s": generation_speed(model, tokenizer, device=device)
-                    }
-                    if task == "lm"
-                    else {}
-                ),
-                "device": str(device),
-                "world_size": env.world_size,
-                "finished": True,
-            }
-            write_json(out / "summary.json", summary)
+        if progress.step == engine.cfg.steps and env.is_main:
+            summary = _finish(cfg, parts, engine, env, device, name)
         ok = True
         return summary
     finally:
         shutdown_distributed(clean=ok)
+
+
+def _say_truncated(env: DistEnv, data: Any, cfg: RunConfig) -> None:
+    """Tell how many labelled training texts are cut to ``data.seq_len`` tokens."""
+    if env.is_main and getattr(data, "classes", None) is not None and data.truncated:
+        print(
+            f"[distillery] {data.truncated} of {data.num_blocks} training texts are longer than "
+            f"data.seq_len={cfg.data.seq_len} tokens: each is cut to its first tokens",
+            flush=True,
+        )

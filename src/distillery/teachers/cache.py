@@ -8,9 +8,8 @@ made from (teacher weights, tokenizer, data, block size, k, temperature). A cach
 match the run reading it is refused.
 
 Reading it (``CachedTeacher``), the teacher's distribution is rebuilt a chunk of positions at a
-time: the top-k probabilities exactly, the left-over mass spread over the other tokens in
-proportion to the student's own probabilities, so every logit objective runs unchanged and sees
-the top-k plus one bucket for the rest (forward KL: Σ_topk p·log(p/q) + r·log(r/q_rest)).
+time as a ``teachers.topk.TopK`` (the top-k exactly, the rest spread in proportion to the
+student's own probabilities), so every logit objective runs unchanged.
 ``hard_labels`` is refused with a cache (a completed tail token could outrank the top-1). The logits
 handed out are ``T_cache · log p``, so an objective softening them at the cache's temperature
 recovers the cached distribution exactly; objectives at another temperature are refused.
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -33,7 +31,9 @@ import torch
 from distillery.data import PackedTokens, sequential_batches, tokenizer_fingerprint
 from distillery.errors import DistilleryError
 from distillery.files import publish_folder, temp_folder_next_to, write_json
-from distillery.teachers import LiveTeacher, TeacherBase, TeacherOutput
+from distillery.models.heads import chunk_rows, chunks, cut_vocab
+from distillery.teachers.signals import LiveTeacher, TeacherBase, TeacherOutput
+from distillery.teachers.topk import TopK
 
 CACHE_VERSION = "distillery-teacher-cache-v1"
 KEY_FIELDS = ("teacher", "tokenizer", "data", "vocab", "top_k", "temperature")
@@ -67,7 +67,7 @@ def check_cache_objectives(objectives: list[Any], temperature: float, folder: Pa
     ``hard_labels`` needs the teacher's argmax, which a completed tail could hide."""
     if any(o.kind == "hard_labels" for o in objectives):
         raise DistilleryError(
-            "hard_labels cannot read a teacher cache; use forward_kl (or drop teacher_cache)"
+            "hard_labels cannot read a teacher cache; use forward_kl (or a live teacher)"
         )
     wrong = [o.kind for o in objectives if getattr(o, "temperature", temperature) != temperature]
     if wrong:
@@ -109,7 +109,6 @@ def build_teacher_cache(
         ids = np.lib.format.open_memmap(tmp / "ids.npy", "w+", np.int32, (n, t, k))
         logp = np.lib.format.open_memmap(tmp / "logp.npy", "w+", np.float32, (n, t, k))
         rest = np.lib.format.open_memmap(tmp / "rest.npy", "w+", np.float32, (n, t))
-        chunk = max(1, 2**22 // vocab)  # positions whose full-vocabulary logits exist at once
         done = 0
         for batch in sequential_batches(data, batch_size):
             rows = slice(done, done + batch.shape[0])
@@ -118,16 +117,11 @@ def build_teacher_cache(
             flat_ids = np.empty((batch.numel(), k), np.int32)
             flat_logp = np.empty((batch.numel(), k), np.float32)
             flat_rest = np.empty(batch.numel(), np.float32)
-            for s in range(0, batch.numel(), chunk):
-                part = slice(s, s + chunk)
-                lp = torch.log_softmax(out.chunk_logits(part)[:, :vocab].float() / temperature, -1)
-                top = lp.topk(k, dim=-1)
-                # log of the mass outside the top-k, summed directly (not 1 − Σ top-k, which
-                # cancels to 0 in float32 for a confident teacher)
-                outside = lp.scatter(1, top.indices, float("-inf"))
-                flat_ids[part] = top.indices.cpu().numpy()
-                flat_logp[part] = top.values.cpu().numpy()
-                flat_rest[part] = torch.logsumexp(outside, dim=-1).cpu().numpy()
+            for part in chunks(batch.numel(), chunk_rows(vocab)):
+                top = TopK.of(cut_vocab(out.chunk_logits(part, None), vocab), k, temperature)
+                flat_ids[part] = top.ids.cpu().numpy()
+                flat_logp[part] = top.logp.cpu().numpy()
+                flat_rest[part] = top.rest.cpu().numpy()
             ids[rows] = flat_ids.reshape(-1, t, k)
             logp[rows] = flat_logp.reshape(-1, t, k)
             rest[rows] = flat_rest.reshape(-1, t)
@@ -204,31 +198,6 @@ class CachedTeacher(TeacherBase):
             raise DistilleryError("a training batch is not in the teacher cache; rebuild it")
         return np.asarray(found, dtype=np.int64)
 
-    def _dense(
-        self,
-        ids: torch.Tensor,
-        logp: torch.Tensor,
-        rest: torch.Tensor,
-        student_logits: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Logits ``(C, V)`` = T·log p: the top-k exactly; the left-over mass spread over the
-        other tokens in proportion to the student's own probabilities at T (evenly without
-        them). With that completion a divergence sees the top-k and one bucket for the rest:
-        forward KL equals Σ_topk p·log(p/q) + r·log(r/q_rest) in value and gradient, and a
-        student that matches the teacher has zero loss."""
-        c = ids.shape[0]
-        if student_logits is None:
-            tail = torch.full(
-                (c, self.vocab), -math.log(self.vocab - self.top_k), device=ids.device
-            )
-        else:
-            tail = torch.log_softmax(student_logits[:, : self.vocab].float() / self.temperature, -1)
-        tail = tail.scatter(1, ids.long(), float("-inf"))  # only the tokens outside the top-k
-        tail = tail - torch.logsumexp(tail, dim=-1, keepdim=True)  # a distribution over them
-        rest = rest.clamp_min(-1e4)  # finite even if nothing was left over
-        dense = (rest[:, None] + tail).scatter(1, ids.long(), logp)
-        return dense * self.temperature
-
     def run(
         self,
         input_ids: torch.Tensor,
@@ -247,8 +216,5 @@ class CachedTeacher(TeacherBase):
         ids = torch.from_numpy(np.asarray(self.ids[blocks])).to(device).reshape(-1, k)
         logp = torch.from_numpy(np.asarray(self.logp[blocks])).to(device).reshape(-1, k)
         rest = torch.from_numpy(np.asarray(self.rest[blocks])).to(device).reshape(-1)
-        return TeacherOutput(
-            chunk_logits=lambda part, student=None: self._dense(
-                ids[part], logp[part], rest[part], student
-            )
-        )
+        top = TopK(ids, logp, rest, self.temperature, self.vocab)
+        return TeacherOutput(chunk_logits=lambda part, student=None: top[part].dense(student))

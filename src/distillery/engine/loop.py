@@ -12,23 +12,16 @@ batching and the number of processes do not change the gradient.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
-import os
 import random
-import re
-import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -36,51 +29,43 @@ from tqdm import tqdm
 from distillery.config import TrainConfig
 from distillery.data import Examples, global_batch_indices
 from distillery.distributed import DistEnv, all_reduce_sum
+from distillery.engine.checkpoints import (
+    checkpoint_step,
+    corrupt,
+    list_checkpoints,
+    read_state,
+    read_weights,
+    shapes_digest,
+    write_checkpoint,
+)
+from distillery.engine.metrics_log import MetricsLog
+from distillery.engine.schedule import autocast_context, lr_factor
 from distillery.errors import DistilleryError
-from distillery.files import atomic_write_text
-from distillery.objectives.mix import LossMix
-
-CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
-CHECKPOINT_FILES = ("model.safetensors", "trainer_state.pt", "state.json")
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+class TrainStep(Protocol):
+    """What the loop needs of a step (``step.DistillStep``): per micro-batch, the counts the
+    loss is divided by, and the weighted sum with its named terms; the trainable modules it
+    adds to the model; whether every model parameter gets a gradient (DDP needs to know)."""
 
+    modules: nn.Module
+    uses_every_parameter: bool
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of ``cfg.lr`` at ``step``: linear warmup, then cosine down to ``min_lr_ratio``."""
-    warmup = min(cfg.warmup_steps, cfg.steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    span = max(1, cfg.steps - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    def counts(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``(K,)`` counts of one micro-batch; the loss is divided by the global sum of the
+        first."""
+        ...
 
+    def parameters(self) -> list[nn.Parameter]: ...
 
-def steps_for_budget(cfg: TrainConfig, flops_per_step: float) -> TrainConfig:
-    """``cfg`` with ``steps`` set to the whole steps ``cfg.flops_budget`` pays for (unchanged
-    without a budget); a budget smaller than one step is refused."""
-    if cfg.flops_budget is None:
-        return cfg
-    steps = int(cfg.flops_budget // flops_per_step)
-    if steps < 1:
-        raise DistilleryError(
-            f"train.flops_budget={cfg.flops_budget:.3g} is less than one step "
-            f"({flops_per_step:.3g} FLOPs); raise it"
-        )
-    return cfg.model_copy(update={"steps": steps})
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast when asked for (``auto``: on GPU only), else nothing."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    def __call__(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        counts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
 @dataclass
@@ -93,27 +78,13 @@ class Progress:
     seconds: float = 0.0
 
 
-def checkpoint_step(ckpt: Path) -> int:
-    """The step a checkpoint folder (``step-NNNNNNN``) was written at."""
-    return int(ckpt.name.removeprefix("step-"))
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (incomplete ones never get their final name)."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
-    return sorted(found, key=lambda p: p.name)
-
-
 class Engine:
-    """Trains ``model`` on ``data`` with ``loss`` according to ``cfg``, writing to ``out_dir``."""
+    """Trains ``model`` on ``data`` with ``step`` according to ``cfg``, writing to ``out_dir``."""
 
     def __init__(
         self,
         model: nn.Module,
-        loss: LossMix,
+        step: TrainStep,
         data: Examples,
         cfg: TrainConfig,
         out_dir: Path,
@@ -125,7 +96,7 @@ class Engine:
         name: str = "train",
     ) -> None:
         self.env = env or DistEnv()
-        self.cfg, self.loss, self.data, self.out_dir = cfg, loss, data, Path(out_dir)
+        self.cfg, self.step, self.data, self.out_dir = cfg, step, data, Path(out_dir)
         self.device, self.eval_fn, self.name = device, eval_fn, name
         self.flops_per_token = flops_per_token
         if cfg.batch_size % self.env.world_size:
@@ -145,13 +116,13 @@ class Engine:
             # Without a logit term, representation terms may leave parameters unused (the head,
             # blocks after the last mapped layer), which DDP must be told about.
             forward = DistributedDataParallel(
-                forward, device_ids=ids, find_unused_parameters=not loss.logit_terms
+                forward, device_ids=ids, find_unused_parameters=not step.uses_every_parameter
             )
         self.forward = forward
-        # The objectives' own parameters (learned projections) train with the model; DDP does
+        # The step's own parameters (learned projections) train with the model; DDP does
         # not see them, so their gradients are all-reduced by hand.
-        self.loss.projections.to(device)
-        self.extra = self.loss.parameters()
+        self.step.modules.to(device)
+        self.extra = self.step.parameters()
         trained = [p for p in [*self.model.parameters(), *self.extra] if p.requires_grad]
         decay = [p for p in trained if p.ndim >= 2]
         no_decay = [p for p in trained if p.ndim < 2]
@@ -168,24 +139,21 @@ class Engine:
             self.optimizer, lambda step: lr_factor(step, cfg)
         )
         self.progress = Progress()
-        self._resumed_at: int | None = None
-        self.metrics_path = self.out_dir / "metrics.jsonl"
-        self._tb: Any = None
+        self.metrics = MetricsLog(
+            self.out_dir, name, enabled=self.env.is_main, tensorboard=cfg.tensorboard
+        )
+        self.metrics_path = self.metrics.path
 
     # ----------------------------------------------------------------- checkpoints
+    def _weights(self) -> dict[str, nn.Module]:
+        """What a checkpoint holds besides the trainer state: the model and the step's own
+        trainable modules (``objectives.safetensors``)."""
+        return {"model": self.model, **({"objectives": self.step.modules} if self.extra else {})}
+
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoints/step-NNNNNNN`` atomically (rank 0) and prune old ones."""
         if not self.env.is_main:
             return None
-        root = self.out_dir / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{self.progress.step:07d}"
-        tmp = root / f".tmp-{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_model(self.model, str(tmp / "model.safetensors"))
-        if self.extra:
-            save_model(self.loss.projections, str(tmp / "objectives.safetensors"))
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -194,47 +162,27 @@ class Engine:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
         }
-        torch.save(trainer_state, tmp / "trainer_state.pt")
         state = {
             **asdict(self.progress),
             "samples_seen": self.progress.step * self.cfg.batch_size,
             "run": self._run_fingerprint(),
         }
-        (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(self.out_dir)[: -self.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+        return write_checkpoint(
+            self.out_dir,
+            self.progress.step,
+            self._weights(),
+            trainer_state,
+            state,
+            keep=self.cfg.keep_checkpoints,
+        )
 
     def load_checkpoint(self, ckpt: Path) -> None:
         """Restore model, optimizer, scheduler, RNG and data position from ``ckpt``."""
-        missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).is_file()]
-        if missing:
-            raise DistilleryError(f"checkpoint {ckpt} is incomplete (no {', '.join(missing)})")
-        try:
-            state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise DistilleryError(
-                f"checkpoint {ckpt} is corrupt (state.json: {exc}); delete it to resume from an "
-                "earlier one, or start again without --resume"
-            ) from None
+        weights = self._weights()
+        state = read_state(ckpt, list(weights))
         self._check_same_run(ckpt, state.get("run", {}))
-        if self.extra and not (ckpt / "objectives.safetensors").is_file():
-            raise DistilleryError(f"checkpoint {ckpt} is incomplete (no objectives.safetensors)")
         try:
-            trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-            load_model(
-                self.model, str(ckpt / "model.safetensors"), strict=True, device=str(self.device)
-            )
-            if self.extra:
-                load_model(
-                    self.loss.projections,
-                    str(ckpt / "objectives.safetensors"),
-                    strict=True,
-                    device=str(self.device),
-                )
+            trainer_state = read_weights(ckpt, weights, self.device)
             self.optimizer.load_state_dict(trainer_state["optimizer"])
             self.scheduler.load_state_dict(trainer_state["scheduler"])
             progress = Progress(**{k: state[k] for k in asdict(Progress())})
@@ -247,27 +195,19 @@ class Engine:
             raise
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DistilleryError(
-                f"checkpoint {ckpt} is corrupt ({reason[:160]}); delete it to resume from an "
-                "earlier one, or start again without --resume"
-            ) from None
+            raise corrupt(ckpt, reason) from None
         self.progress = progress
 
     def _run_fingerprint(self) -> dict[str, Any]:
         """What must not change on resume: data order and block size, and the weights' shapes."""
-
-        def digest(state: dict[str, torch.Tensor]) -> str:
-            shapes = {k: list(v.shape) for k, v in state.items()}
-            return hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
-
         return {
             "train.batch_size": self.cfg.batch_size,
             "train.seed": self.cfg.seed,
             "train.data_offset": self.cfg.data_offset,
             "data.seq_len": self.data.seq_len,
             "data.num_blocks": self.data.num_blocks,
-            "model shapes": digest(self.model.state_dict()),
-            "objective projections": digest(self.loss.projections.state_dict()),
+            "model shapes": shapes_digest(self.model),
+            "objective projections": shapes_digest(self.step.modules),
         }
 
     def _check_same_run(self, ckpt: Path, saved: dict[str, Any]) -> None:
@@ -296,45 +236,12 @@ class Engine:
             raise DistilleryError(
                 f"checkpoint {found[-1]} is past train.steps={self.cfg.steps}; raise train.steps"
             )
-        self._truncate_metrics(self.progress.step)
-        self._resumed_at = self.progress.step + 1
+        self.metrics.truncate(self.progress.step)
         return self.progress.step
 
-    # ----------------------------------------------------------------- logging
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines written after checkpoint ``step`` by the run that was interrupted.
-
-        The end-of-run evaluation (``"final": true``) is logged after the last checkpoint.
-        """
-        if not self.env.is_main or not self.metrics_path.exists():
-            return
-        kept = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-                if record["step"] < step or (record["step"] == step and not record.get("final")):
-                    kept.append(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by the interruption
-        atomic_write_text(self.metrics_path, "".join(f"{x}\n" for x in kept))
-
     def log(self, record: dict[str, Any]) -> None:
-        """Append one JSON line (rank 0) and mirror scalars to TensorBoard."""
-        if not self.env.is_main:
-            return
-        record = {"run": self.name, **record}
-        with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.cfg.tensorboard:
-            if self._tb is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(
-                    log_dir=str(self.out_dir / "tensorboard"), purge_step=self._resumed_at
-                )
-            for key, value in record.items():
-                if isinstance(value, int | float) and key != "step":
-                    self._tb.add_scalar(f"{self.name}/{key}", value, record["step"])
+        """Append one metrics record (rank 0; ``engine.metrics_log``)."""
+        self.metrics.log(record)
 
     # ----------------------------------------------------------------- the loop
     def _step_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -350,11 +257,10 @@ class Engine:
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over the global batch; returns the mean of each term."""
         micro_batches = self._step_batches(step)
-        # Labelled positions, and positions representation terms count (see LossMix), over
-        # the global batch: the loss is divided once by the first.
-        counts = torch.stack([self.loss.counts(ids, y) for ids, y in micro_batches]).sum(0)
-        n_global, n_states = all_reduce_sum(counts.to(self.device), self.env).tolist()
-        state_scale = max(n_global, 1.0) / max(n_states, 1.0)
+        # The step's counts over the global batch: the loss is divided once by the first.
+        counts = torch.stack([self.step.counts(ids, y) for ids, y in micro_batches]).sum(0)
+        counts = all_reduce_sum(counts.to(self.device), self.env)
+        n_global = counts.tolist()[0]
         scale = self.env.world_size / max(n_global, 1.0)  # DDP averages over ranks
         sums: dict[str, torch.Tensor] = {}
         for i, (ids, y) in enumerate(micro_batches):
@@ -364,11 +270,8 @@ class Engine:
                 sync = self.forward.no_sync()  # type: ignore[operator]
             with sync:
                 with autocast_context(self.device, self.cfg.precision):
-                    total, terms = self.loss(
-                        self.forward,
-                        ids.to(self.device),
-                        y.to(self.device),
-                        state_scale=state_scale,
+                    total, terms = self.step(
+                        self.forward, ids.to(self.device), y.to(self.device), counts=counts
                     )
                 (total * scale).backward()
             for name, value in terms.items():
@@ -416,8 +319,8 @@ class Engine:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume(resume_upto)
-        elif self.env.is_main and self.metrics_path.exists():
-            self.metrics_path.unlink()
+        else:
+            self.metrics.clear()
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * self.data.seq_len
         first = self.progress.step
@@ -472,8 +375,7 @@ class Engine:
         finished_now = first < cfg.steps == self.progress.step
         if finished_now and (not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every):
             self.save_checkpoint()  # the final state, unless the loop has just written it
-        if self._tb is not None:
-            self._tb.flush()
+        self.metrics.flush()
         return self.progress
 
     def evaluate(self) -> dict[str, float]:

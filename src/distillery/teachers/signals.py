@@ -19,8 +19,8 @@ from transformers import PreTrainedModel
 
 from distillery.errors import DistilleryError
 from distillery.models.dropout import dropout_on
-from distillery.models.loading import compute_params
-from distillery.objectives.chunked import head_inputs, is_plain_head
+from distillery.models.heads import cut_vocab, has_plain_head, head_inputs
+from distillery.models.loading import compute_params, use_eager_attention
 
 Combine = Literal["mean", "confident"]
 
@@ -58,12 +58,6 @@ class TeacherSignal(Protocol):
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
 
-def use_eager_attention(model: PreTrainedModel) -> None:
-    """Switch ``model`` to the eager attention kernel, the one that can return its maps."""
-    if model.config._attn_implementation != "eager":
-        model.set_attn_implementation("eager")
-
-
 def mean_distribution(
     member_logits: Sequence[torch.Tensor],
     vocab: int | None,
@@ -71,7 +65,7 @@ def mean_distribution(
 ) -> torch.Tensor:
     """log Σ_k w_k softmax(z_k) (float32), each ``z_k`` cut to ``vocab``; equal weights if none."""
     logp = torch.stack(
-        [torch.log_softmax(z[..., :vocab].float(), dim=-1) for z in member_logits]
+        [torch.log_softmax(cut_vocab(z, vocab).float(), dim=-1) for z in member_logits]
     )  # (K, ..., V)
     if log_weights is None:
         return torch.logsumexp(logp, dim=0) - math.log(len(member_logits))
@@ -121,7 +115,7 @@ class LiveTeacher(TeacherBase):
         self.compute_params = compute_params(model)
         self.config = model.config
         self.head = model.get_output_embeddings()
-        self._plain_head = is_plain_head(self.head, model.config)
+        self._plain_head = has_plain_head(model)
 
     @torch.no_grad()
     def run(
@@ -199,7 +193,7 @@ class EnsembleTeacher(TeacherBase):
         if self.combine == "mean":
             return mean_distribution(member_logits, self.vocab, self.log_weights)
         logp = torch.stack(
-            [torch.log_softmax(z[..., : self.vocab].float(), dim=-1) for z in member_logits]
+            [torch.log_softmax(cut_vocab(z, self.vocab).float(), dim=-1) for z in member_logits]
         )  # (M, ..., V)
         best = logp.max(dim=-1).values.argmax(dim=0)  # (...,): the most confident member
         return logp.gather(0, best[None, ..., None].expand(1, *logp.shape[1:]))[0]

@@ -1,0 +1,117 @@
+"""Reading configs: YAML files (``safe_load``) plus ``key=value`` overrides, merged, then
+validated into a schema; every problem gathered into one error line that names the fields, e.g.
+``invalid config: train.lrr: unknown field; train.steps: must be > 0``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+)
+
+from distillery.errors import DistilleryError
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """All problems of a pydantic error on one line, each naming its dotted field."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = msg.removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid config: " + "; ".join(parts)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (["a","b","c"], YAML-parsed value)."""
+    if "=" not in item:
+        raise DistilleryError(f"override {item!r} is not key=value (e.g. train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise DistilleryError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def deep_merge(tree: dict[str, Any], update: dict[str, Any]) -> None:
+    """Deep-merge ``update`` into ``tree`` (mappings merge, everything else replaces)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            deep_merge(tree[key], value)
+        else:
+            tree[key] = copy.deepcopy(value)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from ``path`` (safe_load), or one clear error."""
+    if not path.is_file():
+        raise DistilleryError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, OSError) as exc:
+        raise DistilleryError(f"config file {path} cannot be read as UTF-8 text ({exc})") from None
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise DistilleryError(f"config file {path}{where} is not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DistilleryError(f"config file {path} must hold a mapping of fields")
+    return data
+
+
+def build_config(
+    cls: type[C],
+    path: Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> C:
+    """Merge ``base`` ← YAML file ← overrides, then validate into ``cls``."""
+    tree: dict[str, Any] = {}
+    deep_merge(tree, base or {})
+    if path is not None:
+        deep_merge(tree, load_yaml(path))
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        _set_path(tree, keys, value)
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as err:
+        raise DistilleryError(format_validation_error(err)) from None
+
+
+def config_to_yaml(cfg: BaseModel) -> str:
+    """The config as YAML, paths as strings, so a run folder records what it ran."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

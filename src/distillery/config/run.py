@@ -1,0 +1,253 @@
+"""The schemas of one run of the engine: data, model, training knobs, teacher, objectives; and
+of the commands that run it (``cache-teacher``, ``codistill``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from distillery.config.loader import Strict
+from distillery.config.terms import (
+    CachedTeacherSpec,
+    CrossEntropyObjective,
+    ObjectiveConfig,
+    TeacherSpec,
+    needs_teacher,
+)
+
+
+class DataConfig(Strict):
+    """Where text comes from and how it becomes token blocks (``task: lm``) or labelled
+    examples (``task: classify``: each text's first ``seq_len`` tokens and its label; from
+    ``bbc-news`` the label is the topic)."""
+
+    # lm: next tokens (decoders); mlm: masked tokens (encoders, BERT's dynamic masking);
+    # classify: one label per text
+    task: Literal["lm", "mlm", "classify"] = "lm"
+    source: str = "bbc-news"  # "bbc-news", a text file or folder, a .jsonl or a .csv file
+    text_field: str = "text"  # field of a JSONL object / column of a CSV file
+    label_field: str = "label"  # classify: field / column holding the label
+    val_fraction: float = Field(0.05, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.05, ge=0.0, lt=0.5)
+    seq_len: int = Field(128, gt=1)
+    vocab_size: int = Field(4096, ge=300)  # for a BPE trained on the training split
+    tokenizer: Path | None = None  # a tokenizer folder; default: the teacher's, else train a BPE
+    cache_dir: Path = Path(".distillery-cache")
+    mask_probability: float = Field(0.15, gt=0.0, lt=1.0)  # mlm: share of tokens predicted
+
+
+class GrowSpec(Strict):
+    """Make the model deeper before training (``distillery.models.growth``): ``layers`` new
+    blocks on ``top`` or ``interleave``d (identity-initialised unless ``identity: false``), or
+    ``stack`` (StackBERT: the blocks copied on top of themselves)."""
+
+    kind: Literal["top", "interleave", "stack"] = "top"
+    layers: int | None = Field(None, gt=0)  # top/interleave; stack doubles the depth
+    identity: bool = True
+
+    @model_validator(mode="after")
+    def _layers_given(self) -> GrowSpec:
+        if (self.kind == "stack") != (self.layers is None):
+            raise ValueError("give 'layers' to grow on top or interleave, and not to stack")
+        return self
+
+
+class ModelSpec(Strict):
+    """A model: a built-in preset (plus config overrides) or an HF folder (default: ``mini``)."""
+
+    preset: str | None = None
+    path: Path | None = None
+    overrides: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    # Initialise from the teacher's layers: "every_other" (DistilBERT) or explicit indices.
+    init_from_teacher: Literal["every_other"] | list[int] | None = None
+    grow: GrowSpec | None = None  # applied after loading / initialising, before training
+    # Residual dropout (GPT-2's resid_pdrop) on every block's attention and MLP outputs, added
+    # with hooks (``models.dropout``) and recorded in the saved config as ``residual_dropout``.
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @property
+    def preset_layers(self) -> int | None:
+        """The depth of a preset model (its overrides included); None for a folder."""
+        from distillery.models.presets import PRESETS
+
+        if self.preset is None:
+            return None
+        default = PRESETS[self.preset]["num_hidden_layers"]
+        return int(self.overrides.get("num_hidden_layers", default))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        from distillery.models.presets import PRESETS
+
+        if self.preset is not None and self.path is not None:
+            raise ValueError("give one of 'preset' or 'path', not both")
+        if self.preset is None and self.path is None:
+            self.preset = "mini"
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        return self
+
+
+class TrainConfig(Strict):
+    """The engine's knobs. ``batch_size`` is the *global* batch in sequences per step."""
+
+    steps: int = Field(200, gt=0)
+    # Set: the run takes as many whole steps as this many FLOPs pay for (training plus teacher
+    # forwards, as the meter counts them), replacing ``steps``; compare runs at equal compute.
+    flops_budget: float | None = Field(None, gt=0.0)
+    batch_size: int = Field(32, gt=0)
+    micro_batch_size: int | None = Field(None, gt=0)  # per process; None = batch_size / world
+    lr: float = Field(1e-3, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(20, ge=0)  # capped at steps
+    weight_decay: float = Field(0.1, ge=0.0)
+    betas: tuple[
+        Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]
+    ] = (
+        0.9,
+        0.95,
+    )
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    # > 0: logit losses computed this many positions at a time (bounded memory at big vocabularies)
+    logit_chunk_size: int = Field(0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    compile: bool = False
+    seed: int = Field(0, ge=0)
+    # Start this many global batches into the seed's data order (continue another run's stream).
+    data_offset: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int = Field(100, ge=0)  # 0: only at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(0, ge=0)  # 0: only at the end
+    eval_batches: int = Field(20, gt=0)
+    tensorboard: bool = True
+
+
+class RunConfig(Strict):
+    """One run of the engine: ``train`` (no teacher) or ``distill`` (a teacher folder)."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    # The teacher signal (one field, see ``TeacherSpec``); a folder or a list of folders
+    # given alone is a live teacher (``{kind: live, path: ...}``).
+    teacher: TeacherSpec | None = None
+    objectives: list[ObjectiveConfig] = Field(
+        default_factory=lambda: [CrossEntropyObjective()], min_length=1
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    out: Path = Path("runs/run")
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _folders_are_live(cls, value: Any) -> Any:
+        if isinstance(value, str | Path | list):
+            return {"kind": "live", "path": value}
+        return value
+
+    @property
+    def teacher_paths(self) -> list[Path]:
+        """The teacher folders, in order (empty without a teacher)."""
+        return [] if self.teacher is None else self.teacher.paths
+
+    @model_validator(mode="after")
+    def _teacher_needed(self) -> RunConfig:
+        needs = [o.kind for o in self.objectives if needs_teacher(o)]
+        if needs and self.teacher is None:
+            raise ValueError(f"objectives {needs} need a teacher: set 'teacher' (--teacher DIR)")
+        if self.model.init_from_teacher is not None and self.teacher is None:
+            raise ValueError("model.init_from_teacher needs a teacher: set 'teacher'")
+        task = self.data.task
+        if task != "lm":
+            causal_only = [o.kind for o in self.objectives if o.kind in ("attention_kl", "iit")]
+            if causal_only:
+                raise ValueError(
+                    f"objectives {causal_only} are for causal language models (data.task: lm); "
+                    f"with data.task: {task} use logits and hidden_cosine/hidden_mse"
+                )
+            if isinstance(self.teacher, CachedTeacherSpec) or self.train.logit_chunk_size:
+                raise ValueError(
+                    "a teacher cache and train.logit_chunk_size are for causal language models "
+                    "(data.task: lm)"
+                )
+        preset = self.model.preset
+        if preset is not None and self.model.path is None:
+            from distillery.models.presets import is_encoder
+
+            if task == "mlm" and not is_encoder(preset):
+                raise ValueError(f"model.preset={preset}: masked-LM runs need a bert-* preset")
+            if task == "lm" and is_encoder(preset):
+                raise ValueError(
+                    f"model.preset={preset} is an encoder: use data.task=mlm or classify"
+                )
+        return self
+
+
+class CacheTeacherConfig(Strict):
+    """``distillery cache-teacher``: the teacher's top-k over the training blocks, on disk."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: Path
+    top_k: int = Field(64, gt=0)
+    temperature: float = Field(2.0, gt=0.0)  # must equal the soft objectives' temperature
+    batch_size: int = Field(16, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out: Path = Path("runs/teacher-cache")
+
+
+class ExchangeSpec(Strict):
+    """How codistilling peers teach each other (Anil et al. 2018).
+
+    ``predictions``: every ``every`` steps all peers train on one shared batch, after
+    exchanging their top-``top_k`` next-token distributions on it (an all-gather: peers wait for
+    each other); ``checkpoints``: every ``every`` steps each peer publishes its weights, and the
+    others compute targets on their own batches with the freshest copy they have (no waiting;
+    staleness is measured); ``none``: each peer trains alone (the baseline). No distillation
+    term for the first ``burn_in`` steps.
+    """
+
+    mode: Literal["predictions", "checkpoints", "none"] = "checkpoints"
+    every: int = Field(50, gt=0)
+    top_k: int = Field(32, gt=0)
+    burn_in: int = Field(0, ge=0)
+    target: Literal["mean", "each"] = "mean"  # mean of the peers' distributions, or per peer
+    weight: float = Field(1.0, ge=0.0)  # of the distillation term (the task loss has 1)
+    temperature: float = Field(1.0, gt=0.0)
+    wait_seconds: float = Field(300.0, gt=0.0)  # predictions: give up on a missing peer after
+
+
+class CodistillConfig(Strict):
+    """``distillery codistill``: one peer per process (torchrun rank, or ``--peer``), each
+    training its own model on its own shard of the training blocks, teaching each other."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    peers: list[ModelSpec] = Field(min_length=2)  # one model per peer (sizes may differ)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(checkpoint_every=50))
+    exchange: ExchangeSpec = Field(default_factory=ExchangeSpec)
+    out: Path = Path("runs/codistill")
+
+    @model_validator(mode="after")
+    def _peers_from_presets(self) -> CodistillConfig:
+        for i, peer in enumerate(self.peers):
+            if peer.path is not None or peer.init_from_teacher or peer.grow:
+                raise ValueError(f"peers.{i}: codistilling peers are built from presets")
+        if self.data.task != "lm":
+            raise ValueError("data.task: codistillation is for language models (task: lm)")
+        every = self.exchange.every
+        if self.exchange.mode == "predictions" and self.train.checkpoint_every % every:
+            raise ValueError(
+                f"train.checkpoint_every ({self.train.checkpoint_every}) must be a multiple of "
+                f"exchange.every ({every}) so that peers can restart together"
+            )
+        if self.train.flops_budget is not None:
+            raise ValueError(
+                "train.flops_budget: a peer's FLOPs per step change with the exchange, so "
+                "codistillation runs a number of steps; set train.steps instead"
+            )
+        return self
