@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -112,3 +113,15 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
         env=env,
         timeout=timeout,
     )
+
+
+def bucketed_kl_rows(p: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
+    """The float64 reference for a teacher kept as its top-k plus one bucket for the rest:
+    per row, Σ_{top-k of p} p·log(p/q) + r·log(r/q_rest), r and q_rest the mass outside the
+    top-k. ``p`` and ``q`` ``(N, V)`` are probabilities; the teacher cache and the
+    codistillation pool are both checked against it."""
+    top = p.topk(k, dim=-1).indices
+    in_top = torch.zeros_like(p, dtype=torch.bool).scatter(1, top, True)
+    r, q_rest = (p * ~in_top).sum(-1), (q * ~in_top).sum(-1)
+    inside = torch.where(in_top, p * (p.log() - q.log()), 0.0).sum(-1)
+    return inside + r * (r / q_rest).log()

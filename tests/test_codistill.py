@@ -21,7 +21,7 @@ from distillery.data import PackedTokens
 from distillery.objectives import forward_kl
 from distillery.pool import PeerTeacher, PoolData, Shard
 from distillery.teachers import TopK
-from tests.conftest import run_cli
+from tests.conftest import bucketed_kl_rows, run_cli
 
 
 def free_port() -> int:
@@ -209,15 +209,16 @@ def test_gathered_peer_top_k_keeps_the_left_over_mass_as_the_cache_does():
     teacher.gathered = [TopK.of(peer, k, t)]
     out = teacher.run(torch.zeros(2, 3, dtype=torch.long))
     assert out.logits is None and out.chunk_logits is not None
-    targets = out.chunk_logits(slice(None), student)
+    z = student.clone().requires_grad_(True)
     mask = torch.ones(n, dtype=torch.bool)
-    got = forward_kl(student, targets, mask, temperature=t)
-    p, q = (peer.double() / t).softmax(-1), (student.double() / t).softmax(-1)
-    top = p.topk(k, dim=-1).indices
-    p_top, q_top = p.gather(1, top), q.gather(1, top)
-    r, q_rest = 1 - p_top.sum(-1), 1 - q_top.sum(-1)
-    expected = ((p_top * (p_top / q_top).log()).sum(-1) + r * (r / q_rest).log()).sum() * t * t
-    assert torch.allclose(got.double(), expected, rtol=1e-4)
+    got = forward_kl(z, out.chunk_logits(slice(None), student), mask, temperature=t)
+    z64 = student.double().requires_grad_(True)
+    p, q = (peer.double() / t).softmax(-1), (z64 / t).softmax(-1)
+    expected = bucketed_kl_rows(p, q, k).sum() * t * t
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+    (g,) = torch.autograd.grad(got, z)
+    (g64,) = torch.autograd.grad(expected, z64)
+    torch.testing.assert_close(g.double(), g64, rtol=1e-3, atol=1e-7)
     # A student equal to the peer has nothing left to learn from it.
     same = teacher.run(torch.zeros(2, 3, dtype=torch.long)).chunk_logits(slice(None), peer)
     assert float(forward_kl(peer, same, mask, temperature=t)) < 1e-5

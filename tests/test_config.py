@@ -70,3 +70,41 @@ def test_quickstart_yaml_spells_out_the_defaults():
 def test_ablation_yaml_is_the_default_ablation_written_out():
     cfg = build_config(AblationConfig, ROOT / "experiments" / "ablation.yaml")
     assert cfg == AblationConfig(results=Path("results/ablation/cpu-2core"))
+
+
+def test_teacher_is_one_typed_field():
+    """A folder or a list of folders is a live teacher; other kinds are named; the flat fields
+    it replaced are unknown now; every problem is one line naming the field."""
+    from distillery.config import CachedTeacherSpec, LiveTeacherSpec, MCDropoutTeacherSpec
+
+    one = RunConfig.model_validate({"teacher": "t"}).teacher
+    assert isinstance(one, LiveTeacherSpec) and one.paths == [Path("t")]
+    several = RunConfig.model_validate({"teacher": ["a", "b"]}).teacher
+    assert isinstance(several, LiveTeacherSpec) and several.paths == [Path("a"), Path("b")]
+    cfg = build_config(RunConfig, overrides=["teacher.path=t", "teacher.kind=mc_dropout"])
+    assert isinstance(cfg.teacher, MCDropoutTeacherSpec) and cfg.teacher.samples == 8
+    cached = {"kind": "cache", "path": "t", "cache": "c"}
+    assert isinstance(RunConfig.model_validate({"teacher": cached}).teacher, CachedTeacherSpec)
+    for overrides, field in (
+        (["teacher={kind: oracle, path: t}"], "teacher"),
+        (["teacher=t", "teacher_cache=c"], "teacher_cache: unknown field"),
+        (["teacher={kind: live, path: [a, b], weights: [1]}"], "weights: give one weight"),
+        (["teacher={kind: mc_dropout, path: t, samples: 1}"], "teacher.mc_dropout.samples"),
+    ):
+        with pytest.raises(DistilleryError) as err:
+            build_config(RunConfig, overrides=overrides)
+        assert field in str(err.value) and "\n" not in str(err.value)
+
+
+def test_codistill_refuses_a_flops_budget_in_one_line():
+    from distillery.config import CodistillConfig
+
+    peers = {"peers": [{"preset": "tiny"}, {"preset": "tiny"}]}
+    with pytest.raises(DistilleryError, match=r"train\.flops_budget: a peer's FLOPs per step"):
+        build_config(CodistillConfig, overrides=["train.flops_budget=1e12"], base=peers)
+    with pytest.raises(DistilleryError, match=r"must be a multiple of exchange\.every"):
+        build_config(
+            CodistillConfig,
+            overrides=["exchange.mode=predictions", "exchange.every=3", "train.checkpoint_every=5"],
+            base=peers,
+        )

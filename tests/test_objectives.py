@@ -597,3 +597,48 @@ def test_forward_kl_bf16_is_computed_in_float32():
     g16 = grad_of(out, s16)
     assert g16.dtype == torch.bfloat16 and torch.isfinite(g16).all()
     torch.testing.assert_close(g16.double(), grad_of(ref, s64), rtol=2e-2, atol=1e-4)
+
+
+def test_step_without_its_teacher_is_the_task_loss_alone(batch):
+    """``teacher_enabled`` off (codistillation before the peers teach): the teacher is never
+    run, the teacher terms are neither computed nor reported, and the total is the CE term of
+    the same step with its teacher."""
+
+    class Refusing(LiveTeacher):
+        def run(self, *args, **kwargs):  # type: ignore[override]
+            raise AssertionError("the teacher ran")
+
+    ids, labels = batch
+    student = _tiny_llama(6)
+    full = DistillStep(_mix_terms(), teacher=LiveTeacher(_tiny_llama(7)))
+    _, with_teacher = full(student, ids, labels)
+    alone = DistillStep(_mix_terms(), teacher=Refusing(_tiny_llama(7)))
+    alone.teacher_enabled = False
+    total, sums = alone(student, ids, labels)
+    assert set(sums) == {"ce"}
+    torch.testing.assert_close(total, 0.5 * with_teacher["ce"], rtol=1e-6, atol=0)
+    assert alone.teacher_flops_per_token() == 0.0
+    assert alone.flops_per_token(10) == 60.0
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_each_objective_schema_is_its_function(name: str):
+    """The config schema of an objective is built from the function's keyword-only parameters:
+    the same names and defaults, and bounds that refuse what the function cannot take."""
+    from distillery.config import objective_schema
+
+    objective = get_objective(name)
+    schema = objective_schema(name, "Probe")
+    defaults = {
+        p.name: p.default
+        for p in inspect.signature(objective.fn).parameters.values()
+        if p.kind is p.KEYWORD_ONLY
+    }
+    fields = schema.model_fields
+    assert {k: fields[k].default for k in defaults} == defaults
+    routing = {"logits": set(), "states": {"layers", "projection"}}
+    routing["attentions"] = {"layers", "heads"}
+    assert set(fields) == {"kind", "weight", *defaults, *routing[objective.reads]}
+    if "temperature" in defaults:
+        with pytest.raises(ValueError, match="greater than 0"):
+            schema(temperature=0.0)

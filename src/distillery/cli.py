@@ -35,7 +35,10 @@ def _run_config(args: argparse.Namespace, command: str) -> Any:
     if args.data:
         shorthands["data"] = {"source": args.data}
     if getattr(args, "teacher", None):  # --teacher A [--teacher B ...]: an ensemble
-        shorthands["teacher"] = args.teacher[0] if len(args.teacher) == 1 else args.teacher
+        # {path: ...} without a kind: a live teacher, unless an override names another kind
+        # (``teacher.kind=mc_dropout``, ``teacher.kind=cache teacher.cache=DIR``).
+        paths = args.teacher[0] if len(args.teacher) == 1 else args.teacher
+        shorthands["teacher"] = {"path": paths}
     if args.student:
         shorthands["model"] = _model_spec(args.student)
     if args.out:

@@ -149,6 +149,8 @@ class RunConfig(Strict):
     def _folders_are_live(cls, value: Any) -> Any:
         if isinstance(value, str | Path | list):
             return {"kind": "live", "path": value}
+        if isinstance(value, dict) and "kind" not in value:
+            return {"kind": "live", **value}
         return value
 
     @property

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from distillery.data import IGNORE_INDEX, PackedTokens, sequential_batches, shift_labels
+from distillery.models.heads import cut_vocab
 from distillery.models.interchange import interchange_logits, pair_batch
 from distillery.models.interventions import PositionSampling, sample_positions
 
@@ -43,7 +44,7 @@ def interchange_agreement(
         base, source, where = base.to(device), source.to(device), where.to(device)
         s = interchange_logits(student, base, source, s_layer, where, source_grad=False)
         t = interchange_logits(teacher, base, source, t_layer, where, source_grad=False)
-        same = s[..., :vocab].argmax(-1) == t[..., :vocab].argmax(-1)  # (B, T)
+        same = cut_vocab(s, vocab).argmax(-1) == cut_vocab(t, vocab).argmax(-1)  # (B, T)
         counted = shift_labels(base) != IGNORE_INDEX
         agree += float((same & counted).sum())
         count += float(counted.sum())

@@ -76,6 +76,8 @@ class CodistillStudyConfig(SeededStudy):
     def _evaluated(self) -> CodistillStudyConfig:
         if not self.train.eval_every:
             raise ValueError("train.eval_every: the study needs validation curves (set it > 0)")
+        # What each pool's CodistillConfig checks, refused here before any run starts.
+        _pool_config(self, "predictions", 0, Path("."))
         return self
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from distillery.models.heads import cut_vocab
+
 
 @dataclass
 class TopK:
@@ -50,7 +52,7 @@ class TopK:
             k = self.ids.shape[1]
             tail = torch.full((n, self.vocab), -math.log(self.vocab - k), device=ids.device)
         else:
-            s = student_logits[:, : self.vocab].float()
+            s = cut_vocab(student_logits, self.vocab).float()
             tail = torch.log_softmax(s / self.temperature, dim=-1)
         tail = tail.scatter(1, ids, float("-inf"))  # only the tokens outside the top-k
         tail = tail - torch.logsumexp(tail, dim=-1, keepdim=True)  # a distribution over them
