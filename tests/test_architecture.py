@@ -18,9 +18,12 @@ LAYERS = [
     {"objectives"},
     {"models"},
     {"config"},
+    {"parallel"},  # sharding plans (FSDP2) for student and teacher
     {"teachers"},
     {"step", "pool"},
     {"engine", "eval"},
+    {"api"},  # the drop-in distillation loss for users' own loops
+    {"integrations"},  # transformers.Trainer and other outside loops
     {"report"},
     {"recipes"},
     {"cli"},

@@ -1,0 +1,1 @@
+"""Distillation inside loops the lab does not own (``transformers.Trainer``)."""
