@@ -184,3 +184,19 @@ def test_trainer_gradient_accumulation_is_one_big_batch(tmp_path):
     assert any((a - s).abs().max() > 1e-4 for a, s in zip(results[0], start, strict=True))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_readme_examples_run(tmp_path, monkeypatch):
+    """The two code blocks of the README's "In your own loop" section, run as they are."""
+    pytest.importorskip("accelerate")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## In your own loop", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, object] = {}
+    exec(compile(blocks[0], "README-loop", "exec"), scope)
+    exec(compile(blocks[1], "README-trainer", "exec"), scope)
+    history = [r for r in scope["trainer"].state.log_history if "loss" in r]  # type: ignore[attr-defined]
+    assert len(history) == 4 and {"ce", "forward_kl", "hidden_cosine"} <= set(history[0])
+    assert all(math.isfinite(r["loss"]) for r in history)
