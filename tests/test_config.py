@@ -108,3 +108,32 @@ def test_codistill_refuses_a_flops_budget_in_one_line():
             overrides=["exchange.mode=predictions", "exchange.every=3", "train.checkpoint_every=5"],
             base=peers,
         )
+
+
+def _study_class(path: Path) -> type:
+    from distillery.config import CodistillConfig
+    from distillery.recipes.calibrate import CalibrateConfig
+    from distillery.recipes.classifiers import ClassifiersConfig
+    from distillery.recipes.codistill_study import CodistillStudyConfig
+    from distillery.recipes.distill_expand import DistillExpandConfig
+    from distillery.recipes.iit import IITStudyConfig
+    from distillery.recipes.modes_config import ModesConfig
+
+    by_folder = {
+        "modes": ModesConfig,
+        "distill-expand": DistillExpandConfig,
+        "iit": IITStudyConfig,
+        "calibration": CalibrateConfig,
+        "classifiers": ClassifiersConfig,
+        "codistill": CodistillConfig if path.name == "pool.yaml" else CodistillStudyConfig,
+    }
+    return by_folder[path.parent.name]
+
+
+@pytest.mark.parametrize(
+    "name", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "experiments").glob("*/*.yaml"))
+)
+def test_shipped_study_configs_validate_with_their_recipes(name):
+    """Every config under experiments/<study>/ validates with the schema beside its recipe."""
+    path = ROOT / name
+    build_config(_study_class(path), path)
