@@ -73,20 +73,46 @@ def deep_merge(tree: dict[str, Any], update: dict[str, Any]) -> None:
             tree[key] = copy.deepcopy(value)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file larger than this is not a config
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``safe_load`` that refuses a key given twice in one mapping (YAML would keep the last,
+    silently replacing a whole section)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping from ``path`` (safe_load), or one clear error."""
+    """A YAML mapping from ``path`` (safe, duplicate keys refused), or one clear error."""
     if not path.is_file():
         raise DistilleryError(f"config file {path} not found")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise DistilleryError(f"config file {path} is larger than 1 MiB: not a config")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
     except (UnicodeDecodeError, OSError) as exc:
         raise DistilleryError(f"config file {path} cannot be read as UTF-8 text ({exc})") from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
-        raise DistilleryError(f"config file {path}{where} is not valid YAML") from None
+        problem = getattr(exc, "problem", None)
+        why = f": {problem}" if problem and "duplicate key" in problem else ""
+        raise DistilleryError(f"config file {path}{where} is not valid YAML{why}") from None
+    except (RecursionError, ValueError) as exc:  # absurd nesting; a 4,300-digit integer
+        what = "nested too deeply" if isinstance(exc, RecursionError) else "a value is too large"
+        raise DistilleryError(f"config file {path}: {what}") from None
     if data is None:
-        return {}
+        raise DistilleryError(f"config file {path} is empty: give a mapping of fields")
     if not isinstance(data, dict):
         raise DistilleryError(f"config file {path} must hold a mapping of fields")
     return data

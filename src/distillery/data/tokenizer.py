@@ -75,7 +75,9 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
             f"(expected one of {', '.join(_TOKENIZER_FILES)})"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=False
+        )
     except (OSError, ValueError, KeyError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DistilleryError(f"cannot load the tokenizer in '{folder}': {message}") from None

@@ -51,7 +51,9 @@ def is_bidirectional(config: Any) -> bool:
 def folder_is_encoder(folder: Path | None) -> bool:
     """Whether the HF model in ``folder`` is a bidirectional encoder (False if unreadable)."""
     try:
-        config = AutoConfig.from_pretrained(Path(folder or ""), local_files_only=True)
+        config = AutoConfig.from_pretrained(
+            Path(folder or ""), local_files_only=True, trust_remote_code=False
+        )
     except Exception:  # load_pretrained gives the clear error
         return False
     return is_bidirectional(config)
@@ -104,16 +106,23 @@ def load_pretrained(
     if not (folder / "config.json").is_file():
         raise DistilleryError(f"{role} folder {folder} has no config.json: not an HF model folder")
     try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except Exception as exc:  # transformers raises many kinds here
-        raise DistilleryError(f"{role} folder {folder}: unreadable config.json ({exc})") from None
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # transformers raises many kinds here (custom code included)
+        if "trust_remote_code" in str(exc):
+            raise DistilleryError(
+                f"{role} folder {folder}: its config.json asks to run the folder's own Python "
+                "code, which distillery never does; give a model of a transformers architecture"
+            ) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistilleryError(f"{role} folder {folder}: unreadable config.json ({first})") from None
     if config.model_type not in mapping:
         raise DistilleryError(
             f"{role} folder {folder} holds a {config.model_type!r} model, which is not a {what} "
             f"({auto.__name__} cannot load it)"
         )
-    extra: dict[str, Any] = {}
     architectures = config.architectures or []
+    _check_kind(folder, role, task, config, architectures)
+    extra: dict[str, Any] = {}
     head_only = not any(a.endswith("ForSequenceClassification") for a in architectures)
     if task == "classify" and head_only and classes is None and architectures:
         raise DistilleryError(
@@ -129,7 +138,14 @@ def load_pretrained(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a new head's "missing keys" report is expected here
     try:
-        model = auto.from_pretrained(folder, local_files_only=True, dtype=torch.float32, **extra)
+        model, info = auto.from_pretrained(
+            folder,
+            local_files_only=True,
+            trust_remote_code=False,
+            dtype=torch.float32,
+            output_loading_info=True,
+            **extra,
+        )
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DistilleryError(
@@ -137,9 +153,56 @@ def load_pretrained(
         ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    _check_weights(folder, role, info, new_head=bool(extra))
     restore_residual_dropout(model)
     mask_padding(model)
     return model
+
+
+def _check_kind(folder: Path, role: str, task: Task, config: Any, architectures: list[str]) -> None:
+    """Refuse a folder of another kind than ``task`` needs: a masked LM (BERT's config maps to a
+    causal-LM class too) or a classifier where a causal LM is needed."""
+    if task != "lm":
+        return
+    if is_bidirectional(config):
+        raise DistilleryError(
+            f"{role} folder {folder} holds a bidirectional {config.model_type!r} encoder, not a "
+            "causal language model: use data.task=mlm or classify"
+        )
+    heads = [a for a in architectures if a.endswith(("ForSequenceClassification", "ForMaskedLM"))]
+    if architectures and len(heads) == len(architectures):
+        raise DistilleryError(
+            f"{role} folder {folder} holds a {heads[0]}, not a causal language model "
+            "(data.task=classify reads classifiers)"
+        )
+
+
+def _check_weights(folder: Path, role: str, info: dict[str, Any], *, new_head: bool) -> None:
+    """Every weight the model has must come from the folder (a new classifier head aside), and
+    every weight in the folder must be used: otherwise the run would train random layers."""
+    missing = list(info.get("missing_keys") or [])
+    if new_head:  # a language model becoming a classifier: its head (and pooler) are new
+        new = ("score", "classifier", "pooler")
+        missing = [k for k in missing if not any(p in new for p in k.split("."))]
+    unexpected = list(info.get("unexpected_keys") or [])
+    if new_head:  # ... and the language-model head it had is dropped
+        unexpected = [k for k in unexpected if k.split(".")[0] not in ("cls", "lm_head")]
+    mismatched = [
+        str(m[0]) if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys") or []
+    ]
+    for what, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("mismatched", mismatched),
+    ):
+        if keys:
+            shown = ", ".join(sorted(keys)[:3]) + (
+                f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            )
+            raise DistilleryError(
+                f"{role} folder {folder}: {len(keys)} {what} weight(s) ({shown}); the folder is "
+                "incomplete or from another model"
+            )
 
 
 def build_model(

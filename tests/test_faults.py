@@ -1,0 +1,113 @@
+"""Hostile and broken inputs: each is one ``distillery: error:`` line with exit 2, no
+traceback, and the output folder is left as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from distillery.errors import DistilleryError
+from distillery.models import build_model, load_pretrained
+from tests.conftest import run_cli
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with a hash of its bytes (empty if there is no folder)."""
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _refused(args: list[str], out: Path, expect: str) -> None:
+    before = _snapshot(out)
+    result = run_cli(*args, "--out", str(out))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("distillery: error: "), lines
+    assert "Traceback" not in result.stderr and expect in lines[0], lines[0]
+    assert _snapshot(out) == before
+
+
+YAML_CASES = {
+    "duplicate-section": ("train:\n  steps: 3\ntrain:\n  lr: 0.1\n", "duplicate key 'train'"),
+    "empty": ("", "is empty"),
+    "comments-only": ("# nothing here\n", "is empty"),
+    "null": ("null\n", "is empty"),
+    "nested": ("a: " + "[" * 3000 + "\n", "nested too deeply"),
+    "huge-integer": ("train:\n  seed: " + "9" * 5000 + "\n", "too large"),
+    "wrong-section-type": ("train: [1, 2]\n", "train: Input should be a valid dictionary"),
+    "not-a-mapping": ("- 1\n- 2\n", "must hold a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(YAML_CASES))
+def test_bad_yaml_is_one_line(case: str, tmp_path: Path):
+    text, expect = YAML_CASES[case]
+    config = tmp_path / "c.yaml"
+    config.write_text(text, encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("a finished run's file")
+    _refused(["train", "--config", str(config)], out, expect)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A causal LM, the same with half its weights gone, a masked LM, a classifier, and a
+    folder that names custom code."""
+    root = tmp_path_factory.mktemp("folders")
+    made = {}
+    for name, task, labels in (("lm", "lm", None), ("mlm", "mlm", None), ("cls", "lm", 3)):
+        preset = "bert-tiny" if task == "mlm" else "tiny"
+        model = build_model(preset, 128, {"num_hidden_layers": 2}, task=task, num_labels=labels)
+        model.save_pretrained(root / name)
+        made[name] = root / name
+    half = root / "half"
+    shutil.copytree(made["lm"], half)
+    weights = load_file(half / "model.safetensors")
+    kept = {k: v for i, (k, v) in enumerate(sorted(weights.items())) if i % 2 == 0}
+    save_file(kept, half / "model.safetensors", metadata={"format": "pt"})
+    made["half"] = half
+    custom = root / "custom"
+    shutil.copytree(made["lm"], custom)
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="mystery", auto_map={"AutoConfig": "mystery.MysteryConfig"})
+    (custom / "config.json").write_text(json.dumps(config))
+    (custom / "mystery.py").write_text("raise SystemExit('remote code ran')\n")
+    made["custom"] = custom
+    return made
+
+
+def test_a_folder_with_missing_weights_is_refused(folders: dict[str, Path]):
+    with pytest.raises(DistilleryError, match=r"missing weight\(s\)"):
+        load_pretrained(folders["half"], "teacher")
+    load_pretrained(folders["lm"], "teacher")  # the complete folder loads
+
+
+@pytest.mark.parametrize(
+    ("name", "expect"),
+    [
+        ("half", "missing weight(s)"),
+        ("mlm", "not a causal language model"),
+        ("cls", "not a causal language model"),
+        ("custom", "own Python code, which distillery never does"),
+    ],
+)
+def test_wrong_teacher_folders_are_one_line(
+    name: str, expect: str, folders: dict[str, Path], corpus: Path, cache_dir: Path, tmp_path
+):
+    args = [
+        "distill", "--teacher", str(folders[name]), "--data", str(corpus),
+        "model.preset=tiny", "data.seq_len=32", "data.vocab_size=512",
+        f"data.cache_dir={cache_dir}", "train.steps=1",
+    ]  # fmt: skip
+    _refused(args, tmp_path / "out", expect)
