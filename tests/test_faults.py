@@ -111,3 +111,36 @@ def test_wrong_teacher_folders_are_one_line(
         f"data.cache_dir={cache_dir}", "train.steps=1",
     ]  # fmt: skip
     _refused(args, tmp_path / "out", expect)
+
+
+@pytest.mark.parametrize(
+    ("kind", "expect"),
+    [("fifo", "not a regular file or folder"), ("device", "not a regular file or folder")],
+)
+def test_a_pipe_or_a_device_as_data_is_one_line(kind: str, expect: str, tmp_path: Path):
+    import os
+
+    source = tmp_path / "data.txt"
+    if kind == "fifo":
+        os.mkfifo(source)
+    else:
+        source.symlink_to("/dev/zero")
+    _refused(["train", "--data", str(source), "train.steps=1"], tmp_path / "out", expect)
+
+
+@pytest.mark.parametrize(
+    ("override", "expect"),
+    [
+        ("data.cache_dir=" + "/a" * 3000, "longer than the system allows"),
+        ("out=runs/" + "x" * 300, "longer than the system allows"),
+    ],
+)
+def test_absurd_paths_are_one_line(override: str, expect: str, tmp_path: Path):
+    _refused(["train", override], tmp_path / "out", expect)
+
+
+def test_a_nul_byte_in_a_config_path_is_one_line(tmp_path: Path):
+    """(An argument cannot carry a NUL byte; a YAML string can.)"""
+    config = tmp_path / "c.yaml"
+    config.write_text('data:\n  cache_dir: "cache\\0dir"\n', encoding="utf-8")
+    _refused(["train", "--config", str(config)], tmp_path / "out", "contains a NUL byte")

@@ -10,19 +10,37 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    ValidationError,
-)
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from distillery.errors import DistilleryError
 
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+
+
+def _check_paths(value: Any, field: str) -> None:
+    """Paths with a NUL byte or longer than the system allows are refused here, not by the
+    first ``open`` deep inside a run."""
+    if isinstance(value, list | tuple):
+        for item in value:
+            _check_paths(item, field)
+    elif isinstance(value, Path):
+        text = str(value)
+        if "\x00" in text:
+            raise ValueError(f"{field}: the path contains a NUL byte")
+        if len(text) > MAX_PATH_CHARS or any(len(p) > 255 for p in value.parts):
+            raise ValueError(f"{field}: the path is longer than the system allows")
+
 
 class Strict(BaseModel):
-    """Base for every config section: unknown keys are rejected."""
+    """Base for every config section: unknown keys are rejected; paths are checked."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="after")
+    def _sane_paths(self) -> Strict:
+        for name in type(self).model_fields:
+            _check_paths(getattr(self, name), name)
+        return self
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -153,6 +153,11 @@ def _existing(source: str | Path) -> Path:
             f"data source '{source}' not found: give 'bbc-news', a text file or folder, "
             "a .jsonl or a .csv file"
         )
+    if not (path.is_dir() or path.is_file()):  # a FIFO or a device (/dev/zero) never ends
+        raise DistilleryError(
+            f"data source '{source}' is not a regular file or folder (a pipe or a device); "
+            "give a file or a folder"
+        )
     return path
 
 
