@@ -307,9 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     # key=value overrides may come before or after the options.
     args, extra = parser.parse_known_args(argv)
@@ -321,8 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    try:
-        return args.func(args)
+    return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:  # everything, imports included: Ctrl-C in the first seconds is one line too
+        return _main(argv)
     except DistilleryError as exc:
         print(f"distillery: error: {exc}", file=sys.stderr)
         return 2
