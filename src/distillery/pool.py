@@ -86,6 +86,7 @@ class PeerTeacher(TeacherBase):
     """The other peers' combined next-token distribution on a batch."""
 
     has_internals = False
+    kind = "codistillation peers"
 
     def __init__(self, spec: ExchangeSpec, config: Any) -> None:
         self.spec, self.config = spec, config
@@ -107,8 +108,7 @@ class PeerTeacher(TeacherBase):
     def run(
         self, input_ids: torch.Tensor, *, logits: bool = True, **internals: bool
     ) -> TeacherOutput:
-        if any(internals.values()):
-            raise DistilleryError("codistillation peers give logits only")
+        self.logits_only(**internals)
         if self.gathered:
             if self.gathered[0].ids.shape[0] != input_ids.numel():
                 raise DistilleryError("internal: the gathered predictions are for another batch")

@@ -40,6 +40,7 @@ from distillery.models import build_model, compute_params, num_params
 from distillery.models.dropout import add_residual_dropout
 from distillery.pool import Exchange, PoolData, agree_on_start, check_same_config
 from distillery.recipes.common import export_model, prepare_data, prepare_out_dir
+from distillery.report.card import write_model_card
 from distillery.step import DistillStep, terms_from_config
 
 
@@ -118,7 +119,8 @@ def _finish_peer(
     exchange: Exchange,
     device: Any,
 ) -> dict[str, Any]:
-    """Export the peer's model, evaluate it once in full, write its ``summary.json``."""
+    """Export the peer's model, evaluate it once in full, write its ``summary.json`` and the
+    model's card (no teacher: the card names the pool)."""
     out = Path(cfg.out) / f"peer{index}"
     export_model(model, tokenizer, out / "model")
     metrics = evaluate_model(model, val, device=device, vocab=len(tokenizer))
@@ -136,6 +138,7 @@ def _finish_peer(
         "finished": True,
     }
     write_json(out / "summary.json", summary)
+    write_model_card(out / "model", config=cfg, summary=summary)
     return summary
 
 

@@ -32,7 +32,7 @@ from distillery.files import publish_folder, temp_folder_next_to
 
 # What a run leaves; the first three are worth keeping (resumable or finished).
 KEPT_ITEMS = ("checkpoints", "model", "summary.json")
-RUN_ITEMS = (*KEPT_ITEMS, "metrics.jsonl", "tensorboard")
+RUN_ITEMS = (*KEPT_ITEMS, "metrics.jsonl", "tensorboard", "report.html")
 T = TypeVar("T")
 
 

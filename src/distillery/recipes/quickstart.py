@@ -135,7 +135,7 @@ def quickstart(cfg: QuickstartConfig, *, overwrite: bool = False) -> dict[str, d
     models["student-scratch"]["flops_with_teacher"] = models["student-scratch"]["flops"]
 
     notes = report_notes(cfg.data.source, models)
-    write_report(out, models, title="distillery quickstart", notes=notes)
+    write_report(out, models, title="distillery quickstart", notes=notes, config=cfg)
     print(markdown_table(models))
-    print(f"\nreport: {out / 'report.md'}  summary: {out / 'summary.json'}")
+    print(f"\nreport: {out / 'report.md'} ({out / 'report.html'})  summary: {out / 'summary.json'}")
     return models

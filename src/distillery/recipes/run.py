@@ -34,6 +34,8 @@ from distillery.models.dropout import add_residual_dropout
 from distillery.models.growth import grow_layers, stack_layers
 from distillery.models.heads import check_plain_head
 from distillery.recipes.common import export_model, once_per_job, prepare_data, prepare_out_dir
+from distillery.report import write_run_report
+from distillery.report.card import write_model_card
 from distillery.step import DistillStep, terms_from_config
 from distillery.teachers import LiveTeacher, TeacherSignal
 from distillery.teachers.cache import CachedTeacher
@@ -225,7 +227,8 @@ def _engine(cfg: RunConfig, parts: _Parts, env: DistEnv, device: Any, name: str)
 def _finish(
     cfg: RunConfig, parts: _Parts, engine: Engine, env: DistEnv, device: Any, name: str
 ) -> dict[str, Any]:
-    """Export the student, evaluate it once in full, write ``summary.json``."""
+    """Export the student, evaluate it once in full, write ``summary.json``, the model's card
+    (``model/README.md``) and ``report.html``."""
     out, model = Path(cfg.out), parts.model
     export_model(model, parts.tokenizer, out / "model")
     metrics = _final_metrics(model, parts.step, parts.live, parts.val, device, parts.vocab)
@@ -238,6 +241,8 @@ def _finish(
         device=str(device), world_size=env.world_size,
     )  # fmt: skip
     write_json(out / "summary.json", summary)
+    write_model_card(out / "model", config=cfg, summary=summary)
+    write_run_report(out, config=cfg, summary=summary)
     return summary
 
 

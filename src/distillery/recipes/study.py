@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import statistics
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,6 +29,7 @@ from distillery.config import (
 from distillery.distributed import is_main_process
 from distillery.errors import DistilleryError
 from distillery.files import atomic_write_text, write_json
+from distillery.report.html import first_heading, referenced_images, write_html
 
 
 class TeacherStudentRecipe(Strict):
@@ -126,16 +129,34 @@ def write_study(
     folders: list[Path | None],
     plot: Callable[[Path], None] | None = None,
 ) -> None:
-    """A study's ``NAME.json`` and ``NAME.md`` (and its ``plot``) into each folder given; the
-    table printed. Only the main process writes."""
+    """A study's ``NAME.json``, ``NAME.md`` (and its ``plot``) and ``NAME.html`` (the Markdown
+    with the plots it wrote, self-contained) into each folder given; the table printed. Only
+    the main process writes."""
     if not is_main_process():
         return
     for folder in [Path(f) for f in folders if f is not None]:
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / f"{name}.json", result)
         atomic_write_text(folder / f"{name}.md", table)
+        before = {p: p.stat().st_mtime_ns for p in folder.glob("*.png")}
         if plot is not None:
             plot(folder)
+        shown = referenced_images(table, folder)
+        plots = [
+            p
+            for p in sorted(folder.glob("*.png"))
+            if before.get(p) != p.stat().st_mtime_ns and p not in shown
+        ]
+        write_html(
+            folder / f"{name}.html",
+            first_heading(table, name),
+            table,
+            images=plots,
+            base=folder,
+            config=result.get("config"),
+            command=shlex.join(sys.argv),
+            hardware=result.get("hardware") or hardware(),
+        )
     print(table)
 
 

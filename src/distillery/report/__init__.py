@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from pydantic import BaseModel
 
 from distillery.files import atomic_write_text, write_json
+from distillery.report.card import as_dict, cost_rows, metric_rows, rows_markdown
+from distillery.report.html import write_html
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -23,8 +29,16 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-def plot_loss_curves(curves: dict[str, list[dict[str, Any]]], dest: Path) -> Path:
-    """Training loss against step and against FLOPs, one line per run, as a PNG."""
+def plot_loss_curves(
+    curves: dict[str, list[dict[str, Any]]],
+    dest: Path | BinaryIO,
+    *,
+    keys: Sequence[str] = ("ce",),
+    ylabel: str = "training cross-entropy",
+) -> Path | BinaryIO:
+    """Training loss against step and against FLOPs (as the meter counts them: training plus
+    the teacher's forwards), one line per run and key, as a PNG; validation losses logged
+    during or at the end of a run are drawn as points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,19 +46,30 @@ def plot_loss_curves(curves: dict[str, list[dict[str, Any]]], dest: Path) -> Pat
 
     fig, (by_step, by_flops) = plt.subplots(1, 2, figsize=(11, 4))
     for name, records in curves.items():
-        train = [r for r in records if "ce" in r]  # the task loss, whatever else was mixed in
-        if not train:
-            continue
-        by_step.plot([r["step"] for r in train], [r["ce"] for r in train], label=name)
-        by_flops.plot([r["flops"] for r in train], [r["ce"] for r in train], label=name)
-    by_step.set(xlabel="step", ylabel="training cross-entropy", title="task loss vs steps")
-    by_flops.set(xlabel="FLOPs (this run)", ylabel="training cross-entropy", title="vs compute")
+        flops_at = {r["step"]: r["flops"] for r in records if "flops" in r and "step" in r}
+        for key in keys:
+            train = [r for r in records if key in r and "flops" in r]  # whatever else was mixed
+            if not train:
+                continue
+            label = name if len(keys) == 1 else (key if len(curves) == 1 else f"{name} {key}")
+            by_step.plot([r["step"] for r in train], [r[key] for r in train], label=label)
+            by_flops.plot([r["flops"] for r in train], [r[key] for r in train], label=label)
+        val = [r for r in records if "val_loss" in r and r.get("step") in flops_at]
+        if val and len(curves) == 1:
+            steps = [r["step"] for r in val]
+            by_step.plot(steps, [r["val_loss"] for r in val], "o", label="validation loss")
+            by_flops.plot([flops_at[s] for s in steps], [r["val_loss"] for r in val], "o",
+                          label="validation loss")  # fmt: skip
+    by_step.set(xlabel="step", ylabel=ylabel, title="loss vs steps")
+    by_flops.set(xlabel="FLOPs (this run, teacher forwards included)", ylabel=ylabel,
+                 title="loss vs compute")  # fmt: skip
     by_flops.set_xscale("log")
     for ax in (by_step, by_flops):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
-    fig.savefig(dest, dpi=110)
+    fig.savefig(dest, dpi=100, format="png")
     plt.close(fig)
     return dest
 
@@ -76,11 +101,58 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def write_report(
-    out: Path, models: dict[str, dict[str, Any]], *, title: str, notes: list[str]
+    out: Path,
+    models: dict[str, dict[str, Any]],
+    *,
+    title: str,
+    notes: list[str],
+    config: BaseModel | dict[str, Any] | None = None,
 ) -> None:
-    """``summary.json`` (one entry per model), ``report.md`` and ``loss_curves.png`` in ``out``."""
+    """``summary.json`` (one entry per model), ``report.md``, ``loss_curves.png`` and the same
+    as one self-contained ``report.html`` in ``out``."""
     curves = {name: read_metrics(Path(row["run_dir"])) for name, row in models.items()}
     plot_loss_curves(curves, out / "loss_curves.png")
     write_json(out / "summary.json", {"models": models})
     paragraphs = [f"# {title}", markdown_table(models), *notes, "![loss curves](loss_curves.png)"]
-    atomic_write_text(out / "report.md", "\n\n".join(paragraphs) + "\n")
+    markdown = "\n\n".join(paragraphs) + "\n"
+    atomic_write_text(out / "report.md", markdown)
+    cfg = as_dict(config) if config is not None else None
+    write_html(out / "report.html", title, markdown, base=out, config=cfg)
+
+
+def write_run_report(
+    out: Path,
+    *,
+    config: BaseModel | dict[str, Any],
+    summary: dict[str, Any],
+    command: str | None = None,
+) -> Path:
+    """``out/report.html`` for one finished run: its final metrics and costs (the rows its
+    model card has), its loss curves from ``metrics.jsonl``, its config and how it was run."""
+    cfg = as_dict(config)
+    records = read_metrics(out)
+    terms = [o["kind"] for o in cfg.get("objectives", []) if o.get("kind")]
+    keys = ["loss", *dict.fromkeys(k for k in terms if any(k in r for r in records))]
+    png = io.BytesIO()
+    plot_loss_curves({summary.get("name", "run"): records}, png, keys=keys, ylabel="training loss")
+    title = f"distillery run: {summary.get('name', out.name)}"
+    distilled = bool(cfg.get("teacher"))
+    extra = "the teacher's forwards" if distilled else None
+    markdown = "\n\n".join(
+        [
+            f"# {title}",
+            f"Folder `{out}`; the model is in `{out / 'model'}`, its card in `model/README.md`.",
+            "## Final evaluation",
+            rows_markdown(metric_rows(summary), ("metric (validation split)", "value")),
+            "## Cost",
+            rows_markdown(cost_rows(summary, extra), ("cost", "value")),
+            "## Loss curves",
+            "Each term is the mean over the positions that count; `loss` is their weighted sum. "
+            "FLOPs are what the meter counted: 6·N per trained token"
+            + (", plus 2·N_teacher per token the teacher read." if distilled else "."),
+        ]
+    )
+    images = [("loss_curves.png", png.getvalue())]
+    return write_html(
+        out / "report.html", title, markdown, images=images, config=cfg, command=command
+    )

@@ -156,6 +156,7 @@ class CachedTeacher(TeacherBase):
     """
 
     has_internals = False
+    kind = "a teacher cache"
     compute_params = 0  # reading the cache costs no teacher FLOPs (the cache's own are in meta)
 
     def __init__(self, folder: Path, data: PackedTokens, expect: dict[str, Any]) -> None:
@@ -208,8 +209,7 @@ class CachedTeacher(TeacherBase):
     ) -> TeacherOutput:
         """The cached distribution of these blocks, always chunk-wise (its completion needs the
         student's logits); ``logits`` is ignored."""
-        if hidden_states or attentions:
-            raise DistilleryError("hidden-state and attention objectives need a live teacher")
+        self.logits_only(hidden_states=hidden_states, attentions=attentions)
         blocks = self._lookup(input_ids)
         device = input_ids.device
         k = self.top_k

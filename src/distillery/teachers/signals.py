@@ -91,6 +91,15 @@ def combined_output(
 class TeacherBase:
     """What every teacher signal shares: whole logits from ``run``, however it answers."""
 
+    kind = "a live teacher"  # how the signal is named in errors
+
+    def logits_only(self, **internals: bool) -> None:
+        """Refuse, in one line, hidden states or attention maps from a signal without them."""
+        if any(internals.values()):
+            raise DistilleryError(
+                f"hidden-state and attention objectives need a single teacher, not {self.kind}"
+            )
+
     def run(self, input_ids: torch.Tensor, **kwargs: bool) -> TeacherOutput:
         raise NotImplementedError
 
@@ -166,6 +175,7 @@ class EnsembleTeacher(TeacherBase):
     """
 
     has_internals = False
+    kind = "an ensemble"
 
     def __init__(
         self,
@@ -208,10 +218,7 @@ class EnsembleTeacher(TeacherBase):
         attentions: bool = False,
     ) -> TeacherOutput:
         """The members' combined logits (whole, or a chunk of positions at a time)."""
-        if hidden_states or attentions:
-            raise DistilleryError(
-                "hidden-state and attention objectives need a single teacher, not an ensemble"
-            )
+        self.logits_only(hidden_states=hidden_states, attentions=attentions)
         outs = [m.run(input_ids, logits=logits) for m in self.members]
         return combined_output(outs, self.combined)
 
@@ -221,6 +228,7 @@ class MCDropoutTeacher(TeacherBase):
     passes with its dropout on (Gal & Ghahramani 2016). Costs ``samples`` forward passes."""
 
     has_internals = False
+    kind = "MC dropout"
 
     def __init__(self, teacher: LiveTeacher, samples: int, *, vocab: int | None = None) -> None:
         if samples < 2:
@@ -241,10 +249,7 @@ class MCDropoutTeacher(TeacherBase):
         attentions: bool = False,
     ) -> TeacherOutput:
         """The samples' mean distribution (whole, or a chunk of positions at a time)."""
-        if hidden_states or attentions:
-            raise DistilleryError(
-                "hidden-state and attention objectives need a single teacher, not MC dropout"
-            )
+        self.logits_only(hidden_states=hidden_states, attentions=attentions)
         with dropout_on(self.teacher.model):
             outs = [self.teacher.run(input_ids, logits=logits) for _ in range(self.samples)]
         return combined_output(outs, lambda zs: mean_distribution(zs, self.vocab))
@@ -255,6 +260,7 @@ class TemperatureScaled(TeacherBase):
     2017: the temperature is fitted on validation data, ``eval.calibration.fit_temperature``)."""
 
     has_internals = False
+    kind = "a temperature-scaled teacher"
 
     def __init__(self, inner: TeacherSignal, temperature: float) -> None:
         if temperature <= 0:
@@ -266,8 +272,7 @@ class TemperatureScaled(TeacherBase):
     def run(
         self, input_ids: torch.Tensor, *, logits: bool = True, **internals: bool
     ) -> TeacherOutput:
-        if any(internals.values()):
-            raise DistilleryError("a temperature-scaled teacher gives logits only")
+        self.logits_only(**internals)
         out = self.inner.run(input_ids, logits=logits)
         if out.logits is not None:
             return TeacherOutput(logits=out.logits.float() / self.temperature)
