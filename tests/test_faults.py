@@ -166,3 +166,28 @@ def test_ctrl_c_while_starting_is_one_line():
         pytest.skip("the command finished before the signal arrived")
     assert "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("distillery: interrupted"), err
+
+
+def test_overwrite_with_bad_inputs_leaves_the_finished_run(
+    corpus: Path, cache_dir: Path, teacher_dir: Path, tmp_path: Path
+):
+    """``--overwrite`` replaces a finished run only once the new run's inputs are checked: a
+    broken teacher, or a teacher that lives inside ``--out``, leaves every byte as it was."""
+    out = tmp_path / "run"
+    base = [
+        "--data", str(corpus), "model.preset=tiny", "data.seq_len=32", "data.vocab_size=512",
+        f"data.cache_dir={cache_dir}", "train.steps=2", "train.batch_size=4",
+        "train.tensorboard=false",
+    ]  # fmt: skip
+    first = run_cli("train", *base, "--out", str(out))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (out / "model" / "model.safetensors").is_file()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    _refused(["distill", "--teacher", str(broken), "--overwrite", *base], out, "config.json")
+    _refused(
+        ["distill", "--teacher", str(out / "model"), "--overwrite", *base],
+        out,
+        "is inside --out",
+    )

@@ -36,8 +36,12 @@ RUN_ITEMS = (*KEPT_ITEMS, "metrics.jsonl", "tensorboard", "report.html")
 T = TypeVar("T")
 
 
-def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool, resumable: bool = True) -> None:
-    """Make ``out`` ready: writable, never silently replacing a checkpointed or finished run."""
+def prepare_out_dir(
+    out: Path, *, resume: bool, overwrite: bool, resumable: bool = True, clear: bool = True
+) -> None:
+    """Make ``out`` ready: writable, never silently replacing a checkpointed or finished run.
+    ``clear=False``: check only; the caller clears (``clear_out_dir``) once its own inputs have
+    been checked, so a failed start leaves an earlier run as it was."""
     if out.exists() and not out.is_dir():
         raise DistilleryError(f"--out {out} is a file; give a folder")
     kept = [name for name in KEPT_ITEMS if (out / name).exists()]
@@ -61,13 +65,33 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool, resumable: bool
         raise DistilleryError(
             f"cannot write to --out {out} ({exc.strerror or exc}); choose a writable folder"
         ) from None
-    if not resume:  # a fresh start: clear what an earlier attempt left
-        for name in RUN_ITEMS:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    if clear and not resume:
+        clear_out_dir(out)
+
+
+def clear_out_dir(out: Path) -> None:
+    """A fresh start: remove what an earlier run or attempt left in ``out``."""
+    for name in RUN_ITEMS:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def check_inputs_outside(out: Path, inputs: list[Path | None]) -> None:
+    """Refuse inputs (teacher, student, cache folders) that live in the parts of ``out`` a
+    fresh start replaces."""
+    replaced = [(out / name).resolve() for name in RUN_ITEMS]
+    for given in inputs:
+        if given is None:
+            continue
+        path = Path(given).resolve()
+        if any(path == r or r in path.parents for r in replaced):
+            raise DistilleryError(
+                f"{given} is inside --out {out}, which this run replaces; copy it elsewhere or "
+                "choose another --out"
+            )
 
 
 def once_per_job(env: DistEnv, fn: Callable[[], T], *, everyone: bool = True) -> T | None:

@@ -33,7 +33,14 @@ from distillery.models import (
 from distillery.models.dropout import add_residual_dropout
 from distillery.models.growth import grow_layers, stack_layers
 from distillery.models.heads import check_plain_head
-from distillery.recipes.common import export_model, once_per_job, prepare_data, prepare_out_dir
+from distillery.recipes.common import (
+    check_inputs_outside,
+    clear_out_dir,
+    export_model,
+    once_per_job,
+    prepare_data,
+    prepare_out_dir,
+)
 from distillery.report import write_run_report
 from distillery.report.card import write_model_card
 from distillery.step import DistillStep, terms_from_config
@@ -261,9 +268,15 @@ def run(
     try:
         device = resolve_device(cfg.train.device, env)
         once_per_job(
-            env, lambda: prepare_out_dir(out, resume=resume, overwrite=overwrite), everyone=False
+            env,
+            lambda: prepare_out_dir(out, resume=resume, overwrite=overwrite, clear=False),
+            everyone=False,
         )
+        if not resume:
+            check_inputs_outside(out, [*cfg.teacher_paths, cfg.model.path, _cache_of(cfg)])
         parts = _assemble(cfg, env, device)
+        if not resume:  # every input is checked: only now does an earlier run make way
+            once_per_job(env, lambda: clear_out_dir(out), everyone=False)
         engine = _engine(cfg, parts, env, device, name)
         _say_truncated(env, parts.train, cfg)
         if env.is_main:  # written once everything above has been checked
@@ -276,6 +289,10 @@ def run(
         return summary
     finally:
         shutdown_distributed(clean=ok)
+
+
+def _cache_of(cfg: RunConfig) -> Path | None:
+    return getattr(cfg.teacher, "cache", None)
 
 
 def _say_truncated(env: DistEnv, data: Any, cfg: RunConfig) -> None:
