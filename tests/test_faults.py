@@ -191,3 +191,23 @@ def test_overwrite_with_bad_inputs_leaves_the_finished_run(
         out,
         "is inside --out",
     )
+
+
+def test_a_refused_resume_leaves_the_run_resumable(corpus: Path, cache_dir: Path, tmp_path: Path):
+    """A resume refused for a changed setting writes nothing (its config.yaml is not the run's),
+    so a plain ``--resume`` afterwards continues the run."""
+    out = tmp_path / "run"
+    base = [
+        "--data", str(corpus), "model.preset=tiny", "data.seq_len=32", "data.vocab_size=512",
+        f"data.cache_dir={cache_dir}", "train.steps=4", "train.batch_size=4",
+        "train.checkpoint_every=2", "train.tensorboard=false", "--out", str(out),
+    ]  # fmt: skip
+    first = run_cli("train", *base, "--stop-after", "2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = _snapshot(out)
+    refused = run_cli("train", *base, "--resume", "train.batch_size=8")
+    assert refused.returncode == 2 and "train.batch_size 4 → 8" in refused.stderr
+    assert _snapshot(out) == before
+    again = run_cli("train", "--out", str(out), "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4

@@ -279,9 +279,17 @@ def run(
             once_per_job(env, lambda: clear_out_dir(out), everyone=False)
         engine = _engine(cfg, parts, env, device, name)
         _say_truncated(env, parts.train, cfg)
-        if env.is_main:  # written once everything above has been checked
-            atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
-        progress = engine.fit(resume=resume, stop_after=stop_after)
+        written: list[bool] = []
+
+        def write_config(step: int) -> None:
+            """Once everything is checked — a resume included (a refused one must not record
+            its settings) — before the first step trains."""
+            if not written:
+                if env.is_main:
+                    atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
+                written.append(True)
+
+        progress = engine.fit(resume=resume, stop_after=stop_after, before_step=write_config)
         summary: dict[str, Any] = {"step": progress.step, "finished": False}
         if progress.step == engine.cfg.steps and env.is_main:
             summary = _finish(cfg, parts, engine, env, device, name)
