@@ -118,6 +118,9 @@ class TrainConfig(Strict):
     logit_chunk_size: int = Field(0, ge=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
+    # Under torchrun: ddp replicates the model on every process; fsdp shards it (FSDP2: each
+    # block and the root), for a student or teacher that does not fit one device.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     seed: int = Field(0, ge=0)
     # Start this many global batches into the seed's data order (continue another run's stream).
     data_offset: int = Field(0, ge=0)
@@ -128,6 +131,12 @@ class TrainConfig(Strict):
     eval_every: int = Field(0, ge=0)  # 0: only at the end
     eval_batches: int = Field(20, gt=0)
     tensorboard: bool = True
+
+    @model_validator(mode="after")
+    def _fsdp_not_compiled(self) -> TrainConfig:
+        if self.parallel == "fsdp" and self.compile:
+            raise ValueError("train.parallel=fsdp does not combine with train.compile yet")
+        return self
 
 
 class RunConfig(Strict):
@@ -165,6 +174,8 @@ class RunConfig(Strict):
             raise ValueError(f"objectives {needs} need a teacher: set 'teacher' (--teacher DIR)")
         if self.model.init_from_teacher is not None and self.teacher is None:
             raise ValueError("model.init_from_teacher needs a teacher: set 'teacher'")
+        if self.train.parallel == "fsdp" and any(o.kind == "iit" for o in self.objectives):
+            raise ValueError("the iit objective does not run sharded: use train.parallel=ddp")
         task = self.data.task
         if task != "lm":
             causal_only = [o.kind for o in self.objectives if o.kind in ("attention_kl", "iit")]
@@ -247,6 +258,8 @@ class CodistillConfig(Strict):
                 f"train.checkpoint_every ({self.train.checkpoint_every}) must be a multiple of "
                 f"exchange.every ({every}) so that peers can restart together"
             )
+        if self.train.parallel == "fsdp":
+            raise ValueError("train.parallel=fsdp: each codistilling peer trains its own model")
         if self.train.flops_budget is not None:
             raise ValueError(
                 "train.flops_budget: a peer's FLOPs per step change with the exchange, so "

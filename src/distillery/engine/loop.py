@@ -1,8 +1,9 @@
 """The one training loop, for plain training and distillation alike.
 
 AdamW, linear warmup + cosine decay, gradient clipping and accumulation, bf16 autocast on GPU,
-optional ``torch.compile``, data-parallel under ``torchrun``, a FLOPs meter, JSONL and
-TensorBoard metrics, atomic checkpoints and exact resume.
+optional ``torch.compile``, data-parallel under ``torchrun`` (DDP replicas, or FSDP2 shards with
+``train.parallel: fsdp``), a FLOPs meter, JSONL and TensorBoard metrics, atomic checkpoints and
+exact resume.
 
 Loss normalisation (the loss contract): a step's objective sums are divided once by the number
 of valid positions in the whole *global* batch, counted before the first backward, so micro-
@@ -17,15 +18,16 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import distillery.parallel as fsdp
 from distillery.config import TrainConfig
 from distillery.data import Examples, global_batch_indices
 from distillery.distributed import DistEnv, all_reduce_sum
@@ -38,44 +40,10 @@ from distillery.engine.checkpoints import (
     shapes_digest,
     write_checkpoint,
 )
+from distillery.engine.contracts import Progress, TrainStep
 from distillery.engine.metrics_log import MetricsLog
 from distillery.engine.schedule import autocast_context, lr_factor
 from distillery.errors import DistilleryError
-
-
-class TrainStep(Protocol):
-    """What the loop needs of a step (``step.DistillStep``): per micro-batch, the counts the
-    loss is divided by, and the weighted sum with its named terms; the trainable modules it
-    adds to the model; whether every model parameter gets a gradient (DDP needs to know)."""
-
-    modules: nn.Module
-    uses_every_parameter: bool
-
-    def counts(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``(K,)`` counts of one micro-batch; the loss is divided by the global sum of the
-        first."""
-        ...
-
-    def parameters(self) -> list[nn.Parameter]: ...
-
-    def __call__(
-        self,
-        model: nn.Module,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        *,
-        counts: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
-
-
-@dataclass
-class Progress:
-    """Where a run stands; saved in every checkpoint (``step`` is also the data position)."""
-
-    step: int = 0
-    tokens: int = 0
-    flops: float = 0.0
-    seconds: float = 0.0
 
 
 class Engine:
@@ -106,12 +74,17 @@ class Engine:
             )
         self.per_rank = cfg.batch_size // self.env.world_size
         self.micro = min(cfg.micro_batch_size or self.per_rank, self.per_rank)
-        self.model = model.to(device)  # the raw module: saved, evaluated
+        # FSDP trains a sharded copy; the raw module waits on the CPU, filled with the full
+        # weights at each checkpoint and (on rank 0, moved to the device) at the end of ``fit``.
+        self.sharded = cfg.parallel == "fsdp" and self.env.active
+        self.model = model.to("cpu" if self.sharded else device)  # the raw module: saved
         self.model.train()
         forward: nn.Module = self.model
         if cfg.compile:
             forward = torch.compile(forward)  # type: ignore[assignment]
-        if self.env.active:
+        if self.sharded:
+            forward = fsdp.sharded_copy(model, device)
+        elif self.env.active:
             ids = [device.index] if device.type == "cuda" else None
             # Without a logit term, representation terms may leave parameters unused (the head,
             # blocks after the last mapped layer), which DDP must be told about.
@@ -123,7 +96,8 @@ class Engine:
         # not see them, so their gradients are all-reduced by hand.
         self.step.modules.to(device)
         self.extra = self.step.parameters()
-        trained = [p for p in [*self.model.parameters(), *self.extra] if p.requires_grad]
+        self.trained = forward if self.sharded else self.model  # the parameters optimised
+        trained = [p for p in [*self.trained.parameters(), *self.extra] if p.requires_grad]
         decay = [p for p in trained if p.ndim >= 2]
         no_decay = [p for p in trained if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
@@ -151,14 +125,19 @@ class Engine:
         return {"model": self.model, **({"objectives": self.step.modules} if self.extra else {})}
 
     def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoints/step-NNNNNNN`` atomically (rank 0) and prune old ones."""
+        """Write ``checkpoints/step-NNNNNNN`` atomically (rank 0) and prune old ones. Sharded:
+        full state dicts gathered to rank 0 (a collective), the files those of a DDP run."""
+        optimizer_state = None
+        if self.sharded:  # collectives: every rank takes part
+            fsdp.gather_into(self.model, self.forward)
+            optimizer_state = fsdp.full_optimizer_state(self._optimized(), self.optimizer)
         if not self.env.is_main:
             return None
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         trainer_state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state or self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
         }
@@ -183,7 +162,13 @@ class Engine:
         self._check_same_run(ckpt, state.get("run", {}))
         try:
             trainer_state = read_weights(ckpt, weights, self.device)
-            self.optimizer.load_state_dict(trainer_state["optimizer"])
+            if self.sharded:  # every rank read the whole files; each keeps its slices
+                fsdp.load_full_state(self.forward, self.model.state_dict())
+                fsdp.load_full_optimizer_state(
+                    self._optimized(), self.optimizer, trainer_state["optimizer"]
+                )
+            else:
+                self.optimizer.load_state_dict(trainer_state["optimizer"])
             self.scheduler.load_state_dict(trainer_state["scheduler"])
             progress = Progress(**{k: state[k] for k in asdict(Progress())})
             rng = trainer_state["rng"]
@@ -208,6 +193,7 @@ class Engine:
             "data.num_blocks": self.data.num_blocks,
             "model shapes": shapes_digest(self.model),
             "objective projections": shapes_digest(self.step.modules),
+            "train.parallel": "fsdp" if self.sharded else "ddp",  # the optimizer state's layout
         }
 
     def _check_same_run(self, ckpt: Path, saved: dict[str, Any]) -> None:
@@ -266,7 +252,9 @@ class Engine:
         for i, (ids, y) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext()
-            if self.env.active and not last:
+            if self.sharded:  # gradients reduce-scattered after the last micro-batch only
+                self.forward.set_requires_gradient_sync(last)  # type: ignore[operator]
+            elif self.env.active and not last:
                 sync = self.forward.no_sync()  # type: ignore[operator]
             with sync:
                 with autocast_context(self.device, self.cfg.precision):
@@ -281,7 +269,10 @@ class Engine:
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             p.grad = all_reduce_sum(grad, self.env) / self.env.world_size
         grad_norm = None
-        if self.cfg.grad_clip is not None:
+        if self.cfg.grad_clip is not None and self.sharded:
+            groups = [list(self.forward.parameters()), self.extra]
+            grad_norm = fsdp.clip_grad_norm(groups, self.cfg.grad_clip)
+        elif self.cfg.grad_clip is not None:
             params = [*self.model.parameters(), *self.extra]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
@@ -375,15 +366,31 @@ class Engine:
         finished_now = first < cfg.steps == self.progress.step
         if finished_now and (not cfg.checkpoint_every or cfg.steps % cfg.checkpoint_every):
             self.save_checkpoint()  # the final state, unless the loop has just written it
+        if self.sharded:  # rank 0's raw model gets the trained weights, for export and eval
+            fsdp.gather_into(self.model, self.forward, device=self.device)
         self.metrics.flush()
         return self.progress
 
     def evaluate(self) -> dict[str, float]:
-        """Run ``eval_fn`` on the raw model in eval mode and log it."""
+        """Run ``eval_fn`` on the raw model (sharded: on the sharded copy, every rank) in eval
+        mode and log it."""
         assert self.eval_fn is not None
-        self.model.eval()
+        model = self.forward if self.sharded else self.model
+        model.eval()
         with autocast_context(self.device, self.cfg.precision):
-            metrics = self.eval_fn(self.model)
-        self.model.train()
+            metrics = self.eval_fn(model)
+        model.train()
         self.log({"step": self.progress.step, **metrics})
         return metrics
+
+    # ----------------------------------------------------------------- sharded (FSDP) runs
+    def _optimized(self) -> nn.Module:
+        """Everything the optimizer trains under one container, so its state has names."""
+        return nn.ModuleDict({"model": self.trained, "objectives": self.step.modules})
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """The trained model's whole state dict on the CPU (sharded: of rank 0, ``{}`` on the
+        others, and every rank must call it)."""
+        if self.sharded:
+            return fsdp.full_state(self.forward)
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}

@@ -195,6 +195,7 @@ def _assemble(cfg: RunConfig, env: DistEnv, device: Any) -> _Parts:
             tokenizer=tokenizer,
             train_data=train,
             objectives=cfg.objectives,
+            shard=cfg.train.parallel == "fsdp",  # read sharded while training (torchrun)
         )
     if cfg.train.logit_chunk_size:
         check_plain_head(model, "model")
