@@ -211,3 +211,37 @@ def test_a_refused_resume_leaves_the_run_resumable(corpus: Path, cache_dir: Path
     again = run_cli("train", "--out", str(out), "--resume")
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+BOUNDS = {
+    "train.flops_budget=.inf": "train.flops_budget: Input should be a finite number",
+    "train.weight_decay=.inf": "train.weight_decay: Input should be a finite number",
+    "train.lr=.nan": "train.lr: Input should be a finite number",
+    "data.vocab_size=1000000000": "data.vocab_size: Input should be less than or equal",
+    "train.seed=18446744073709551616": "train.seed: Input should be less than",
+    "train.batch_size=1099511627776": "train.batch_size: Input should be less than or equal",
+    "train.data_offset=99999999999999": "train.data_offset: Input should be less than or equal",
+}
+
+
+@pytest.mark.parametrize("override", sorted(BOUNDS))
+def test_absurd_numbers_are_refused_before_anything_is_allocated(override: str, tmp_path: Path):
+    from distillery.config import RunConfig, build_config
+
+    with pytest.raises(DistilleryError) as err:
+        build_config(RunConfig, overrides=[override])
+    assert BOUNDS[override] in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["model.overrides={num_key_value_heads: 3}", "model.overrides={head_dim: 7}"],
+)
+def test_model_overrides_transformers_rejects_are_one_line(
+    override: str, corpus: Path, cache_dir: Path, tmp_path: Path
+):
+    args = [
+        "train", "--data", str(corpus), "model.preset=tiny", "data.seq_len=32",
+        "data.vocab_size=512", f"data.cache_dir={cache_dir}", "train.steps=1", override,
+    ]  # fmt: skip
+    _refused(args, tmp_path / "out", "model.overrides")

@@ -34,7 +34,8 @@ def _check_paths(value: Any, field: str) -> None:
 class Strict(BaseModel):
     """Base for every config section: unknown keys are rejected; paths are checked."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN or infinity in any float field (a budget of .inf, a weight decay of .inf).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _sane_paths(self) -> Strict:

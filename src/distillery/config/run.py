@@ -21,6 +21,12 @@ from distillery.config.terms import (
     needs_teacher,
 )
 
+# Bounds checked before anything is allocated (a vocabulary of 1e9 words would abort the
+# process, a batch of 2**40 exhaust memory): generous for real runs, refusing absurd ones.
+MAX_VOCAB = 1 << 21  # 2,097,152 words (Gemma 3 has 262,144)
+MAX_SIZE = 1 << 20  # sequence length, batch, micro-batch, chunk
+MAX_STEPS = 10**9
+
 
 class DataConfig(Strict):
     """Where text comes from and how it becomes token blocks (``task: lm``) or labelled
@@ -35,8 +41,8 @@ class DataConfig(Strict):
     label_field: str = "label"  # classify: field / column holding the label
     val_fraction: float = Field(0.05, ge=0.0, lt=0.5)
     test_fraction: float = Field(0.05, ge=0.0, lt=0.5)
-    seq_len: int = Field(128, gt=1)
-    vocab_size: int = Field(4096, ge=300)  # for a BPE trained on the training split
+    seq_len: int = Field(128, gt=1, le=MAX_SIZE)
+    vocab_size: int = Field(4096, ge=300, le=MAX_VOCAB)  # for a BPE trained on the training split
     tokenizer: Path | None = None  # a tokenizer folder; default: the teacher's, else train a BPE
     cache_dir: Path = Path(".distillery-cache")
     mask_probability: float = Field(0.15, gt=0.0, lt=1.0)  # mlm: share of tokens predicted
@@ -97,15 +103,17 @@ class ModelSpec(Strict):
 class TrainConfig(Strict):
     """The engine's knobs. ``batch_size`` is the *global* batch in sequences per step."""
 
-    steps: int = Field(200, gt=0)
+    steps: int = Field(200, gt=0, le=MAX_STEPS)
     # Set: the run takes as many whole steps as this many FLOPs pay for (training plus teacher
     # forwards, as the meter counts them), replacing ``steps``; compare runs at equal compute.
     flops_budget: float | None = Field(None, gt=0.0)
-    batch_size: int = Field(32, gt=0)
-    micro_batch_size: int | None = Field(None, gt=0)  # per process; None = batch_size / world
+    batch_size: int = Field(32, gt=0, le=MAX_SIZE)
+    micro_batch_size: int | None = Field(
+        None, gt=0, le=MAX_SIZE
+    )  # per process; None = batch_size / world
     lr: float = Field(1e-3, gt=0.0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    warmup_steps: int = Field(20, ge=0)  # capped at steps
+    warmup_steps: int = Field(20, ge=0, le=MAX_STEPS)  # capped at steps
     weight_decay: float = Field(0.1, ge=0.0)
     betas: tuple[
         Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -115,21 +123,21 @@ class TrainConfig(Strict):
     )
     grad_clip: float | None = Field(1.0, gt=0.0)
     # > 0: logit losses computed this many positions at a time (bounded memory at big vocabularies)
-    logit_chunk_size: int = Field(0, ge=0)
+    logit_chunk_size: int = Field(0, ge=0, le=MAX_SIZE)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
     # Under torchrun: ddp replicates the model on every process; fsdp shards it (FSDP2: each
     # block and the root), for a student or teacher that does not fit one device.
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=2**63)
     # Start this many global batches into the seed's data order (continue another run's stream).
-    data_offset: int = Field(0, ge=0)
+    data_offset: int = Field(0, ge=0, le=MAX_STEPS)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    checkpoint_every: int = Field(100, ge=0)  # 0: only at the end
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(10, gt=0)
-    eval_every: int = Field(0, ge=0)  # 0: only at the end
-    eval_batches: int = Field(20, gt=0)
+    checkpoint_every: int = Field(100, ge=0, le=MAX_STEPS)  # 0: only at the end
+    keep_checkpoints: int = Field(2, ge=1, le=1000)
+    log_every: int = Field(10, gt=0, le=MAX_STEPS)
+    eval_every: int = Field(0, ge=0, le=MAX_STEPS)  # 0: only at the end
+    eval_batches: int = Field(20, gt=0, le=MAX_STEPS)
     tensorboard: bool = True
 
     @model_validator(mode="after")

@@ -107,5 +107,16 @@ def preset_config(
             f"model: hidden_size {fields['hidden_size']} is not divisible by "
             f"num_attention_heads {fields['num_attention_heads']}"
         )
+    heads = fields["num_attention_heads"]
+    kv = fields.get("num_key_value_heads", heads)
+    if isinstance(kv, int) and (kv <= 0 or heads % kv):
+        raise DistilleryError(
+            f"model.overrides: num_attention_heads {heads} is not a multiple of "
+            f"num_key_value_heads {kv}"
+        )
     fields.update({k: v for k, v in special.items() if v is not None})
-    return family(**fields)
+    try:  # transformers checks many fields itself (RoPE, ranges): its message, one line
+        return family(**fields)
+    except Exception as exc:
+        lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()]
+        raise DistilleryError(f"model.overrides: {(lines or [type(exc).__name__])[-1]}") from None
