@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file, save_file
 
 from distillery.errors import DistilleryError
@@ -245,3 +246,82 @@ def test_model_overrides_transformers_rejects_are_one_line(
         "data.vocab_size=512", f"data.cache_dir={cache_dir}", "train.steps=1", override,
     ]  # fmt: skip
     _refused(args, tmp_path / "out", "model.overrides")
+
+
+def _train_args(corpus: Path, cache_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--data", str(corpus), "--out", str(out), "model.preset=tiny",
+        "data.seq_len=32", "data.vocab_size=512", f"data.cache_dir={cache_dir}",
+        "train.batch_size=4", "train.tensorboard=false", "train.log_every=1", *extra,
+    ]  # fmt: skip
+
+
+def test_a_divergent_run_stops_before_the_update_and_keeps_good_checkpoints(
+    corpus: Path, cache_dir: Path, tmp_path: Path
+):
+    out = tmp_path / "run"
+    args = _train_args(
+        corpus, cache_dir, out, "train.steps=12", "train.lr=1e30", "train.warmup_steps=0",
+        "train.checkpoint_every=1", "train.keep_checkpoints=20",
+    )  # fmt: skip
+    result = run_cli(*args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "is not finite at step" in lines[-1] and "last checkpoint is intact" in lines[-1]
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert checkpoints  # the steps before the divergence were saved ...
+    for ckpt in checkpoints:  # ... and none of them holds a broken weight
+        weights = load_file(ckpt / "model.safetensors")
+        assert all(bool(w.isfinite().all()) for w in weights.values()), ckpt.name
+
+
+def test_a_changed_lr_on_resume_takes_effect_and_is_recorded(
+    corpus: Path, cache_dir: Path, tmp_path: Path
+):
+    from distillery.engine import lr_factor
+    from distillery.recipes.run import RunConfig
+
+    out = tmp_path / "run"
+    args = _train_args(corpus, cache_dir, out, "train.steps=4", "train.checkpoint_every=2")
+    first = run_cli(*args, "--stop-after", "2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = run_cli("train", "--out", str(out), "--resume", "train.lr=2e-4")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed at step 2 with train.lr 0.001 → 0.0002" in resumed.stdout
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("resumed_with") == "train.lr 0.001 → 0.0002" for r in records)
+    cfg = RunConfig.model_validate(yaml.safe_load((out / "config.yaml").read_text()))
+    assert cfg.train.lr == 2e-4  # what config.yaml says is what ran
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
+    assert lrs[3] == pytest.approx(2e-4 * lr_factor(2, cfg.train))
+    assert lrs[2] == pytest.approx(1e-3 * lr_factor(1, cfg.train))
+
+
+def test_non_finite_gradients_under_a_finite_loss_never_reach_the_weights(
+    corpus: Path, cache_dir: Path, tmp_path: Path
+):
+    """The case a loss check alone misses: the loss is finite, the gradients are not (a
+    backward overflow). The engine stops before the update; weights and checkpoints stay good."""
+    import torch
+
+    from distillery.distributed import DistEnv
+    from distillery.engine import Engine
+    from distillery.recipes.common import prepare_data
+    from distillery.step import DistillStep, terms_from_config
+    from tests.conftest import tiny_run
+
+    cfg = tiny_run(corpus, cache_dir, tmp_path / "r", steps=6, checkpoint_every=1)
+    tokenizer, train, _ = prepare_data(cfg.data, DistEnv(), None)
+    model = build_model("tiny", len(tokenizer), {})
+    step = DistillStep(terms_from_config([{"kind": "ce"}]))
+    engine = Engine(
+        model, step, train, cfg.train, tmp_path / "r", device=torch.device("cpu"),
+        flops_per_token=1.0,
+    )  # fmt: skip
+    poisoned = next(model.parameters())
+    poisoned.register_hook(lambda g: g * float("nan") if engine.progress.step == 3 else g)
+    with pytest.raises(DistilleryError, match=r"gradient norm \(nan\) is not finite at step 4"):
+        engine.fit()
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+    for ckpt in sorted((tmp_path / "r" / "checkpoints").iterdir()):
+        assert all(bool(w.isfinite().all()) for w in load_file(ckpt / "model.safetensors").values())

@@ -13,7 +13,6 @@ batching and the number of processes do not change the gradient.
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import sys
 import time
@@ -42,7 +41,7 @@ from distillery.engine.checkpoints import (
 )
 from distillery.engine.contracts import Progress, TrainStep
 from distillery.engine.metrics_log import MetricsLog
-from distillery.engine.schedule import autocast_context, lr_factor
+from distillery.engine.schedule import apply_schedule, autocast_context, check_finite, lr_factor
 from distillery.errors import DistilleryError
 
 
@@ -117,6 +116,7 @@ class Engine:
             self.out_dir, name, enabled=self.env.is_main, tensorboard=cfg.tensorboard
         )
         self.metrics_path = self.metrics.path
+        self.resumed_with: dict[str, tuple[Any, Any]] = {}  # settings a resume changed
 
     # ----------------------------------------------------------------- checkpoints
     def _weights(self) -> dict[str, nn.Module]:
@@ -170,6 +170,7 @@ class Engine:
             else:
                 self.optimizer.load_state_dict(trainer_state["optimizer"])
             self.scheduler.load_state_dict(trainer_state["scheduler"])
+            self.resumed_with = apply_schedule(self.optimizer, self.scheduler, self.cfg)
             progress = Progress(**{k: state[k] for k in asdict(Progress())})
             rng = trainer_state["rng"]
             torch.set_rng_state(rng["torch"])
@@ -223,6 +224,11 @@ class Engine:
                 f"checkpoint {found[-1]} is past train.steps={self.cfg.steps}; raise train.steps"
             )
         self.metrics.truncate(self.progress.step)
+        if self.resumed_with:  # said and recorded: the run continues with other settings
+            what = ", ".join(f"{k} {a} → {b}" for k, (a, b) in self.resumed_with.items())
+            if self.env.is_main:
+                print(f"[{self.name}] resumed at step {self.progress.step} with {what}", flush=True)
+            self.log({"step": self.progress.step, "resumed_with": what})
         return self.progress.step
 
     def log(self, record: dict[str, Any]) -> None:
@@ -276,17 +282,13 @@ class Engine:
             params = [*self.model.parameters(), *self.extra]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         names = sorted(sums)
         reduced = all_reduce_sum(torch.stack([sums[k] for k in names]), self.env).cpu()
         out = {k: float(v) / max(n_global, 1.0) for k, v in zip(names, reduced, strict=True)}
-        if not math.isfinite(out["loss"]):
-            raise DistilleryError(
-                f"the loss is not finite at step {step + 1} (diverged); lower train.lr or "
-                "raise train.warmup_steps, then resume from the last checkpoint"
-            )
+        check_finite(step, out["loss"], grad_norm, lr)  # before the update, on every rank
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         out["lr"] = lr
         if grad_norm is not None:
             out["grad_norm"] = grad_norm

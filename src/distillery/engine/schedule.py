@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,3 +52,43 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def apply_schedule(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: Any
+) -> dict[str, tuple[Any, Any]]:
+    """After a resume: make the optimizer follow ``cfg`` (lr, weight decay, betas) rather than
+    the checkpoint's values, so a run resumed with a lower lr really runs with it; returns what
+    changed, ``{field: (checkpoint's, now)}``. The schedule's shape (warmup, decay) already reads
+    ``cfg``. Unchanged settings leave every number as it was (exact resume)."""
+    changed: dict[str, tuple[Any, Any]] = {}
+    old_lr = scheduler.base_lrs[0]
+    if old_lr != cfg.lr:
+        changed["train.lr"] = (old_lr, cfg.lr)
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    factor = lr_factor(scheduler.last_epoch, cfg)
+    decay_group = optimizer.param_groups[0]  # the engine puts decayed parameters first
+    if decay_group["weight_decay"] != cfg.weight_decay:
+        changed["train.weight_decay"] = (decay_group["weight_decay"], cfg.weight_decay)
+        decay_group["weight_decay"] = cfg.weight_decay
+    for group in optimizer.param_groups:
+        if tuple(group["betas"]) != tuple(cfg.betas):
+            changed["train.betas"] = (tuple(group["betas"]), tuple(cfg.betas))
+            group["betas"] = tuple(cfg.betas)
+        group["lr"] = cfg.lr * factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # type: ignore[attr-defined]
+    return changed
+
+
+def check_finite(step: int, loss: float, grad_norm: float | None, lr: float) -> None:
+    """Stop before an update that would break the weights: the loss or the gradients are not
+    finite. Nothing was updated, so the last checkpoint and the weights stay good."""
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    what = "loss" if not math.isfinite(loss) else f"gradient norm ({grad_norm})"
+    raise DistilleryError(
+        f"the {what} is not finite at step {step + 1} (diverged, at lr {lr:.3g}); the weights "
+        "were not updated and the last checkpoint is intact: lower train.lr or raise "
+        "train.warmup_steps (or set a lower train.grad_clip), then --resume (the new settings "
+        "take effect)"
+    )
