@@ -325,3 +325,74 @@ def test_non_finite_gradients_under_a_finite_loss_never_reach_the_weights(
     assert all(bool(p.isfinite().all()) for p in model.parameters())
     for ckpt in sorted((tmp_path / "r" / "checkpoints").iterdir()):
         assert all(bool(w.isfinite().all()) for w in load_file(ckpt / "model.safetensors").values())
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped-bit", "state-types"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(
+    damage: str, corpus: Path, cache_dir: Path, tmp_path: Path
+):
+    """Checkpoints carry checksums: a flipped bit in the newest one (or a hand-edited
+    state.json of the wrong types) is said in one line, the previous one is resumed, and the
+    run ends with the weights of an uninterrupted run."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    extra = ("train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3")
+    assert run_cli(*_train_args(corpus, cache_dir, whole, *extra)).returncode == 0
+    assert (
+        run_cli(*_train_args(corpus, cache_dir, cut, *extra), "--stop-after", "4").returncode == 0
+    )
+    newest = cut / "checkpoints" / "step-0000004"
+    if damage == "flipped-bit":
+        _flip_a_byte(newest / "model.safetensors")
+    else:
+        state = json.loads((newest / "state.json").read_text())
+        (newest / "state.json").write_text(json.dumps({**state, "step": "four"}))
+        (newest / "manifest.json").unlink()  # as if hand-edited in a checkpoint without sums
+    resumed = run_cli("train", "--out", str(cut), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "step-0000004 is corrupt" in resumed.stdout and "step-0000002" in resumed.stdout
+    a = load_file(whole / "model" / "model.safetensors")
+    b = load_file(cut / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_a_damaged_only_checkpoint_is_one_line(corpus: Path, cache_dir: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    args = _train_args(corpus, cache_dir, out, "train.steps=4", "train.checkpoint_every=2")
+    assert run_cli(*args, "--stop-after", "2").returncode == 0
+    _flip_a_byte(out / "checkpoints" / "step-0000002" / "trainer_state.pt")
+    _refused(["train", "--resume"], out, "do not match their checksums")
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
+    corpus: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import errno
+
+    import distillery.engine.checkpoints as checkpoints
+    from distillery.engine.checkpoints import list_checkpoints, read_state
+    from distillery.recipes.run import run
+    from tests.conftest import tiny_run
+
+    real_save, calls = checkpoints.torch.save, []
+
+    def save(obj, path):  # the second checkpoint finds the disk full
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, path)
+
+    monkeypatch.setattr(checkpoints.torch, "save", save)
+    cfg = tiny_run(corpus, cache_dir, tmp_path / "r", steps=6, checkpoint_every=2)
+    with pytest.raises(DistilleryError, match="No space left on device") as err:
+        run(cfg)
+    assert "\n" not in str(err.value) and "earlier checkpoints are intact" in str(err.value)
+    found = list_checkpoints(tmp_path / "r")
+    assert [p.name for p in found] == ["step-0000002"]
+    read_state(found[0], ["model"])  # its checksums hold
+    assert not list((tmp_path / "r" / "checkpoints").glob(".tmp-*"))

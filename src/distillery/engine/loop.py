@@ -34,6 +34,7 @@ from distillery.engine.checkpoints import (
     checkpoint_step,
     corrupt,
     list_checkpoints,
+    load_newest,
     read_state,
     read_weights,
     shapes_digest,
@@ -218,10 +219,11 @@ class Engine:
             raise DistilleryError(
                 f"--resume: no checkpoint in {self.out_dir / 'checkpoints'}; start without --resume"
             )
-        self.load_checkpoint(found[-1])
+        say = (lambda line: print(f"[{self.name}] {line}", flush=True)) if self.env.is_main else str
+        ckpt = load_newest(found, self.load_checkpoint, say)
         if self.progress.step > self.cfg.steps:
             raise DistilleryError(
-                f"checkpoint {found[-1]} is past train.steps={self.cfg.steps}; raise train.steps"
+                f"checkpoint {ckpt} is past train.steps={self.cfg.steps}; raise train.steps"
             )
         self.metrics.truncate(self.progress.step)
         if self.resumed_with:  # said and recorded: the run continues with other settings
