@@ -396,3 +396,34 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
     assert [p.name for p in found] == ["step-0000002"]
     read_state(found[0], ["model"])  # its checksums hold
     assert not list((tmp_path / "r" / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigint_mid_run_leaves_a_usable_checkpoint_and_one_line(
+    corpus: Path, cache_dir: Path, tmp_path: Path
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = _train_args(corpus, cache_dir, out, "train.steps=400", "train.checkpoint_every=2")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distillery", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints" / "step-0000004").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("distillery: interrupted; `--resume`")
+    newest = int(sorted((out / "checkpoints").glob("step-*"))[-1].name.removeprefix("step-"))
+    end = newest + 2  # finish soon after the checkpoint the interruption left
+    resumed = run_cli("train", "--out", str(out), "--resume", f"train.steps={end}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == end
