@@ -102,8 +102,9 @@ def tiny_recipe(corpus: Path, cache_dir: Path) -> list[str]:
     ]
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m distillery ARGS`` in a fresh process; returns the completed process."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``python -m distillery ARGS`` in a fresh process; returns the completed process (the
+    generous timeout: a shared CI machine can be several times slower than an idle one)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, "-m", "distillery", *args],

@@ -427,3 +427,52 @@ def test_sigint_mid_run_leaves_a_usable_checkpoint_and_one_line(
     resumed = run_cli("train", "--out", str(out), "--resume", f"train.steps={end}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == end
+
+
+def test_logs_no_run_wrote_are_not_replaced_without_overwrite(tmp_path: Path):
+    out = tmp_path / "out"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "tensorboard" / "events").write_text("someone else's")
+    (out / "metrics.jsonl").write_text("{}\n")
+    _refused(["train", "train.steps=1"], out, "that no distillery run wrote there")
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_kill_9_at_a_random_step_then_resume_is_bit_identical(
+    seed: int, corpus: Path, cache_dir: Path, tmp_path: Path
+):
+    """SIGKILL a real run at a step drawn at random (anywhere, not only at a checkpoint), then
+    ``--resume``: the final weights equal an uninterrupted run's, bit for bit."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps = 24
+    extra = (f"train.steps={steps}", "train.checkpoint_every=3")
+    whole = tmp_path / "whole"
+    assert run_cli(*_train_args(corpus, cache_dir, whole, *extra)).returncode == 0
+    out = tmp_path / "killed"
+    args = _train_args(corpus, cache_dir, out, *extra)
+    target = random.Random(seed).randrange(4, steps - 2)  # killed after this step was logged
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distillery", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and f'"step": {target},' in metrics.read_text():
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.returncode != -signal.SIGKILL:
+        pytest.skip("the run finished before it could be killed")
+    resumed = run_cli("train", "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(whole / "model" / "model.safetensors")
+    b = load_file(out / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)

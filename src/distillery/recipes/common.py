@@ -51,6 +51,12 @@ def prepare_out_dir(
             f"--out {out} already holds a run ({', '.join(kept)}); {how}--overwrite to replace "
             "it, or another --out"
         )
+    foreign = [n for n in RUN_ITEMS[3:] if (out / n).exists()]
+    if foreign and not (out / "config.yaml").is_file() and not resume and not overwrite:
+        raise DistilleryError(
+            f"--out {out} holds {', '.join(foreign)} that no distillery run wrote there; a run "
+            "would replace them: choose another --out, or --overwrite"
+        )
     if resume and not list_checkpoints(out):
         raise DistilleryError(
             f"--resume: no checkpoint in {out / 'checkpoints'}; start again without --resume "
