@@ -16,6 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distillery.data.packed import IGNORE_INDEX
+
+Signals = dict[str, torch.Tensor | None]
+ChunkGrad = Callable[[Signals, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+_COMPILED: dict[Any, ChunkGrad] = {}  # term_fn → its compiled chunk gradient
+
 
 class _FusedChunks(torch.autograd.Function):
     """Returns a loss whose gradients were already computed, chunk by chunk, in the forward."""
@@ -36,6 +42,49 @@ class _FusedChunks(torch.autograd.Function):
         return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight, bias, None
 
 
+def eager_chunk_grad(term_fn: Any) -> ChunkGrad:
+    """``(signals, weights) -> (sums (K,), ∂(weights · sums)/∂student_logits)`` by autograd."""
+
+    def grad(signals: Signals, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        student_logits = signals["student_logits"]
+        assert student_logits is not None
+        with torch.enable_grad():
+            student_logits.requires_grad_(True)
+            sums = term_fn(signals)  # (K,)
+            (grad_logits,) = torch.autograd.grad((weights * sums).sum(), student_logits)
+        return sums.detach(), grad_logits
+
+    return grad
+
+
+def compiled_chunk_grad(term_fn: Any) -> ChunkGrad:
+    """The same as ``eager_chunk_grad``, the objectives' elementwise passes fused by
+    ``torch.compile`` (compiled once per ``term_fn`` and chunk shape)."""
+    if term_fn not in _COMPILED:
+
+        def total(student_logits: torch.Tensor, rest: Signals, weights: torch.Tensor) -> Any:
+            sums = term_fn({**rest, "student_logits": student_logits})
+            return (weights * sums).sum(), sums
+
+        fused = torch.compile(torch.func.grad_and_value(total, has_aux=True))
+
+        def grad(signals: Signals, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            rest = {k: v for k, v in signals.items() if k != "student_logits"}
+            grad_logits, (_, sums) = fused(signals["student_logits"], rest, weights)
+            return sums, grad_logits
+
+        _COMPILED[term_fn] = grad
+    return _COMPILED[term_fn]
+
+
+def _padded(x: torch.Tensor | None, rows: int, fill: float | int | bool = 0) -> Any:
+    """``x`` with rows appended up to ``rows`` (a compiled chunk keeps one shape)."""
+    if x is None or x.shape[0] == rows:
+        return x
+    pad = x.new_full((rows - x.shape[0], *x.shape[1:]), fill)
+    return torch.cat([x, pad])
+
+
 def chunked_loss(
     term_fn: Any,
     weights: torch.Tensor,
@@ -47,6 +96,8 @@ def chunked_loss(
     chunk_size: int,
     teacher_logits: Callable[[slice, torch.Tensor | None], torch.Tensor] | None = None,
     vocab: int | None = None,
+    matmul_dtype: torch.dtype | None = None,
+    compile: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ_k weights_k · term_k, terms (K,))`` with logits projected a chunk at a time.
 
@@ -56,18 +107,26 @@ def chunked_loss(
     weighted total with respect to the hidden states and the head are computed in the forward
     pass, one chunk of logits at a time (as Liger's fused losses do), so nothing is recomputed;
     only the total is differentiable. Logits are cut to the first ``vocab`` columns (padding
-    rows are no tokens).
+    rows are no tokens). ``matmul_dtype`` (default: the hidden states' dtype) is the dtype of
+    the projections to and from the logits, e.g. ``torch.bfloat16`` for fp32 hidden states:
+    the matmuls accumulate in fp32 but the logits and their gradient are rounded to it; the
+    objectives still compute in float32 and the head's gradient is accumulated in float32.
+    ``compile``: the objectives' passes over each chunk fused by ``torch.compile`` (the last
+    chunk padded with masked-out rows to the same shape).
     """
     weight = student_head.weight
     bias = getattr(student_head, "bias", None)
+    chunk_grad = (compiled_chunk_grad if compile else eager_chunk_grad)(term_fn)
 
     def run() -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         hidden = student_hidden.detach()
         rows = weight.shape[0] if vocab is None else vocab
-        # (V, H) in the hidden states' dtype (bf16 under autocast), cast once, not per chunk;
-        # padding rows beyond the tokenizer's tokens take no part and get no gradient.
-        w = weight.detach()[:rows].to(hidden.dtype)
-        b = bias.detach()[:rows].to(hidden.dtype) if bias is not None else None
+        # (V, H) in the matmul dtype (the hidden states' by default: bf16 under autocast), cast
+        # once, not per chunk; padding rows beyond the tokenizer's tokens take no part and get
+        # no gradient.
+        dtype = matmul_dtype or hidden.dtype
+        w = weight.detach()[:rows].to(dtype)
+        b = bias.detach()[:rows].to(dtype) if bias is not None else None
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
@@ -75,22 +134,21 @@ def chunked_loss(
         for start in range(0, hidden.shape[0], chunk_size):
             part = slice(start, start + chunk_size)
             h = hidden[part]  # (C, H)
-            with torch.enable_grad():
-                with torch.autocast(h.device.type, enabled=False):
-                    student_logits = F.linear(h, w, b)  # (C, V)
-                student_logits.requires_grad_(True)
+            n = h.shape[0]
+            size = chunk_size if compile else n
+            with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
+                student_logits = F.linear(_padded(h, size).to(dtype), w, b)  # (C, V)
                 teacher_chunk = None
                 if teacher_logits is not None:
-                    with torch.no_grad():
-                        teacher_chunk = teacher_logits(part, student_logits.detach())[..., :rows]
-                signals = {
-                    "student_logits": student_logits,
-                    "teacher_logits": teacher_chunk,
-                    "labels": labels[part],
-                    "mask": mask[part],
-                }
-                chunk_sums = term_fn(signals)  # (K,)
-                (grad_logits,) = torch.autograd.grad((weights * chunk_sums).sum(), student_logits)
+                    teacher_chunk = teacher_logits(part, student_logits[:n])[..., :rows]
+            signals = {
+                "student_logits": student_logits,
+                "teacher_logits": _padded(teacher_chunk, size),
+                "labels": _padded(labels[part], size, IGNORE_INDEX),
+                "mask": _padded(mask[part], size, False),
+            }
+            chunk_sums, grad_logits = chunk_grad(signals, weights)  # (K,), (C, V)
+            grad_logits = grad_logits[:n]
             # Through the projection by hand, accumulating in place: no (V, H) temporaries.
             grad_hidden[part] = (grad_logits.to(w.dtype) @ w).to(hidden.dtype)
             grad_weight[:rows].addmm_(grad_logits.t().float(), h.float())
