@@ -225,6 +225,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--arm", action="append", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled arm")
     args = parser.parse_args()
     if args.child:
         what, vocab = args.child[0], int(args.child[1])
@@ -236,7 +237,7 @@ def main() -> None:
         print(json.dumps(fns[what]()))
         return
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.machine()
-    arms = _available_arms()
+    arms = [a for a in _available_arms() if not (args.no_compile and a == "bf16 compiled")]
     print(
         f"device: {device}, {torch.get_num_threads()} threads; {args.positions} positions, "
         f"hidden {args.hidden}, one forward+backward of T²·KL at T=2; chunks of "

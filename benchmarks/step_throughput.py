@@ -6,15 +6,19 @@
 Builds a teacher and a smaller student from a preset (random weights: speed does not depend
 on what they learnt), then times optimizer steps of (a) the teacher trained alone, (b) the
 student trained alone, (c) the student distilled from the frozen teacher (CE + forward KL),
-each through the real engine, interleaved round-robin so machine noise hits all arms alike.
+each through the real engine, and (e) the frozen teacher's forward alone on the same batches,
+interleaved round-robin so machine noise hits all arms alike. The step overhead is
+(c) / ((b) + (e)): what a distillation step costs beyond a student step and a teacher forward.
 With ``--cache-articles N`` the data is the first N BBC articles, the teacher is cached once
-(``cache-teacher``: top-k at T=2, timed apart) and arm (d) distils from the cache instead.
+(``cache-teacher``: top-k at T=2, timed apart: build tokens/s and bytes a position) and arm (d)
+distils from the cache instead. The teacher runs at ``--teacher-precision`` (bf16 where fast).
 Prints tokens/s and ratios to arm (b). Absolute numbers are only meaningful on the named device.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import tempfile
@@ -27,17 +31,22 @@ from distillery.config import DataConfig, TrainConfig
 from distillery.data import bbc_news_labelled
 from distillery.distributed import DistEnv, resolve_device
 from distillery.engine import Engine, seed_everything
+from distillery.engine.schedule import autocast_context
 from distillery.models import build_model, compute_params
 from distillery.recipes.common import export_model, prepare_data
 from distillery.step import DistillStep, terms_from_config
 from distillery.teachers import LiveTeacher
 from distillery.teachers.cache import CachedTeacher, build_teacher_cache, cache_key
+from distillery.teachers.factory import lean_teacher
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="mini")
     parser.add_argument("--student-layers", type=int, default=2)
+    parser.add_argument("--student", help="a student preset (default: the teacher's, fewer layers)")
+    parser.add_argument("--logit-chunk-size", type=int, default=0, help="train.logit_chunk_size")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="for MFU (0: not shown)")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -46,6 +55,10 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--cache-articles", type=int, default=0, help="add the cached arm")
     parser.add_argument("--top-k", type=int, default=32)
+    parser.add_argument("--codec", default="compact", choices=["compact", "exact"])
+    parser.add_argument(
+        "--teacher-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"]
+    )
     args = parser.parse_args()
 
     device = resolve_device("auto")
@@ -59,9 +72,12 @@ def main() -> None:
     tokenizer, train, _ = prepare_data(data_cfg, DistEnv())
     seed_everything(0)
     teacher = build_model(args.teacher, len(tokenizer))
-    student = build_model(args.teacher, len(tokenizer), {"num_hidden_layers": args.student_layers})
-    scratch = build_model(args.teacher, len(tokenizer), {"num_hidden_layers": args.student_layers})
+    shape = {} if args.student else {"num_hidden_layers": args.student_layers}
+    student = build_model(args.student or args.teacher, len(tokenizer), shape)
+    scratch = build_model(args.student or args.teacher, len(tokenizer), shape)
     frozen = build_model(args.teacher, len(tokenizer)).to(device)
+    fp32_copy = copy.deepcopy(frozen)  # exported for the cache key before any cast
+    frozen = lean_teacher(frozen, args.teacher_precision, device)
     ce = terms_from_config([{"kind": "ce"}])
     kd = terms_from_config([{"kind": "ce"}, {"kind": "forward_kl", "temperature": 2.0}])
     live = LiveTeacher(frozen)
@@ -75,6 +91,8 @@ def main() -> None:
         log_every=10**6,
     )
 
+    chunked = {"chunk_size": args.logit_chunk_size, "vocab": len(tokenizer)}
+
     def engine(model: torch.nn.Module, loss: DistillStep, folder: str) -> Engine:
         per_token = 6.0 * compute_params(model) + loss.teacher_flops_per_token()
         return Engine(
@@ -82,22 +100,28 @@ def main() -> None:
         )
 
     arms = {
-        "teacher train": engine(teacher, DistillStep(ce), "a"),
-        "student train": engine(scratch, DistillStep(ce), "b"),
-        "student distill": engine(student, DistillStep(kd, live), "c"),
+        "teacher train": engine(teacher, DistillStep(ce, **chunked), "a"),
+        "student train": engine(scratch, DistillStep(ce, **chunked), "b"),
+        "student distill": engine(student, DistillStep(kd, live, **chunked), "c"),
     }
+    arms["teacher forward"] = _TeacherForward(live, arms["student distill"])
     cache_note = ""
     if args.cache_articles:
-        teacher_dir = export_model(frozen, tokenizer, tmp / "teacher")
+        teacher_dir = export_model(fp32_copy, tokenizer, tmp / "teacher")
         key = {**cache_key(teacher_dir, tokenizer, train), "top_k": args.top_k, "temperature": 2.0}
-        meta = build_teacher_cache(live, train, tmp / "cache", key=key, device=device)
+        meta = build_teacher_cache(
+            live, train, tmp / "cache", key=key, device=device, codec=args.codec
+        )
         cached = CachedTeacher(tmp / "cache", train, key)
-        twin = build_model(args.teacher, len(tokenizer), {"num_hidden_layers": args.student_layers})
+        twin = build_model(args.student or args.teacher, len(tokenizer), shape)
         twin.load_state_dict(student.state_dict())
-        arms["student distill (cache)"] = engine(twin, DistillStep(kd, cached), "d")
+        arms["student distill (cache)"] = engine(twin, DistillStep(kd, cached, **chunked), "d")
         cache_note = (
-            f"cache: {train.num_blocks} blocks, top-{args.top_k}, built once in "
-            f"{meta['seconds']:.1f} s; teacher/student compute params "
+            f"cache: {train.num_blocks} blocks, top-{args.top_k}, {args.codec} codec, "
+            f"{meta['bytes_per_position']:.0f} bytes a position (v1 stored {8 * args.top_k + 4}), "
+            f"built once in {meta['seconds']:.1f} s "
+            f"({train.num_blocks * args.seq_len / meta['seconds']:,.0f} tokens/s); "
+            f"teacher/student compute params "
             f"{compute_params(frozen) / compute_params(student):.1f}x"
         )
     seconds = dict.fromkeys(arms, 0.0)
@@ -117,7 +141,8 @@ def main() -> None:
     where = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(
         f"device: {device} ({where}), threads {torch.get_num_threads()}, "
-        f"precision {args.precision}, batch {args.batch_size}x{args.seq_len}, "
+        f"precision {args.precision}, teacher {args.teacher_precision} "
+        f"({next(frozen.parameters()).dtype}), batch {args.batch_size}x{args.seq_len}, "
         f"vocab {len(tokenizer)}"
     )
     base = tokens / seconds["student train"]
@@ -125,9 +150,36 @@ def main() -> None:
     for name in arms:
         rate = tokens / seconds[name]
         print(f"{name:<24} {rate:>10,.0f} {rate / base:>16.2f}x")
+    flops = (6.0 * compute_params(student) + 2.0 * compute_params(frozen)) * tokens
+    tflops = flops / seconds["student distill"] / 1e12
+    mfu = (
+        f", MFU {tflops / args.peak_tflops:.1%} of {args.peak_tflops:g}" if args.peak_tflops else ""
+    )
+    print(f"distill step: {tflops:.2f} TFLOP/s counted as 6·N_s + 2·N_t per token{mfu}")
+    parts = seconds["student train"] + seconds["teacher forward"]
+    overhead = seconds["student distill"] / parts
+    print(f"step overhead: distill step / (student step + teacher forward) = {overhead:.3f}")
+    result = {"args": vars(args), "device": str(device), "tokens": tokens, "seconds": seconds}
+    result.update(step_overhead=overhead, distill_tflops=tflops)
     if cache_note:
         ratio = seconds["student distill"] / seconds["student distill (cache)"]
         print(f"{cache_note}\ndistillation from the cache vs the live teacher: {ratio:.2f}x")
+        result["cache"] = {**meta, "speedup_vs_live": ratio}
+    print(json.dumps(result))
+
+
+class _TeacherForward:
+    """The teacher's forward on the batches the distillation arm reads, as its step runs it."""
+
+    def __init__(self, teacher: LiveTeacher, distill: Engine) -> None:
+        self.teacher, self.distill = teacher, distill
+
+    def train_step(self, step: int) -> None:
+        engine = self.distill
+        chunked = bool(engine.step.chunk_size)
+        for input_ids, _ in engine._step_batches(step):
+            with autocast_context(engine.device, engine.cfg.precision):
+                self.teacher.run(input_ids.to(engine.device), logits=not chunked)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def tiny_run(
 ) -> RunConfig:
     """A RunConfig for the tiny preset on the test corpus (train fields overridable)."""
     fields = dict(steps=6, batch_size=4, lr=3e-3, warmup_steps=2, log_every=1, eval_batches=2)
+    fields |= {"generation_tokens": 8, "draft_prompts": 4}  # the final report's extras, small
     fields.update(train)
     return RunConfig.model_validate(
         {

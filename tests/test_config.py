@@ -56,8 +56,15 @@ def test_bad_override_syntax():
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "experiments").glob("*.yaml")))
 def test_shipped_configs_validate(name):
     path = ROOT / "experiments" / name
-    recipes = {"quickstart": QuickstartConfig, "ablation": AblationConfig}
-    cls = recipes.get(name.removesuffix(".yaml"), RunConfig)
+    from distillery.recipes.teacher_stage import TeachersConfig
+
+    recipes = {
+        "quickstart": QuickstartConfig,
+        "ablation": AblationConfig,
+        "teachers": TeachersConfig,
+    }
+    stem = name.removesuffix(".yaml")  # ablation-ladder.yaml is an ablation config, and so on
+    cls = next((c for k, c in recipes.items() if stem == k or stem.startswith(f"{k}-")), RunConfig)
     build_config(cls, path, ["teacher=/some/teacher"] if cls is RunConfig else [])
 
 
@@ -115,9 +122,11 @@ def _study_class(path: Path) -> type:
     from distillery.recipes.calibrate import CalibrateConfig
     from distillery.recipes.classifiers import ClassifiersConfig
     from distillery.recipes.codistill_study import CodistillStudyConfig
+    from distillery.recipes.cross_tokenizer import CrossTokenizerStudyConfig
     from distillery.recipes.distill_expand import DistillExpandConfig
     from distillery.recipes.iit import IITStudyConfig
     from distillery.recipes.modes_config import ModesConfig
+    from distillery.recipes.on_policy import OnPolicyStudyConfig
 
     by_folder = {
         "modes": ModesConfig,
@@ -126,6 +135,8 @@ def _study_class(path: Path) -> type:
         "calibration": CalibrateConfig,
         "classifiers": ClassifiersConfig,
         "codistill": CodistillConfig if path.name == "pool.yaml" else CodistillStudyConfig,
+        "on_policy": OnPolicyStudyConfig,
+        "cross_tokenizer": CrossTokenizerStudyConfig,
     }
     return by_folder[path.parent.name]
 

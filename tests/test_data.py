@@ -303,3 +303,96 @@ def test_global_batch_indices() -> None:
     big = global_batch_indices(3, 0, 7, seed=1)
     assert sorted(big[:3].tolist()) == sorted(big[3:6].tolist()) == [0, 1, 2]
     assert big.dtype == np.int64
+
+
+# --- the tokenizer's special-token convention in blocks ------------------------------------
+
+
+def test_lab_bpe_blocks_and_cache_key_are_unchanged(bpe, small_docs: list[str], tmp_path: Path):
+    """A tokenizer that adds no special tokens keeps its cache key (the formula written out
+    again here) and plain blocks of the stream."""
+    import hashlib
+
+    from distillery.data.tokenizer import special_layout
+
+    tokenizer, _ = bpe
+    assert special_layout(tokenizer) == ([], [])
+    splits = {"train": small_docs[:5]}
+    digest = hashlib.sha256(f"distillery-tokens-v1\0{tokenizer_fingerprint(tokenizer)}".encode())
+    digest.update(b"\0split\0train\0" + b"5\0")
+    for doc in splits["train"]:
+        digest.update(len(doc.encode()).to_bytes(8, "little") + doc.encode())
+    folder = build_token_cache(splits, tokenizer, tmp_path)
+    assert folder.name == digest.hexdigest()
+    assert "prefix" not in json.loads((folder / "meta.json").read_text())
+
+
+def test_blocks_start_with_bos_when_the_tokenizer_adds_one(small_docs: list[str], tmp_path):
+    """A Llama-style tokenizer (it adds a BOS to every text) gets every block starting with
+    that BOS: a teacher scored on packed blocks without it would see text it never saw."""
+    from distillery.config import DataConfig
+    from distillery.distributed import DistEnv
+    from distillery.recipes.common import prepare_data
+    from tests.test_families import family_tokenizer
+
+    tokenizer = family_tokenizer("llama", small_docs)
+    bos = tokenizer.bos_token_id
+    assert tokenizer("x")["input_ids"][0] == bos  # what the convention is read from
+    splits = {"train": small_docs[:20]}
+    folder = build_token_cache(splits, tokenizer, tmp_path)
+    stream = np.fromfile(folder / "train.bin", dtype=np.uint16).astype(np.int64)
+    assert (stream == bos).sum() == 0  # the stream on disk is the same as without it
+    data = PackedTokens(folder, "train", 16)
+    assert data.num_blocks == stream.size // 15
+    blocks = data.blocks(range(data.num_blocks))
+    assert (blocks[:, 0] == bos).all()
+    assert torch.equal(blocks[3, 1:], torch.from_numpy(stream[45:60]))
+    _, labels = data.examples([3])
+    assert labels[0, 0] == stream[45] and labels[0, -1] == -100  # BOS predicts the first token
+    # Without the template the same vocabulary gives another cache with plain blocks.
+    tokenizer.backend_tokenizer.post_processor = None
+    plain = build_token_cache(splits, tokenizer, tmp_path)
+    assert plain != folder and (PackedTokens(plain, "train", 16).blocks([0])[0, 0] != bos)
+
+    # Through a run's data preparation with the teacher's tokenizer folder.
+    tokenizer = family_tokenizer("llama", small_docs)
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    source = tmp_path / "docs.txt"
+    source.write_text("\n\n".join(small_docs[:30]), encoding="utf-8")
+    cfg = DataConfig(source=str(source), seq_len=24, cache_dir=tmp_path / "cache")
+    _, train, val = prepare_data(cfg, DistEnv(), tmp_path / "teacher")
+    for data in (train, val):
+        assert (data.blocks(range(data.num_blocks))[:, 0] == bos).all()
+
+
+def test_encoder_blocks_are_framed_and_never_masked(small_docs: list[str], tmp_path: Path):
+    """BERT's tokenizer puts [CLS] before and [SEP] after a text: so does every block; the
+    masked-LM data never masks them, and a causal label never predicts the [SEP]."""
+    from distillery.data import MaskedBlocks, encode_labelled
+    from tests.test_families import family_tokenizer
+
+    tokenizer = family_tokenizer("bert", small_docs)
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    folder = build_token_cache({"train": small_docs[:20]}, tokenizer, tmp_path)
+    data = PackedTokens(folder, "train", 12)
+    stream = np.fromfile(folder / "train.bin", dtype=np.uint16).astype(np.int64)
+    blocks = data.blocks(range(data.num_blocks))
+    assert data.num_blocks == stream.size // 10
+    assert (blocks[:, 0] == cls).all() and (blocks[:, -1] == sep).all()
+    assert torch.equal(blocks[2, 1:-1], torch.from_numpy(stream[20:30]))
+    _, labels = data.examples([2])
+    assert labels[0, -2:].tolist() == [-100, -100] and labels[0, -3] == stream[29]
+    masked = MaskedBlocks(
+        data, mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+        special_ids=tokenizer.all_special_ids, probability=0.9,
+    )  # fmt: skip
+    inputs, labels = masked.examples(range(data.num_blocks))
+    assert (inputs[:, 0] == cls).all() and (inputs[:, -1] == sep).all()
+    assert (labels[:, [0, -1]] == -100).all() and (labels != -100).float().mean() > 0.5
+
+    llama = family_tokenizer("llama", small_docs)  # a decoder classifier: bos + tokens + eos
+    llama.pad_token = llama.eos_token
+    rows = encode_labelled([("Hello there", "a"), ("Bye", "b")], llama, 8, ["a", "b"])
+    bye = llama("Bye", add_special_tokens=False)["input_ids"]
+    assert (rows.ids[:, 0] == llama.bos_token_id).all()
+    assert rows.ids[1, : len(bye) + 2].tolist() == [llama.bos_token_id, *bye, llama.eos_token_id]

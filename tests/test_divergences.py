@@ -135,3 +135,98 @@ def test_configs_accept_the_new_kinds():
     assert [o.kind for o in cfg.objectives] == ["jsd", "reverse_kl", "tvd"]
     with pytest.raises(Exception, match="beta"):
         build_config(RunConfig, overrides=["teacher=/t", "objectives=[{kind: jsd, beta: 2}]"])
+
+
+# ----------------------------------------------------------------- ULD (another vocabulary)
+
+
+def uld_reference(student, teacher, mask, t: float, top_k: int | None = None) -> float:
+    """Plain ULD: each row's probabilities sorted by Python, the shorter list padded with zeros,
+    the first ``top_k`` ranks (all if None) compared by L1; summed over ``mask``, times T²."""
+    total = 0.0
+    rows = zip(mask.tolist(), softmax_rows(student, t), softmax_rows(teacher, t), strict=True)
+    for keep, s, p in rows:
+        if not keep:
+            continue
+        s, p = sorted(s, reverse=True), sorted(p, reverse=True)
+        width = max(len(s), len(p))
+        s, p = s + [0.0] * (width - len(s)), p + [0.0] * (width - len(p))
+        ranks = width if top_k is None else top_k
+        total += sum(abs(a - b) for a, b in zip(s[:ranks], p[:ranks], strict=True))
+    return total * t * t
+
+
+def test_uld_by_hand():
+    """Two positions, hand-computed. Student p = (0.5, 0.25, 0.25) (logits log p), teacher
+    over 4 tokens (0.1, 0.6, 0.2, 0.1): sorted (0.5, 0.25, 0.25, 0) vs (0.6, 0.2, 0.1, 0.1) →
+    0.1 + 0.05 + 0.15 + 0.1 = 0.4. Second row: a uniform student (1/3 each) and a one-hot-ish
+    teacher (1, 0, 0, 0 in the limit): 2/3 + 1/3 + 1/3 + 0 = 4/3. top_k=2: 0.1 + 0.05 and
+    2/3 + 1/3. A third, masked row counts nothing."""
+    from distillery.objectives import universal_logit_distance as uld
+
+    student = torch.tensor(
+        [[0.5, 0.25, 0.25], [1.0, 1.0, 1.0], [9.0, 0.0, 0.0]], dtype=torch.float64
+    ).log()
+    teacher = torch.tensor(
+        [[0.1, 0.6, 0.2, 0.1], [1.0, 1e-30, 1e-30, 1e-30], [1.0, 1.0, 1.0, 1.0]],
+        dtype=torch.float64,
+    ).log()
+    mask = torch.tensor([True, True, False])
+    assert uld(student, teacher, mask).item() == pytest.approx(0.4 + 4 / 3, abs=1e-6)
+    assert uld(student, teacher, mask, top_k=2).item() == pytest.approx(0.15 + 1.0, abs=1e-6)
+    only_first = torch.tensor([True, False, True])  # teacher_mask drops the second row
+    assert uld(student, teacher, mask, only_first).item() == pytest.approx(0.4, abs=1e-6)
+    # Symmetric in the two vocabularies' sizes: swapping the roles gives the same distance.
+    assert uld(teacher, student, mask).item() == pytest.approx(0.4 + 4 / 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0])
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_uld_matches_reference_across_vocabularies(logits, t, top_k):
+    """ULD between a student over 123 tokens and a teacher over 67 (another tokenizer) equals
+    the Python reference; gradient finite, zero on masked rows."""
+    student, teacher, mask = logits
+    teacher = teacher[:, :67] * 1.5
+    fn = get_objective("uld")
+    signals = {"student_logits": student, "teacher_logits": teacher, "mask": mask}
+    value = fn(signals, temperature=t, top_k=top_k)
+    assert value.item() == pytest.approx(uld_reference(student, teacher, mask, t, top_k), 1e-6)
+    (grad,) = torch.autograd.grad(value, student)
+    assert torch.isfinite(grad).all() and grad[~mask].abs().max() == 0
+
+
+def test_uld_gradient_matches_a_float64_finite_difference(logits):
+    student, teacher, mask = logits
+    teacher = teacher[:, :80]
+    direction = torch.randn(
+        student.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
+    fn = get_objective("uld").fn
+    (grad,) = torch.autograd.grad(fn(student, teacher, mask, temperature=2.0), student)
+    eps = 1e-6  # small: the sort order must not change between the two sides
+    plus = uld_reference(student.detach() + eps * direction, teacher, mask, 2.0)
+    minus = uld_reference(student.detach() - eps * direction, teacher, mask, 2.0)
+    numeric = (plus - minus) / (2 * eps)
+    assert (grad * direction).sum().item() == pytest.approx(numeric, rel=1e-4, abs=1e-8)
+
+
+def test_uld_identical_is_zero_and_all_masked_is_zero(logits):
+    student, _, mask = logits
+    fn = get_objective("uld")
+    same = {"student_logits": student, "teacher_logits": student.detach()[:, torch.randperm(V)]}
+    assert abs(fn({**same, "mask": mask}, temperature=2.0).item()) < 1e-4  # permuted: 0
+    value = fn({**same, "mask": torch.zeros_like(mask)}, temperature=2.0)
+    assert value.item() == 0.0
+    (grad,) = torch.autograd.grad(value, student)
+    assert torch.isfinite(grad).all() and grad.abs().max() == 0
+
+
+def test_uld_config_and_its_bounds():
+    cfg = build_config(
+        RunConfig,
+        overrides=["teacher=/t", "objectives=[{kind: ce}, {kind: uld, temperature: 2, top_k: 64}]"],
+    )
+    assert cfg.objectives[1].top_k == 64 and cfg.objectives[1].temperature == 2.0
+    assert get_objective("uld").cross_vocab and not get_objective("forward_kl").cross_vocab
+    with pytest.raises(Exception, match="top_k"):
+        build_config(RunConfig, overrides=["teacher=/t", "objectives=[{kind: uld, top_k: 0}]"])

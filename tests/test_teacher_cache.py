@@ -24,6 +24,8 @@ from tests.conftest import bucketed_kl_rows, tiny_run
 
 
 def _cache(corpus, cache_dir, teacher_dir, out, **fields) -> CacheTeacherConfig:
+    """A cache through the recipe; fp32 and the exact codec unless ``fields`` say otherwise."""
+    fields = {"precision": "fp32", "codec": "exact", **fields}
     cfg = build_config(
         CacheTeacherConfig,
         overrides=[
@@ -58,13 +60,23 @@ def setting(small, cache_dir, teacher_dir, tmp_path_factory):
     return tokenizer, train, LiveTeacher(load_pretrained(teacher_dir)), folder
 
 
+def _all_rest(cached: CachedTeacher) -> np.ndarray:
+    """The log of the left-over mass at every cached position."""
+    return np.concatenate([cached.block(i)[2] for i in range(len(cached.offsets) - 1)])
+
+
 def test_cache_files_and_meta(setting, teacher_dir):
     tokenizer, train, live, folder = setting
     meta = json.loads((folder / "cache.json").read_text())
     assert meta["blocks"] == train.num_blocks and meta["seq_len"] == 32
     assert meta["teacher_flops"] == 2.0 * live.compute_params * train.num_blocks * 32
-    ids = np.load(folder / "ids.npy", mmap_mode="r")
-    assert ids.shape == (train.num_blocks, 32, len(tokenizer) - 1)
+    assert meta["codec"] == "exact" and meta["version"] == "distillery-teacher-cache-v2"
+    offsets = np.load(folder / "offsets.npy")
+    assert offsets.shape == (train.num_blocks + 1,)
+    assert offsets[-1] == (folder / "blocks.bin").stat().st_size
+    assert meta["bytes_per_position"] == offsets[-1] / (train.num_blocks * 32)
+    ids, logp, rest = CachedTeacher(folder, train, {}).block(train.num_blocks - 1)
+    assert ids.shape == logp.shape == (32, len(tokenizer) - 1) and rest.shape == (32,)
     assert not list(folder.parent.glob(".*tmp*"))  # written atomically
 
 
@@ -115,7 +127,7 @@ def test_sparse_cache_loss_is_the_top_k_plus_one_bucket_kl(
 
     full = forward_kl(z.detach(), live.logits(ids)[..., :vocab].reshape(-1, vocab), mask)
     assert 0 < ours <= full and (full - ours) <= 0.1 * full  # k covers > 90%: close
-    assert 1 - np.exp(np.asarray(cached.rest)).mean() > 0.9
+    assert 1 - np.exp(_all_rest(cached)).mean() > 0.9
     teacher_as_student = live.logits(ids)[..., :vocab].reshape(-1, vocab)
     same = {**signals, "student_logits": teacher_as_student}
     same["teacher_logits"] = out.chunk_logits(slice(None), teacher_as_student)
@@ -175,7 +187,7 @@ def test_a_confident_teacher_leaves_a_finite_rest_and_reverse_kl_stays_finite(
         LiveTeacher(model), train, tmp_path / "c", key=key, device=torch.device("cpu")
     )
     cached = CachedTeacher(tmp_path / "c", train, key)
-    rest = np.asarray(cached.rest)
+    rest = _all_rest(cached)
     assert np.isfinite(rest).all() and rest.min() < -17  # mass < 6e-8 somewhere, still finite
     ids = train.blocks([0, 1])
     labels = shift_labels(ids)
@@ -191,3 +203,66 @@ def test_hard_labels_are_refused_with_a_cache(setting, small, cache_dir, teacher
     cfg["objectives"] = [{"kind": "hard_labels"}]
     with pytest.raises(DistilleryError, match="hard_labels cannot read a teacher cache"):
         run(RunConfig.model_validate(cfg))
+
+
+def test_codec_round_trip_on_hand_made_rows():
+    """exact: ids, log-probabilities and rest come back unchanged; compact: the same ids, each
+    log-probability within half a quantisation step of its range, the rest within float16."""
+    from distillery.teachers.cache_codec import LEVELS, decode_block, encode_block
+
+    g = np.random.default_rng(0)
+    vocab, t, k = 70_000, 5, 9  # ids need 3 bytes
+    ids = np.stack([g.choice(vocab, k, replace=False) for _ in range(t)]).astype(np.int32)
+    ids[0, :3] = [0, vocab - 1, 1]  # both ends of the vocabulary, a gap of 0
+    logp = np.sort(-g.exponential(3.0, (t, k)), axis=1).astype(np.float32)[:, ::-1]
+    rest = -g.exponential(2.0, t).astype(np.float32)
+    for codec in ("exact", "compact"):
+        record = encode_block(ids, logp, rest, vocab=vocab, codec=codec)
+        got_ids, got_logp, got_rest = decode_block(record, seq_len=t, k=k, vocab=vocab, codec=codec)
+        for row in range(t):
+            order = np.argsort(ids[row])
+            assert (got_ids[row] == ids[row][order]).all()  # sorted by id
+            want = logp[row][order]
+            if codec == "exact":
+                assert (got_logp[row] == want).all() and (got_rest == rest).all()
+            else:
+                step = (want.max() - want.min()) / LEVELS
+                assert np.abs(got_logp[row] - want).max() <= 0.5 * step + 2e-3 * abs(want).max()
+                assert np.abs(got_rest - rest).max() <= 1e-3 * np.abs(rest).max()
+    assert len(encode_block(ids, logp, rest, vocab=vocab, codec="compact")) < t * (8 * k + 4)
+
+
+def test_compact_cache_keeps_the_forward_kl_of_the_exact_one(
+    setting, small, cache_dir, teacher_dir, tmp_path
+):
+    """The same teacher and top-k stored compact (8-bit log-probabilities) and exact: a
+    student's forward KL to them differs by < 0.5%, at a fraction of the bytes."""
+    tokenizer, train, _, _ = setting
+    vocab, k = len(tokenizer), 32
+    caches = {}
+    for codec in ("exact", "compact"):
+        _cache(
+            small, cache_dir, teacher_dir, tmp_path / codec, top_k=k, temperature=2.0, codec=codec
+        )
+        caches[codec] = CachedTeacher(
+            tmp_path / codec, train, cache_key(teacher_dir, tokenizer, train)
+        )
+    assert caches["compact"].meta["bytes_per_position"] < 0.5 * (8 * k + 4)
+    ids = train.blocks(list(range(8)))
+    labels = shift_labels(ids)
+    student = load_pretrained(teacher_dir)
+    with torch.no_grad():
+        student.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    terms = terms_from_config([{"kind": "forward_kl", "temperature": 2.0}])
+    kl = {c: DistillStep(terms, t, vocab=vocab)(student, ids, labels)[0] for c, t in caches.items()}
+    assert abs(kl["compact"] - kl["exact"]) <= 5e-3 * kl["exact"]
+
+
+def test_an_old_cache_is_refused_in_one_line(setting, tmp_path):
+    _, train, _, folder = setting
+    old = tmp_path / "old"
+    old.mkdir()
+    meta = json.loads((folder / "cache.json").read_text())
+    (old / "cache.json").write_text(json.dumps({**meta, "version": "distillery-teacher-cache-v1"}))
+    with pytest.raises(DistilleryError, match=r"another format .*rebuild it"):
+        CachedTeacher(old, train, {})

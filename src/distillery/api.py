@@ -80,7 +80,9 @@ class Distiller:
     """``student`` taught by ``teacher`` through ``objectives`` (config entries, e.g.
     ``{"kind": "hidden_mse", "layers": "uniform"}``; default CE + forward KL at T=2, or CE alone
     without a teacher). ``vocab``: cut both models' logits to the tokenizer's tokens (padded
-    embedding tables); ``chunk_size``: positions per chunk of logits (0: all at once). Learned
+    embedding tables); ``chunk_size``: positions per chunk of logits (0: all at once), with
+    ``matmul_dtype`` (e.g. ``torch.bfloat16``) for its matmuls and ``compile_loss`` to fuse its
+    passes with ``torch.compile``. Learned
     projections of representation terms are in ``parameters()``: add them to your optimizer."""
 
     def __init__(
@@ -91,6 +93,8 @@ class Distiller:
         *,
         vocab: int | None = None,
         chunk_size: int = 0,
+        matmul_dtype: torch.dtype | None = None,
+        compile_loss: bool = False,
     ) -> None:
         if objectives is None:
             objectives = DEFAULT_OBJECTIVES if teacher is not None else DEFAULT_OBJECTIVES[:1]
@@ -103,6 +107,8 @@ class Distiller:
             student=student,
             vocab=vocab,
             chunk_size=chunk_size,
+            matmul_dtype=matmul_dtype,
+            compile_loss=compile_loss,
         )
         device = next(student.parameters()).device
         self.step.modules.to(device)

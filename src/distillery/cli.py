@@ -137,30 +137,27 @@ def cmd_mode(args: argparse.Namespace) -> int:
     return 0
 
 
+# ``distillery experiment NAME``: the seeded studies (module, config class, function); with
+# ``--quick`` they run their first seed only.
+STUDIES = {
+    "codistill": ("codistill_study", "CodistillStudyConfig", "codistill_study"),
+    "classifiers": ("classifiers", "ClassifiersConfig", "classifiers"),
+    "iit": ("iit", "IITStudyConfig", "iit_study"),
+    "on-policy": ("on_policy", "OnPolicyStudyConfig", "on_policy_study"),
+    "cross-tokenizer": ("cross_tokenizer", "CrossTokenizerStudyConfig", "cross_tokenizer_study"),
+}
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
-    if args.experiment == "codistill":
-        from distillery.recipes.codistill_study import CodistillStudyConfig, codistill_study
+    if args.experiment in STUDIES:
+        import importlib
 
-        pools = _recipe_config(CodistillStudyConfig, args)
-        if args.quick:
-            pools = pools.model_copy(update={"seeds": pools.seeds[:1]})
-        codistill_study(pools, overwrite=args.overwrite)
-        return 0
-    if args.experiment == "classifiers":
-        from distillery.recipes.classifiers import ClassifiersConfig, classifiers
-
-        table = _recipe_config(ClassifiersConfig, args)
-        if args.quick:
-            table = table.model_copy(update={"seeds": table.seeds[:1]})
-        classifiers(table, overwrite=args.overwrite)
-        return 0
-    if args.experiment == "iit":
-        from distillery.recipes.iit import IITStudyConfig, iit_study
-
-        study = _recipe_config(IITStudyConfig, args)
+        module, cls, fn = STUDIES[args.experiment]
+        recipe = importlib.import_module(f"distillery.recipes.{module}")
+        study = _recipe_config(getattr(recipe, cls), args)
         if args.quick:
             study = study.model_copy(update={"seeds": study.seeds[:1]})
-        iit_study(study, overwrite=args.overwrite)
+        getattr(recipe, fn)(study, overwrite=args.overwrite)
         return 0
     from distillery.recipes.distill_expand import DistillExpandConfig, distill_expand
 
@@ -199,6 +196,33 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
         args.overrides = [f"teacher={args.teacher}", *args.overrides]
     meta = cache_teacher(_recipe_config(CacheTeacherConfig, args), overwrite=args.overwrite)
     print(json.dumps(meta, indent=2))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from distillery.recipes.generate import GenerateConfig, generate
+
+    if args.teacher:
+        args.overrides = [f"teacher={args.teacher}", *args.overrides]
+    manifest = generate(_recipe_config(GenerateConfig, args), overwrite=args.overwrite)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=2))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from distillery.recipes.prune import PruneConfig, prune
+
+    if args.teacher:
+        args.overrides = [f"teacher={args.teacher}", *args.overrides]
+    summary = prune(_recipe_config(PruneConfig, args), overwrite=args.overwrite)
+    print(json.dumps({k: v for k, v in summary.items() if "importance" not in k}, indent=2))
+    return 0
+
+
+def cmd_teachers(args: argparse.Namespace) -> int:
+    from distillery.recipes.teacher_stage import TeachersConfig, teachers
+
+    teachers(_recipe_config(TeachersConfig, args), reuse=not args.overwrite)
     return 0
 
 
@@ -264,11 +288,13 @@ def _study_commands(sub: Any) -> None:
         "experiment",
         help="a lab experiment: distill-expand (distil mid-training, grow back), iit "
         "(interchange intervention training at equal compute), codistill (pools vs alone), "
-        "classifiers (DistilBERT's recipe: retained-performance table)",
+        "classifiers (DistilBERT's recipe: retained-performance table), on-policy (GKD vs "
+        "supervised and sequence-level KD), cross-tokenizer (ULD from a teacher with another "
+        "tokenizer)",
     )
     p.add_argument(
         "experiment",
-        choices=["distill-expand", "iit", "codistill", "classifiers"],
+        choices=["distill-expand", *STUDIES],
         help="which experiment",
     )
     common(p)
@@ -304,6 +330,24 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--teacher", help="teacher model folder (HF format)")
     p.set_defaults(func=cmd_cache_teacher)
+    p = sub.add_parser(
+        "generate",
+        help="a model folder completes prompt data into JSONL shards (sequence-level KD data)",
+    )
+    common(p)
+    p.add_argument("--teacher", "--model", dest="teacher", help="the generating model folder")
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser(
+        "prune", help="cut a student from a teacher folder by importance (depth and/or width)"
+    )
+    common(p)
+    p.add_argument("--teacher", help="teacher model folder (HF format)")
+    p.set_defaults(func=cmd_prune)
+    p = sub.add_parser(
+        "teachers", help="train teachers to early stopping, once per config and seed"
+    )
+    common(p)
+    p.set_defaults(func=cmd_teachers)
     return parser
 
 

@@ -18,6 +18,7 @@ from distillery.config.run import (
     ExchangeSpec,
     GrowSpec,
     ModelSpec,
+    OnPolicySpec,
     RunConfig,
     TrainConfig,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "MCDropoutTeacherSpec",
     "ModelSpec",
     "ObjectiveConfig",
+    "OnPolicySpec",
     "ReverseKLObjective",
     "RunConfig",
     "Strict",

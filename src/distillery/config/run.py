@@ -17,6 +17,7 @@ from distillery.config.terms import (
     CachedTeacherSpec,
     CrossEntropyObjective,
     ObjectiveConfig,
+    TeacherPrecision,
     TeacherSpec,
     needs_teacher,
 )
@@ -34,8 +35,10 @@ class DataConfig(Strict):
     ``bbc-news`` the label is the topic)."""
 
     # lm: next tokens (decoders); mlm: masked tokens (encoders, BERT's dynamic masking);
-    # classify: one label per text
-    task: Literal["lm", "mlm", "classify"] = "lm"
+    # classify: one label per text; prompts: prompt + completion rows, loss on the completion
+    # (``data.prompts``: bbc-news headline + first sentence → the article's continuation, or a
+    # .jsonl of prompt/completion or chat messages)
+    task: Literal["lm", "mlm", "classify", "prompts"] = "lm"
     source: str = "bbc-news"  # "bbc-news", a text file or folder, a .jsonl or a .csv file
     text_field: str = "text"  # field of a JSONL object / column of a CSV file
     label_field: str = "label"  # classify: field / column holding the label
@@ -46,6 +49,12 @@ class DataConfig(Strict):
     tokenizer: Path | None = None  # a tokenizer folder; default: the teacher's, else train a BPE
     cache_dir: Path = Path(".distillery-cache")
     mask_probability: float = Field(0.15, gt=0.0, lt=1.0)  # mlm: share of tokens predicted
+    # prompts: the JSONL fields, and the most prompt tokens a row keeps (None: seq_len // 2)
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"  # chat: [{role, content}, ...], the last the assistant's
+    prompt_tokens: int | None = Field(None, gt=0, le=MAX_SIZE)
+    completion_chars: int = Field(600, gt=0)  # bbc-news: the reference continuation's length
 
 
 class GrowSpec(Strict):
@@ -123,7 +132,14 @@ class TrainConfig(Strict):
     )
     grad_clip: float | None = Field(1.0, gt=0.0)
     # > 0: logit losses computed this many positions at a time (bounded memory at big vocabularies)
-    logit_chunk_size: int = Field(0, ge=0, le=MAX_SIZE)
+    # auto: as many positions as the logits budget holds (models.heads.CHUNK_LOGITS numbers)
+    logit_chunk_size: Annotated[int, Field(ge=0, le=MAX_SIZE)] | Literal["auto"] = 0
+    # The chunked path's logit matmuls: auto = the hidden states' dtype (bf16 under autocast);
+    # bf16 on fp32 hidden states: fp32 accumulation and softmax statistics, ~3e-3 relative
+    # error in the gradient (benchmarks/kd_loss.py); compile_loss: torch.compile fuses the
+    # objectives' passes over each chunk (compiled once, on the first step).
+    logit_matmul: Literal["auto", "fp32", "bf16"] = "auto"
+    compile_loss: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
     # Under torchrun: ddp replicates the model on every process; fsdp shards it (FSDP2: each
@@ -138,6 +154,10 @@ class TrainConfig(Strict):
     log_every: int = Field(10, gt=0, le=MAX_STEPS)
     eval_every: int = Field(0, ge=0, le=MAX_STEPS)  # 0: only at the end
     eval_batches: int = Field(20, gt=0, le=MAX_STEPS)
+    # The final report: new tokens timed for generate tokens/s, and validation prompts on which
+    # the student drafts for the teacher (acceptance lengths); 0 skips either.
+    generation_tokens: int = Field(64, ge=0, le=MAX_SIZE)
+    draft_prompts: int = Field(16, ge=0, le=MAX_SIZE)
     tensorboard: bool = True
 
     @model_validator(mode="after")
@@ -145,6 +165,18 @@ class TrainConfig(Strict):
         if self.parallel == "fsdp" and self.compile:
             raise ValueError("train.parallel=fsdp does not combine with train.compile yet")
         return self
+
+
+class OnPolicySpec(Strict):
+    """On-policy distillation (GKD, Agarwal et al. 2024; ``data.task: prompts``): each global
+    batch, with probability ``fraction`` (λ; drawn from (seed, step)), the completions are
+    sampled from the current student (each row seeded by (seed, step, row)) and the teacher
+    scores them; otherwise the data's completions are used. λ = 0 is supervised KD."""
+
+    fraction: float = Field(0.5, ge=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(64, gt=0, le=MAX_SIZE)  # also capped by the row's room
 
 
 class RunConfig(Strict):
@@ -159,6 +191,7 @@ class RunConfig(Strict):
         default_factory=lambda: [CrossEntropyObjective()], min_length=1
     )
     train: TrainConfig = Field(default_factory=TrainConfig)
+    on_policy: OnPolicySpec | None = None  # data.task: prompts
     out: Path = Path("runs/run")
 
     @field_validator("teacher", mode="before")
@@ -185,7 +218,10 @@ class RunConfig(Strict):
         if self.train.parallel == "fsdp" and any(o.kind == "iit" for o in self.objectives):
             raise ValueError("the iit objective does not run sharded: use train.parallel=ddp")
         task = self.data.task
-        if task != "lm":
+        self._check_on_policy()
+        if task == "prompts" and isinstance(self.teacher, CachedTeacherSpec):
+            raise ValueError("a teacher cache is for token blocks (data.task: lm), not prompts")
+        if task not in ("lm", "prompts"):
             causal_only = [o.kind for o in self.objectives if o.kind in ("attention_kl", "iit")]
             if causal_only:
                 raise ValueError(
@@ -203,11 +239,21 @@ class RunConfig(Strict):
 
             if task == "mlm" and not is_encoder(preset):
                 raise ValueError(f"model.preset={preset}: masked-LM runs need a bert-* preset")
-            if task == "lm" and is_encoder(preset):
+            if task in ("lm", "prompts") and is_encoder(preset):
                 raise ValueError(
                     f"model.preset={preset} is an encoder: use data.task=mlm or classify"
                 )
         return self
+
+    def _check_on_policy(self) -> None:
+        if self.on_policy is None:
+            return
+        if self.data.task != "prompts":
+            raise ValueError("on_policy samples completions: it needs data.task: prompts")
+        if not any(needs_teacher(o) for o in self.objectives):
+            raise ValueError("on_policy: give an objective that reads the teacher (e.g. jsd)")
+        if self.train.parallel == "fsdp":
+            raise ValueError("on_policy does not sample from a sharded student: use ddp")
 
 
 class CacheTeacherConfig(Strict):
@@ -219,6 +265,9 @@ class CacheTeacherConfig(Strict):
     temperature: float = Field(2.0, gt=0.0)  # must equal the soft objectives' temperature
     batch_size: int = Field(16, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: TeacherPrecision = "auto"  # the teacher's forward (teachers.factory.lean_teacher)
+    # compact: 8-bit log-probabilities (≈ k·(1 + log2(V/k)/8) bytes a position); exact: float32
+    codec: Literal["compact", "exact"] = "compact"
     out: Path = Path("runs/teacher-cache")
 
 

@@ -49,9 +49,12 @@ ForwardKLObjective = objective_schema("forward_kl", "ForwardKLObjective")
 ReverseKLObjective = objective_schema("reverse_kl", "ReverseKLObjective")
 JSDObjective = objective_schema("jsd", "JSDObjective")
 TVDObjective = objective_schema("tvd", "TVDObjective")
+SkewKLObjective = objective_schema("skew_kl", "SkewKLObjective")
+SkewReverseKLObjective = objective_schema("skew_reverse_kl", "SkewReverseKLObjective")
 HiddenCosineObjective = objective_schema("hidden_cosine", "HiddenCosineObjective")
 HiddenMSEObjective = objective_schema("hidden_mse", "HiddenMSEObjective")
 AttentionKLObjective = objective_schema("attention_kl", "AttentionKLObjective")
+ULDObjective = objective_schema("uld", "ULDObjective")
 
 
 class InterchangeObjective(Strict):
@@ -78,9 +81,12 @@ ObjectiveConfig = Annotated[
     | ReverseKLObjective  # type: ignore[valid-type]
     | JSDObjective  # type: ignore[valid-type]
     | TVDObjective  # type: ignore[valid-type]
+    | SkewKLObjective  # type: ignore[valid-type]
+    | SkewReverseKLObjective  # type: ignore[valid-type]
     | HiddenCosineObjective  # type: ignore[valid-type]
     | HiddenMSEObjective  # type: ignore[valid-type]
     | AttentionKLObjective  # type: ignore[valid-type]
+    | ULDObjective  # type: ignore[valid-type]
     | InterchangeObjective,
     Field(discriminator="kind"),
 ]
@@ -91,16 +97,30 @@ def needs_teacher(objective: Any) -> bool:
     return objective.kind == "iit" or get_objective(objective.kind).needs_teacher
 
 
+# A frozen teacher's forward: bf16 (fp16 on a GPU without bf16) by default where it is fast
+# ("auto": CUDA, or a CPU with avx512_bf16/amx), else fp32; int8: dynamic quantisation of its
+# linear layers (CPU). Its outputs reach the objectives in float32 whatever it ran in.
+TeacherPrecision = Literal["auto", "bf16", "fp16", "fp32", "int8"]
+
+
 class LiveTeacherSpec(Strict):
     """A frozen teacher folder run on every batch, or several sharing a tokenizer combined into
     one (an ensemble: ``combine`` = ``mean`` of their probabilities with ``weights``, or the
     most ``confident`` per position). The first folder also gives the tokenizer and the layers
-    for ``model.init_from_teacher``."""
+    for ``model.init_from_teacher``.
+
+    ``tokenizer: own``: one teacher that keeps its own tokenizer, different from the student's
+    (the data is cut with the student's: ``model.path``, ``data.tokenizer`` or a BPE of
+    ``data.vocab_size``); each batch is decoded to text, re-tokenized for the teacher and the
+    two aligned where token boundaries coincide (``teachers.cross_tokenizer``); only objectives
+    that compare different vocabularies (``uld``) and the student's own ``ce`` apply."""
 
     kind: Literal["live"] = "live"
     path: Path | list[Path]
     weights: list[Weight] | None = None  # one per folder (an ensemble)
     combine: Literal["mean", "confident"] = "mean"
+    precision: TeacherPrecision = "auto"
+    tokenizer: Literal["shared", "own"] = "shared"
 
     @model_validator(mode="after")
     def _one_weight_each(self) -> LiveTeacherSpec:
@@ -108,6 +128,10 @@ class LiveTeacherSpec(Strict):
             raise ValueError("give a folder, or a list of at least one")
         if self.weights is not None and len(self.weights) != len(self.paths):
             raise ValueError(f"weights: give one weight per teacher ({len(self.paths)})")
+        if self.tokenizer == "own" and len(self.paths) > 1:
+            raise ValueError(
+                "tokenizer: own is for one teacher; an ensemble's members must share a tokenizer"
+            )
         return self
 
     @property
@@ -122,6 +146,7 @@ class MCDropoutTeacherSpec(Strict):
     kind: Literal["mc_dropout"] = "mc_dropout"
     path: Path
     samples: int = Field(8, ge=2)
+    precision: TeacherPrecision = "auto"
 
     @property
     def paths(self) -> list[Path]:
@@ -135,6 +160,7 @@ class CachedTeacherSpec(Strict):
     kind: Literal["cache"] = "cache"
     path: Path
     cache: Path
+    precision: TeacherPrecision = "auto"  # the live teacher of the final evaluation
 
     @property
     def paths(self) -> list[Path]:

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from distillery.data.packed import _encode
 from distillery.data.sources import split_documents
+from distillery.data.tokenizer import special_layout
 from distillery.errors import DistilleryError
 
 
@@ -113,13 +114,13 @@ def encode_labelled(
 ) -> LabelledExamples:
     """Token rows and class ids of ``pairs``; a label outside ``classes`` is refused.
 
-    Decoders read ``tokens + eos``; an ``encoder`` reads ``cls + tokens + sep`` (BERT's layout;
-    the tokenizer's bos/eos stand in for a missing cls/sep), its pooler the first position.
+    Decoders read ``tokens + eos``, after the BOS of a tokenizer that puts one before every text
+    (Llama 3, Gemma: ``bos + tokens + eos``); an ``encoder`` reads ``cls + tokens + sep`` (BERT's
+    layout; the tokenizer's bos/eos stand in for a missing cls/sep), its pooler the first
+    position.
     """
-    if seq_len < 2 + encoder:
-        raise DistilleryError(f"data.seq_len={seq_len}: too short for a classifier")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    start: list[int] = []
+    start: list[int] = [] if encoder else special_layout(tokenizer)[0]
     if encoder:
         eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else eos
         cls = tokenizer.cls_token_id
@@ -127,6 +128,8 @@ def encode_labelled(
         if cls is None:
             raise DistilleryError("the tokenizer needs a cls or bos token for an encoder")
         start = [cls]
+    if seq_len < 2 + len(start):
+        raise DistilleryError(f"data.seq_len={seq_len}: too short for a classifier")
     if eos is None or pad is None:
         raise DistilleryError("the tokenizer needs an eos and a pad token for classification")
     index = {c: i for i, c in enumerate(classes)}

@@ -1,4 +1,15 @@
-"""Token caches on disk, fixed-length blocks over them, and step-addressable batch order."""
+"""Token caches on disk, fixed-length blocks over them, and step-addressable batch order.
+
+Blocks follow the tokenizer's own special-token convention (``special_layout``): a tokenizer
+that puts a BOS before every text it encodes (Llama 3, Gemma) gets every block starting with
+that BOS — ``[bos] + seq_len-1`` tokens of the stream —, an encoder's (BERT: ``[CLS] ... [SEP]``,
+RoBERTa: ``<s> ... </s>``) every block framed by its tokens, and one that adds none (GPT-2, Qwen2,
+the lab's BPE) plain ``seq_len`` tokens. The BOS is per *block*, not per document: a pretrained
+model has only ever seen a sequence whose first position is the BOS, and a packed block that
+starts mid-document without one is scored far worse (the issue measured perplexity 126 vs 23).
+The stream on disk is the same either way (documents joined by eos); the convention is recorded
+in the cache's ``meta.json`` and key, so a cache without it is never read as one with it.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +25,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from distillery.data.tokenizer import tokenizer_fingerprint
+from distillery.data.tokenizer import special_layout, tokenizer_fingerprint
 from distillery.errors import DistilleryError
 from distillery.files import publish_folder, temp_folder_next_to
 
@@ -23,8 +34,13 @@ _VERSION = "distillery-tokens-v1"
 _BATCH_DOCS = 256
 
 
-def _cache_key(splits: dict[str, list[str]], fingerprint: str) -> str:
-    digest = hashlib.sha256(f"{_VERSION}\0{fingerprint}".encode())
+def _cache_key(
+    splits: dict[str, list[str]], fingerprint: str, specials: dict[str, list[int]]
+) -> str:
+    """Content key of a cache; ``specials`` (the block layout) enters it only when not empty, so
+    the keys of tokenizers that add no special tokens are what they always were."""
+    header = f"{_VERSION}\0{fingerprint}" + (f"\0{json.dumps(specials)}" if specials else "")
+    digest = hashlib.sha256(header.encode())
     for name in sorted(splits):
         digest.update(f"\0split\0{name}\0{len(splits[name])}\0".encode())
         for doc in splits[name]:
@@ -42,9 +58,15 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[i
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+def _separator(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The id that ends each document in the stream: eos, else (BERT) sep."""
+    eos = tokenizer.eos_token_id
+    return eos if eos is not None else getattr(tokenizer, "sep_token_id", None)
+
+
 def _token_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str], dtype: type) -> np.ndarray:
-    """All documents' tokens concatenated, eos after each document."""
-    eos = np.array([tokenizer.eos_token_id], dtype=dtype)
+    """All documents' tokens concatenated, eos (BERT: sep) after each document."""
+    eos = np.array([_separator(tokenizer)], dtype=dtype)
     pieces = []
     for start in range(0, len(docs), _BATCH_DOCS):
         for ids in _encode(tokenizer, docs[start : start + _BATCH_DOCS]):
@@ -57,13 +79,17 @@ def build_token_cache(
     splits: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, cache_root: Path
 ) -> Path:
     """Tokenize every split once into cache_root/tokens/<key>; reuse it when it exists."""
-    if tokenizer.eos_token_id is None:
-        raise DistilleryError("the tokenizer has no eos token: set one so documents can be joined")
+    if _separator(tokenizer) is None:
+        raise DistilleryError(
+            "the tokenizer has no eos (or sep) token: set one so documents can be joined"
+        )
     for name in splits:
         if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
             raise DistilleryError(f"split name '{name}' must use only letters, digits, _ and -")
     fingerprint = tokenizer_fingerprint(tokenizer)
-    folder = Path(cache_root) / "tokens" / _cache_key(splits, fingerprint)
+    prefix, suffix = special_layout(tokenizer)
+    specials = {"prefix": prefix, "suffix": suffix} if prefix or suffix else {}
+    folder = Path(cache_root) / "tokens" / _cache_key(splits, fingerprint, specials)
     if folder.is_dir():
         return folder
     dtype = np.uint16 if len(tokenizer) <= 65535 else np.uint32
@@ -71,10 +97,11 @@ def build_token_cache(
         "version": _VERSION,
         "dtype": np.dtype(dtype).name,
         "vocab_size": len(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": _separator(tokenizer),
         "tokens": {},
         "documents": {},
         "tokenizer": fingerprint,
+        **specials,  # ids every block starts ("prefix") and ends ("suffix") with
     }
     tmp = temp_folder_next_to(folder)
     try:
@@ -91,7 +118,9 @@ def build_token_cache(
 
 
 class PackedTokens:
-    """Non-overlapping blocks of seq_len tokens over one split of a token cache (memory-mapped)."""
+    """Non-overlapping blocks of seq_len tokens over one split of a token cache (memory-mapped):
+    the cache's ``prefix`` ids, then the next ``seq_len - len(prefix) - len(suffix)`` tokens of
+    the stream, then its ``suffix`` ids (both empty unless the tokenizer adds special tokens)."""
 
     def __init__(self, folder: Path, split: str, seq_len: int) -> None:
         folder = Path(folder)
@@ -102,6 +131,8 @@ class PackedTokens:
             dtype = np.dtype(meta["dtype"])
             n_tokens = int(meta["tokens"][split]) if split in meta["tokens"] else None
             vocab_size = int(meta["vocab_size"])
+            prefix = [int(i) for i in meta.get("prefix", [])]
+            suffix = [int(i) for i in meta.get("suffix", [])]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DistilleryError(
                 f"token cache '{folder}' is missing or corrupt ({type(exc).__name__}): "
@@ -118,13 +149,20 @@ class PackedTokens:
                 f"token cache file '{path}' is missing or has the wrong size: "
                 "delete the cache folder and run again to rebuild it"
             )
-        if n_tokens < seq_len:
+        body = seq_len - len(prefix) - len(suffix)
+        if body < 1:
+            raise DistilleryError(
+                f"seq_len={seq_len} leaves no room for text between the tokenizer's "
+                f"{len(prefix) + len(suffix)} special tokens of each block; raise seq_len"
+            )
+        if n_tokens < body:
             raise DistilleryError(
                 f"split '{split}' has {n_tokens} tokens, fewer than seq_len={seq_len}: "
                 "use a smaller seq_len or more data"
             )
         self.folder, self._split = folder, split
-        self._seq_len = seq_len
+        self._seq_len, self._body = seq_len, body
+        self.prefix, self.suffix = prefix, suffix
         self._vocab_size = vocab_size
         self._data = np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
 
@@ -143,7 +181,7 @@ class PackedTokens:
 
     @property
     def num_blocks(self) -> int:
-        return self.num_tokens // self._seq_len
+        return self.num_tokens // self._body
 
     @property
     def vocab_size(self) -> int:
@@ -153,19 +191,29 @@ class PackedTokens:
         return self.num_blocks
 
     def blocks(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
-        """A LongTensor (len(indices), seq_len): block i is tokens [i*seq_len, (i+1)*seq_len)."""
+        """A LongTensor (len(indices), seq_len): block i is ``prefix`` + stream tokens
+        [i*b, (i+1)*b) + ``suffix``, b = seq_len minus the special tokens (b = seq_len without)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_blocks):
             raise IndexError(f"block index out of range [0, {self.num_blocks}) in split")
-        offsets = idx[:, None] * self._seq_len + np.arange(self._seq_len, dtype=np.int64)
-        return torch.from_numpy(self._data[offsets].astype(np.int64))
+        offsets = idx[:, None] * self._body + np.arange(self._body, dtype=np.int64)
+        body = self._data[offsets].astype(np.int64)  # (B, b)
+        if self.prefix or self.suffix:
+            before = np.tile(np.asarray(self.prefix, dtype=np.int64), (len(idx), 1))
+            after = np.tile(np.asarray(self.suffix, dtype=np.int64), (len(idx), 1))
+            body = np.concatenate([before, body, after], axis=1)  # (B, seq_len)
+        return torch.from_numpy(body)
 
     def examples(
         self, indices: Sequence[int] | np.ndarray, draw: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input ids, next-token labels), both ``(len(indices), seq_len)``."""
+        """(input ids, next-token labels), both ``(len(indices), seq_len)``; no position learns
+        to predict a block's suffix (an end marker where no document ends)."""
         ids = self.blocks(indices)
-        return ids, shift_labels(ids)
+        labels = shift_labels(ids)
+        if self.suffix:
+            labels[:, -1 - len(self.suffix) :] = IGNORE_INDEX
+        return ids, labels
 
 
 def shift_labels(

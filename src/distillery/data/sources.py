@@ -8,7 +8,9 @@ import importlib.util
 import json
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from distillery.errors import DistilleryError
 
@@ -78,9 +80,9 @@ def _from_text_file(path: Path) -> list[str]:
     return [part.strip() for part in _BLANK_LINES.split(text)]
 
 
-def _records_jsonl(path: Path, fields: list[str]) -> list[list[str]]:
-    """The string values of ``fields`` of each JSON line (labels may be integers)."""
-    rows = []
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSONL file; one error naming the
+    line when it is not a JSON object."""
     for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
@@ -95,6 +97,13 @@ def _records_jsonl(path: Path, fields: list[str]) -> list[list[str]]:
             raise DistilleryError(
                 f"{path}, line {number}: expected a JSON object, got {type(obj).__name__}"
             )
+        yield number, obj
+
+
+def _records_jsonl(path: Path, fields: list[str]) -> list[list[str]]:
+    """The string values of ``fields`` of each JSON line (labels may be integers)."""
+    rows = []
+    for number, obj in iter_jsonl(path):
         row = []
         for i, name in enumerate(fields):
             setting = "text_field" if i == 0 else "label_field"

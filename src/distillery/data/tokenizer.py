@@ -1,4 +1,5 @@
-"""Byte-level BPE tokenizers: train, save atomically, cache, load and fingerprint."""
+"""Byte-level BPE tokenizers: train, save atomically, cache, load and fingerprint; the special
+tokens a tokenizer puts around a text."""
 
 from __future__ import annotations
 
@@ -123,3 +124,20 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
         state = sorted(tokenizer.get_vocab().items())
     payload = json.dumps({"special": special, "state": state}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def special_layout(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """(ids the tokenizer puts before a text, ids it puts after) when it encodes with its special
+    tokens, read from what it does: ``[bos]`` and ``[]`` for Llama 3 / Gemma tokenizers,
+    ``[cls]`` and ``[sep]`` for BERT (``<s>``, ``</s>`` for RoBERTa), ``[]`` and ``[]`` for
+    GPT-2, Qwen2 and the lab's own BPE."""
+    probe = "Hello world, 42 times."
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    raise DistilleryError(
+        "cannot tell which special tokens the tokenizer adds: encoding a text with them does not "
+        "contain its encoding without them; give a tokenizer that adds them around the text"
+    )

@@ -4,6 +4,7 @@ Every objective returns a **sum** over the positions that count (``mask``); the 
 once by the global number of valid positions, so micro-batches, chunks and ranks add up exactly.
 """
 
+from distillery.objectives.cross_vocab import universal_logit_distance
 from distillery.objectives.logits import (
     cross_entropy,
     forward_kl,
@@ -34,4 +35,5 @@ __all__ = [
     "register_objective",
     "reverse_kl",
     "total_variation",
+    "universal_logit_distance",
 ]

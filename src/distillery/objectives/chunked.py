@@ -85,6 +85,10 @@ def _padded(x: torch.Tensor | None, rows: int, fill: float | int | bool = 0) -> 
     return torch.cat([x, pad])
 
 
+def _part(x: torch.Tensor | None, part: slice) -> torch.Tensor | None:
+    return None if x is None else x[part]
+
+
 def chunked_loss(
     term_fn: Any,
     weights: torch.Tensor,
@@ -96,23 +100,22 @@ def chunked_loss(
     chunk_size: int,
     teacher_logits: Callable[[slice, torch.Tensor | None], torch.Tensor] | None = None,
     vocab: int | None = None,
+    teacher_mask: torch.Tensor | None = None,
+    cut_teacher: bool = True,
     matmul_dtype: torch.dtype | None = None,
     compile: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ_k weights_k · term_k, terms (K,))`` with logits projected a chunk at a time.
 
     ``term_fn(signals) -> (K,)`` sums; ``student_hidden`` ``(N, H)``, ``labels``/``mask``
-    ``(N,)``; ``teacher_logits(part, student_logits)`` gives the teacher's logits ``(C, V_t)``
-    of the flattened positions ``part`` (``TeacherOutput.chunk_logits``). The gradients of the
-    weighted total with respect to the hidden states and the head are computed in the forward
-    pass, one chunk of logits at a time (as Liger's fused losses do), so nothing is recomputed;
-    only the total is differentiable. Logits are cut to the first ``vocab`` columns (padding
-    rows are no tokens). ``matmul_dtype`` (default: the hidden states' dtype) is the dtype of
-    the projections to and from the logits, e.g. ``torch.bfloat16`` for fp32 hidden states:
-    the matmuls accumulate in fp32 but the logits and their gradient are rounded to it; the
-    objectives still compute in float32 and the head's gradient is accumulated in float32.
-    ``compile``: the objectives' passes over each chunk fused by ``torch.compile`` (the last
-    chunk padded with masked-out rows to the same shape).
+    ``(N,)``; ``teacher_logits(part, student_logits)``: the teacher's logits ``(C, V_t)`` of
+    the flattened positions ``part`` (``TeacherOutput.chunk_logits``). The gradients of the
+    total for the hidden states and the head are computed in the forward pass, a chunk at a
+    time (as Liger's fused losses do). Logits are cut to the first ``vocab`` columns (padding
+    rows are no tokens), the teacher's too unless ``cut_teacher`` is off (its own vocabulary;
+    ``teacher_mask`` ``(N,)``: the positions it predicts). ``matmul_dtype``: the projections'
+    dtype (default: the hidden states'), e.g. ``torch.bfloat16`` (fp32 accumulation, objectives
+    and head gradient in float32); ``compile``: each chunk's passes fused by ``torch.compile``.
     """
     weight = student_head.weight
     bias = getattr(student_head, "bias", None)
@@ -140,12 +143,14 @@ def chunked_loss(
                 student_logits = F.linear(_padded(h, size).to(dtype), w, b)  # (C, V)
                 teacher_chunk = None
                 if teacher_logits is not None:
-                    teacher_chunk = teacher_logits(part, student_logits[:n])[..., :rows]
+                    cut = rows if cut_teacher else None  # None: the teacher's own vocabulary
+                    teacher_chunk = teacher_logits(part, student_logits[:n])[..., :cut]
             signals = {
                 "student_logits": student_logits,
                 "teacher_logits": _padded(teacher_chunk, size),
                 "labels": _padded(labels[part], size, IGNORE_INDEX),
                 "mask": _padded(mask[part], size, False),
+                "teacher_mask": _padded(_part(teacher_mask, part), size, False),
             }
             chunk_sums, grad_logits = chunk_grad(signals, weights)  # (K,), (C, V)
             grad_logits = grad_logits[:n]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from distillery.data.packed import IGNORE_INDEX as IGNORE_INDEX  # re-exported
-from distillery.objectives.registry import Beta, Temperature, register_objective
+from distillery.objectives.registry import Alpha, Beta, Temperature, register_objective
 
 
 def _counted(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -106,13 +106,57 @@ def generalized_jsd(
         return reverse_kl(student_logits, teacher_logits, mask, temperature=t)
     student_logp = _soft_logp(student_logits, mask, t)
     teacher_logp = _soft_logp(teacher_logits, mask, t)
-    mixture_logp = torch.logsumexp(
-        torch.stack([teacher_logp + math.log(b), student_logp + math.log(1.0 - b)]), dim=0
-    )  # (N, V)
+    mixture_logp = _mixture(teacher_logp, student_logp, b)  # (N, V)
     jsd = b * _kl_rows(teacher_logp, mixture_logp) + (1.0 - b) * _kl_rows(
         student_logp, mixture_logp
     )
     return _masked_sum(jsd, mask) * (t * t)
+
+
+def _mixture(p_logp: torch.Tensor, q_logp: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w·p + (1−w)·q) ``(N, V)``, taken in log space; 0 < w < 1."""
+    return torch.logsumexp(torch.stack([p_logp + math.log(w), q_logp + math.log(1.0 - w)]), 0)
+
+
+def _skewed_kl_rows(p_logp: torch.Tensor, q_logp: torch.Tensor, alpha: float) -> torch.Tensor:
+    """KL(p ‖ α·p + (1−α)·q) per row ``(N,)``."""
+    if alpha == 0.0:
+        return _kl_rows(p_logp, q_logp)
+    return _kl_rows(p_logp, _mixture(p_logp, q_logp, alpha))
+
+
+@register_objective("skew_kl")
+def skew_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    alpha: Alpha = 0.1,
+    temperature: Temperature = 1.0,
+) -> torch.Tensor:
+    """T² · skew KL (DistiLLM, Ko et al. 2024): KL(p_teacher ‖ α·p_teacher + (1−α)·p_student).
+
+    α=0 is forward KL; the mixture keeps the student's side away from zero, so the loss and its
+    gradient stay bounded (by −log α per position) where the student misses teacher mass.
+    """
+    t = float(temperature)
+    teacher_logp = _soft_logp(teacher_logits, mask, t)
+    student_logp = _soft_logp(student_logits, mask, t)
+    return _masked_sum(_skewed_kl_rows(teacher_logp, student_logp, float(alpha)), mask) * (t * t)
+
+
+@register_objective("skew_reverse_kl")
+def skew_reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    alpha: Alpha = 0.1,
+    temperature: Temperature = 1.0,
+) -> torch.Tensor:
+    """T² · skew reverse KL (DistiLLM): KL(p_student ‖ α·p_student + (1−α)·p_teacher); α=0
+    is reverse KL (skew KL, roles swapped)."""
+    return skew_kl(teacher_logits, student_logits, mask, alpha=alpha, temperature=temperature)
 
 
 @register_objective("tvd")

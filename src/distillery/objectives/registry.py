@@ -20,6 +20,7 @@ ObjectiveFn = Callable[..., torch.Tensor]
 # the function's signature.
 Temperature = Annotated[float, Field(gt=0.0)]
 Beta = Annotated[float, Field(ge=0.0, le=1.0)]
+Alpha = Annotated[float, Field(ge=0.0, lt=1.0)]  # skew of a skew KL (DistiLLM): below 1
 
 # The tensors an objective may ask for, by argument name (shapes: ``logits.py`` and
 # ``representations.py``).
@@ -28,6 +29,7 @@ SIGNAL_NAMES = (
     "teacher_logits",
     "labels",
     "mask",
+    "teacher_mask",  # (N,) bool: positions with a teacher prediction (another tokenizer)
     "student_states",
     "teacher_states",
     "student_attentions",
@@ -45,6 +47,9 @@ class Objective:
     params: tuple[str, ...]
     # name -> (annotated type, default) of each keyword-only parameter
     param_specs: dict[str, tuple[Any, Any]]
+    # Whether it compares a teacher whose vocabulary differs from the student's (``uld``);
+    # the token-by-token divergences cannot.
+    cross_vocab: bool = False
 
     @property
     def needs_teacher(self) -> bool:
@@ -65,15 +70,18 @@ class Objective:
         return {"states": "last", "attentions": "uniform"}.get(self.reads)
 
     def __call__(self, signals: dict[str, torch.Tensor | None], **params: float) -> torch.Tensor:
-        args = {name: signals[name] for name in self.signals}
+        args = {name: signals.get(name) for name in self.signals}
         return self.fn(**args, **params)
 
 
 OBJECTIVES: dict[str, Objective] = {}
 
 
-def register_objective(name: str) -> Callable[[ObjectiveFn], ObjectiveFn]:
-    """Register ``fn`` under ``name``; its positional arguments name the signals it reads."""
+def register_objective(
+    name: str, *, cross_vocab: bool = False
+) -> Callable[[ObjectiveFn], ObjectiveFn]:
+    """Register ``fn`` under ``name``; its positional arguments name the signals it reads.
+    ``cross_vocab``: it accepts a teacher with another vocabulary (``Objective.cross_vocab``)."""
 
     def wrap(fn: ObjectiveFn) -> ObjectiveFn:
         if name in OBJECTIVES:
@@ -88,7 +96,7 @@ def register_objective(name: str) -> Callable[[ObjectiveFn], ObjectiveFn]:
             raise ValueError(f"objective {name!r}: every keyword-only parameter needs a default")
         hints = typing.get_type_hints(fn, include_extras=True)
         specs = {p.name: (hints.get(p.name, Any), p.default) for p in keyword}
-        OBJECTIVES[name] = Objective(name, fn, signals, tuple(specs), specs)
+        OBJECTIVES[name] = Objective(name, fn, signals, tuple(specs), specs, cross_vocab)
         return fn
 
     return wrap

@@ -1,44 +1,59 @@
 """``distillery ablate``: what each part of a distillation mix buys, over several seeds.
 
-1. train a teacher (or reuse the one a previous call trained with the same config);
-2. for every arm (the full mix, each objective dropped, random initialisation) and every seed,
-   distil the same half-depth student — finished runs with an unchanged config are reused, so
-   an interrupted ablation continues where it stopped;
+1. train a teacher (or reuse the one a previous call trained with the same config) — with
+   ``teacher_stage`` set, converged teachers, one per stage seed, shared by every study;
+2. for every arm (the full mix, each objective dropped, random initialisation — or each arm's
+   own mix, a rung of a ladder) and every seed, distil the same half-depth student — finished
+   runs with an unchanged config are reused, so an interrupted ablation continues where it
+   stopped;
 3. write ``ablation.md`` and ``ablation.json`` (validation perplexity and agreement, mean ± std
-   over seeds) to the output folder and to ``results`` when set.
+   over seeds; each arm minus the comparison arm paired by seed, with its 95% t-interval and
+   verdict; the teacher beside the best no-teacher student) to the output folder and to
+   ``results`` when set.
 
 The seed sets the data order, the random initialisations and the projections; runs of one seed
-see the same batches in every arm.
+see the same batches, and learn from the same teacher, in every arm.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field, model_validator
 
-from distillery.config import ModelSpec, ObjectiveConfig, RunConfig, Strict
+from distillery.config import ModelSpec, ObjectiveConfig, RunConfig, Strict, needs_teacher
+from distillery.eval.stats import verdict
 from distillery.recipes.common import prepare_out_dir
-from distillery.recipes.quickstart import teacher_config
 from distillery.recipes.study import (
     SeededStudy,
     TeacherStudentRecipe,
     distilbert_mix,
     hardware,
     mean_std,
+    paired_interval,
     run_or_reuse,
+    study_teachers,
+    teacher_check,
     write_study,
 )
 
 
 class AblationArm(Strict):
-    """One arm of an ablation: the full objective mix minus ``drop``, with or without the
-    student initialised from the teacher's layers."""
+    """One arm of an ablation: the study's objective mix minus ``drop`` (or the arm's own
+    ``objectives``: a rung of a ladder), with or without the student initialised from the
+    teacher's layers."""
 
     drop: list[str] = Field(default_factory=list)  # objective kinds left out
+    objectives: list[ObjectiveConfig] | None = Field(None, min_length=1)  # instead of the mix
     init_from_teacher: bool = True
+
+    @model_validator(mode="after")
+    def _one_way(self) -> AblationArm:
+        if self.drop and self.objectives is not None:
+            raise ValueError("give an arm 'drop' or its own 'objectives', not both")
+        return self
 
 
 def _distilbert_arms() -> dict[str, AblationArm]:
@@ -57,13 +72,21 @@ class AblationConfig(TeacherStudentRecipe, SeededStudy):
 
     objectives: list[ObjectiveConfig] = Field(default_factory=distilbert_mix, min_length=1)
     arms: dict[str, AblationArm] = Field(default_factory=_distilbert_arms, min_length=1)
+    compare_to: str | None = None  # the arm every arm is paired against (default: the first)
+    uses_teacher_stage: ClassVar[bool] = True
     out: Path = Path("runs/ablation")
+
+    @property
+    def comparison(self) -> str:
+        return self.compare_to or next(iter(self.arms))
 
     @model_validator(mode="after")
     def _arms_make_sense(self) -> AblationConfig:
         kinds = [o.kind for o in self.objectives]
-        if len(set(kinds)) != len(kinds):
+        if len(set(kinds)) != len(kinds) and any(a.drop for a in self.arms.values()):
             raise ValueError("objectives: each kind once (arms drop objectives by kind)")
+        if self.compare_to is not None and self.compare_to not in self.arms:
+            raise ValueError(f"compare_to: {self.compare_to!r} is not one of the arms")
         for name, arm in self.arms.items():
             if not name or not all(c.isalnum() or c in "-_" for c in name):
                 raise ValueError(f"arms: name {name!r} must be letters, digits, '-' or '_'")
@@ -76,33 +99,42 @@ class AblationConfig(TeacherStudentRecipe, SeededStudy):
 
 
 METRICS = ("val_ppl", "val_loss", "agreement", "kl_teacher_student", "accuracy")
-KEPT = (*METRICS, "flops", "train_seconds")
+KEPT = (*METRICS, "flops", "steps", "train_seconds")
+# Paired against the comparison arm, and which way is better.
+COMPARED = {"val_ppl": True, "agreement": False, "kl_teacher_student": True}  # lower is better
 
 
 def _describe(objectives: list[Any]) -> str:
-    return " + ".join(f"{o.weight:g}·{o.kind}" for o in objectives)
+    def one(o: Any) -> str:
+        temperature = getattr(o, "temperature", None)
+        return f"{o.weight:g}·{o.kind}" + (f"(T={temperature:g})" if temperature else "")
+
+    return " + ".join(one(o) for o in objectives)
+
+
+def _no_teacher(arm: AblationArm, objectives: list[Any]) -> bool:
+    """An arm that learns nothing from the teacher: random init, no objective reading it."""
+    return not arm.init_from_teacher and not any(needs_teacher(o) for o in objectives)
 
 
 def ablate(cfg: AblationConfig, *, overwrite: bool = False) -> dict[str, Any]:
     """Run every arm × seed into ``cfg.out`` (``overwrite``: rerun even finished runs); return
-    the table's data."""
+    the table's data. Seed i of every arm learns from the same teacher (``study_teachers``),
+    so arms are compared paired by seed."""
     out = Path(cfg.out)
     prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
-    teacher, reused = run_or_reuse(
-        teacher_config(cfg, out / "teacher"), "teacher", reuse=not overwrite
-    )
-    reuse = reused  # students of another teacher (retrained now) are never reused
-    teacher_model = out / "teacher" / "model"
-    student_data = cfg.data.model_copy(update={"tokenizer": teacher_model})
+    teachers = study_teachers(cfg, out, reuse=not overwrite)
+    reuse = teachers.reused  # students of another teacher (retrained now) are never reused
     overrides = {**cfg.teacher.overrides, "num_hidden_layers": cfg.student_layers}
 
     arms: dict[str, dict[str, Any]] = {}
     for name, arm in cfg.arms.items():
-        objectives = [o for o in cfg.objectives if o.kind not in arm.drop]
+        objectives = arm.objectives or [o for o in cfg.objectives if o.kind not in arm.drop]
         runs = []
-        for seed in cfg.seeds:
+        for i, seed in enumerate(cfg.seeds):
+            teacher_model = teachers.folders(i)
             run_cfg = RunConfig(
-                data=student_data,
+                data=cfg.data.model_copy(update={"tokenizer": teacher_model}),
                 model=ModelSpec(
                     preset=cfg.teacher.preset,
                     overrides=overrides,
@@ -114,7 +146,8 @@ def ablate(cfg: AblationConfig, *, overwrite: bool = False) -> dict[str, Any]:
                 out=out / name / f"seed-{seed}",
             )
             summary, _ = run_or_reuse(run_cfg, f"{name}/seed-{seed}", reuse=reuse)
-            runs.append({"seed": seed, **{k: summary[k] for k in KEPT}})
+            runs.append({"seed": seed, "teacher": str(teacher_model),
+                         **{k: summary[k] for k in KEPT}})  # fmt: skip
         stats = {}
         for key in METRICS:
             mean, std = mean_std([r[key] for r in runs])
@@ -122,17 +155,30 @@ def ablate(cfg: AblationConfig, *, overwrite: bool = False) -> dict[str, Any]:
         arms[name] = {
             "objectives": _describe(objectives),
             "init": "teacher (every other layer)" if arm.init_from_teacher else "random",
+            "no_teacher": _no_teacher(arm, objectives),
             "runs": runs,
             **stats,
         }
+    base = arms[cfg.comparison]["runs"]
+    for arm in arms.values():
+        arm["vs_comparison"] = {}
+        for key, lower in COMPARED.items():
+            interval = paired_interval(arm["runs"], base, key)
+            assert interval is not None  # every arm ran every seed
+            arm["vs_comparison"][key] = {
+                **interval.as_dict(),
+                "verdict": verdict(interval, lower_is_better=lower),
+            }
 
     result = {
         "hardware": hardware(),
         "torch": torch.__version__,
         "seeds": cfg.seeds,
-        "teacher": {k: teacher[k] for k in ("val_ppl", "val_loss", "accuracy", "layers")},
+        "teacher": teachers.info,
         "student_layers": cfg.student_layers,
         "student_steps": cfg.student_train.steps,
+        "student_flops_budget": cfg.student_train.flops_budget,
+        "comparison": cfg.comparison,
         "arms": arms,
         "config": cfg.model_dump(mode="json"),
     }
@@ -140,27 +186,47 @@ def ablate(cfg: AblationConfig, *, overwrite: bool = False) -> dict[str, Any]:
     return result
 
 
+def _ci(vs: dict[str, Any], digits: int) -> str:
+    """``+3.2 [-1.0, +7.4]`` (an unbounded interval: one seed)."""
+    if vs["low"] is None:
+        return f"{vs['mean']:+.{digits}f} [one seed]"
+    return f"{vs['mean']:+.{digits}f} [{vs['low']:+.{digits}f}, {vs['high']:+.{digits}f}]"
+
+
 def ablation_markdown(result: dict[str, Any]) -> str:
-    """The ablation table: one row per arm, mean ± std over seeds, Δ against the first arm."""
-    arms = result["arms"]
-    base = next(iter(arms.values()))
+    """The ablation table: one row per arm, mean ± std over seeds, and each arm minus the
+    comparison arm paired by seed (95% t-interval) with the verdict it gives."""
+    arms, comparison, teacher = result["arms"], result["comparison"], result["teacher"]
+    no_teacher = [r for arm in arms.values() if arm.get("no_teacher") for r in arm["runs"]]
+    compute = (
+        f"at equal FLOPs ({result['student_flops_budget']:.3g} per run, teacher forwards counted)"
+        if result.get("student_flops_budget")
+        else f"{result['student_steps']} steps per run"
+    )
+    regime = "converged (early-stopped)" if teacher.get("converged") else "not converged"
     lines = [
         f"# Ablation ({result['hardware']}, seeds {result['seeds']})",
         "",
-        f"Teacher: {result['teacher']['layers']} layers, validation perplexity "
-        f"{result['teacher']['val_ppl']:.1f}. Student: {result['student_layers']} layers, "
-        f"{result['student_steps']} steps per run; mean ± sample std over "
-        f"{len(result['seeds'])} seeds.",
+        f"Teacher: {teacher['layers']} layers, {regime}, trained with {teacher['flops']:.3g} "
+        f"FLOPs. {teacher_check(teacher, no_teacher)}",
         "",
-        "| arm | objectives | init | val ppl | Δ ppl vs first | agreement | KL(teacher‖student) |",
-        "|---|---|---|---|---|---|---|",
+        f"Student: {result['student_layers']} layers, {compute}; mean ± sample std over "
+        f"{len(result['seeds'])} seeds; Δ = arm − **{comparison}** paired by seed, with its "
+        "95% t-interval; the verdict is read off the interval (lower perplexity is better).",
+        "",
+        f"| arm | objectives | init | steps | val ppl | Δ ppl vs {comparison} [95% CI] | verdict "
+        "| agreement | KL(teacher‖student) |",
+        "|---|---|---|---:|---|---|---|---|---|",
     ]
     for name, arm in arms.items():
         ppl, agree, kl = arm["val_ppl"], arm["agreement"], arm["kl_teacher_student"]
-        delta = ppl["mean"] - base["val_ppl"]["mean"]
+        vs = arm["vs_comparison"]["val_ppl"]
+        steps = sorted({r["steps"] for r in arm["runs"]})
         lines.append(
             f"| {name} | {arm['objectives']} | {arm['init']} | "
-            f"{ppl['mean']:.1f} ± {ppl['std']:.1f} | {delta:+.1f} | "
+            f"{'/'.join(str(s) for s in steps)} | {ppl['mean']:.1f} ± {ppl['std']:.1f} | "
+            f"{'–' if name == comparison else _ci(vs, 1)} | "
+            f"{'–' if name == comparison else vs['verdict']} | "
             f"{agree['mean']:.3f} ± {agree['std']:.3f} | {kl['mean']:.3f} ± {kl['std']:.3f} |"
         )
     return "\n".join(lines) + "\n"

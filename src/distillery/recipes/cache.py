@@ -12,6 +12,7 @@ from distillery.models import check_fits_data, check_same_tokenizer, load_pretra
 from distillery.recipes.common import prepare_data
 from distillery.teachers import LiveTeacher
 from distillery.teachers.cache import build_teacher_cache, cache_key
+from distillery.teachers.factory import lean_teacher
 
 
 def cache_teacher(cfg: CacheTeacherConfig, *, overwrite: bool = False) -> dict[str, Any]:
@@ -34,12 +35,13 @@ def cache_teacher(cfg: CacheTeacherConfig, *, overwrite: bool = False) -> dict[s
             print(f"[cache-teacher] {done}/{total} blocks", flush=True)
 
     return build_teacher_cache(
-        LiveTeacher(model.to(device)),
+        LiveTeacher(lean_teacher(model.to(device), cfg.precision, device)),
         train,
         Path(cfg.out),
         key=key,
         device=device,
         batch_size=cfg.batch_size,
+        codec=cfg.codec,
         overwrite=overwrite,
         progress=progress,
     )

@@ -41,10 +41,10 @@ from distillery.models import load_pretrained
 from distillery.recipes.common import prepare_data, prepare_out_dir
 from distillery.recipes.study import (
     SeededStudy,
-    against_spread,
     hardware,
     mean_std,
     run_or_reuse,
+    summary_verdict,
     write_study,
 )
 from distillery.teachers import (
@@ -325,14 +325,13 @@ def _answer(rows: dict[str, Any], seeds: int) -> list[str]:
     student, single = rows["student ← ensemble"], rows["single"]
     for metric, label, digits in (("ece", "ECE", 4), ("nll", "NLL", 3)):
         paired = student[f"{metric}_vs_single"]
-        gap = -paired["mean"]
-        better = "lower (better)" if gap > 0 else "higher (worse)"
+        said = summary_verdict(
+            paired["mean"], paired["std"], seeds, lower_is_better=True, digits=digits
+        )
         out.append(
-            f"- {label}: the student distilled from the ensemble is {better} than the single "
-            f"model by {abs(gap):.{digits}f} ({single[metric]['mean']:.{digits}f} → "
-            f"{student[metric]['mean']:.{digits}f}; paired by seed, the difference is "
-            f"{paired['mean']:+.{digits}f} ± {paired['std']:.{digits}f}: "
-            f"{against_spread(gap, [paired['std']], seeds, digits)}). The ensemble itself: "
+            f"- {label}: the student distilled from the ensemble against the single model, "
+            f"paired by seed: {said} ({single[metric]['mean']:.{digits}f} → "
+            f"{student[metric]['mean']:.{digits}f}). The ensemble itself: "
             f"{rows['deep ensemble'][metric]['mean']:.{digits}f}; temperature scaling: "
             f"{rows['single + temperature'][metric]['mean']:.{digits}f}; the MC-dropout "
             f"student: {rows['student ← MC dropout'][metric]['mean']:.{digits}f}."

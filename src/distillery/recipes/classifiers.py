@@ -40,10 +40,10 @@ from distillery.models import load_pretrained, num_params, spec_is_encoder
 from distillery.recipes.common import prepare_data, prepare_out_dir
 from distillery.recipes.study import (
     SeededStudy,
-    against_spread,
     distilbert_mix,
     hardware,
     mean_std,
+    paired_verdict,
     run_or_reuse,
     write_study,
 )
@@ -342,19 +342,21 @@ def classifiers_markdown(result: dict[str, Any]) -> str:
         f"{f_body['val_ppl']['mean']:.1f} ± {f_body['val_ppl']['std']:.1f} without the teacher "
         f"(teacher: {result['teacher_pretrain']['val_ppl'] or float('nan'):.1f}).",
     ]
-    seeds = len(result["seeds"])
     best = max(("distilled", "distilled-labels"), key=lambda k: rows[k]["accuracy"]["mean"])
     for key, what in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
-        gap = rows[best][key]["mean"] - rows["no-teacher"][key]["mean"]
-        stds = [rows[best][key]["std"], rows["no-teacher"][key]["std"]]
-        lines.append(
-            f"- {rows[best]['label']} vs the student without the teacher: {what} "
-            f"{gap:+.3f} ({against_spread(gap, stds, seeds, 3)})."
+        said = paired_verdict(
+            rows[best]["runs"], rows["no-teacher"]["runs"], key, lower_is_better=False, digits=3
         )
-    gap = rows["distilled"]["accuracy"]["mean"] - rows["distilled-labels"]["accuracy"]["mean"]
-    stds = [rows["distilled"]["accuracy"]["std"], rows["distilled-labels"]["accuracy"]["std"]]
-    lines.append(
-        f"- Task distillation on top of the distilled body: accuracy {gap:+.3f} "
-        f"({against_spread(gap, stds, seeds, 3)})."
+        lines.append(
+            f"- {rows[best]['label']} vs the student without the teacher, paired by seed: "
+            f"{what} {said}."
+        )
+    said = paired_verdict(
+        rows["distilled"]["runs"],
+        rows["distilled-labels"]["runs"],
+        "accuracy",
+        lower_is_better=False,
+        digits=3,
     )
+    lines.append(f"- Task distillation on top of the distilled body: accuracy {said}.")
     return "\n".join(lines) + "\n"

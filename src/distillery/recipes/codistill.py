@@ -41,7 +41,7 @@ from distillery.models.dropout import add_residual_dropout
 from distillery.pool import Exchange, PoolData, agree_on_start, check_same_config
 from distillery.recipes.common import export_model, prepare_data, prepare_out_dir
 from distillery.report.card import write_model_card
-from distillery.step import DistillStep, terms_from_config
+from distillery.step import DistillStep, chunk_options, terms_from_config
 
 
 def _peer_index(cfg: CodistillConfig, peer: int | None) -> tuple[int, DistEnv, bool]:
@@ -179,7 +179,7 @@ def codistill(
             terms_from_config([CrossEntropyObjective(), kd]),
             exchange.teacher,
             vocab=vocab,
-            chunk_size=cfg.train.logit_chunk_size,
+            **chunk_options(cfg.train, vocab),
         )
         train_cfg = cfg.train.model_copy(update={"seed": cfg.train.seed + index})
         n_params = compute_params(model)

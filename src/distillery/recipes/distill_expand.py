@@ -37,9 +37,9 @@ from distillery.config import (
 from distillery.recipes.common import prepare_out_dir
 from distillery.recipes.study import (
     SeededStudy,
-    against_spread,
     hardware,
     mean_std,
+    paired_verdict,
     run_or_reuse,
     write_study,
 )
@@ -296,13 +296,13 @@ def expand_markdown(result: dict[str, Any]) -> str:
         )
     best = min(rows, key=lambda k: rows[k]["val_loss"]["mean"])
     if base and rows[best]["arm"] != "baseline":
-        gap = base["val_loss"]["mean"] - rows[best]["val_loss"]["mean"]
-        stds = [base["val_loss"]["std"], rows[best]["val_loss"]["std"]]
+        said = paired_verdict(
+            rows[best]["runs"], base["runs"], "val_loss", lower_is_better=True, digits=3
+        )
         lines += [
             "",
-            f"Best at B: **{best}**, {gap:.3f} lower validation loss than the best baseline "
-            f"({base_name}); the gap is "
-            f"{against_spread(gap, stds, len(result['seeds']), 3)}.",
+            f"Best at B (lowest mean): **{best}**; its validation loss against the best baseline "
+            f"({base_name}), paired by seed: {said}.",
         ]
     elif base:
         lines += ["", f"Best at B: **{best}** (plain end-to-end training)."]

@@ -11,6 +11,7 @@ from distillery.data import has_tokenizer, load_tokenizer
 from distillery.distributed import DistEnv, resolve_device
 from distillery.errors import DistilleryError
 from distillery.eval import evaluate_model, folder_size, generation_speed
+from distillery.eval.drafts import draft_metrics
 from distillery.files import write_json
 from distillery.models import (
     check_classes,
@@ -73,6 +74,11 @@ def evaluate_folder(
         ),
         "device": str(device),
     }
+    if signal is not None and task == "lm" and not is_bidirectional(model.config):
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        result |= draft_metrics(
+            model, signal.model, val, vocab=cut, device=device, assisted=True, pad_token_id=pad
+        )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, result)

@@ -37,9 +37,9 @@ from distillery.recipes.quickstart import teacher_config
 from distillery.recipes.study import (
     SeededStudy,
     TeacherStudentRecipe,
-    against_spread,
     hardware,
     mean_std,
+    paired_verdict,
     run_or_reuse,
     write_study,
 )
@@ -186,15 +186,13 @@ def iit_markdown(result: dict[str, Any]) -> str:
             f"{row['interchange_agreement_swapped']['std']:.3f} |"
         )
     base, equal = rows["standard"], rows["standard + IIT"]
-    seeds = len(result["seeds"])
-    gap = base["val_ppl"]["mean"] - equal["val_ppl"]["mean"]
-    stds = [base["val_ppl"]["std"], equal["val_ppl"]["std"]]
-    ia = equal["interchange_agreement"]["mean"] - base["interchange_agreement"]["mean"]
-    ia_stds = [base["interchange_agreement"]["std"], equal["interchange_agreement"]["std"]]
+    ppl = paired_verdict(equal["runs"], base["runs"], "val_ppl", lower_is_better=True)
+    ia = paired_verdict(
+        equal["runs"], base["runs"], "interchange_agreement", lower_is_better=False, digits=3
+    )
     lines += [
         "",
-        f"At equal FLOPs, adding IIT {'lowers' if gap > 0 else 'raises'} validation perplexity "
-        f"by {abs(gap):.1f} ({against_spread(gap, stds, seeds)}) and changes interchange "
-        f"agreement by {ia:+.3f} ({against_spread(ia, ia_stds, seeds, 3)}).",
+        f"At equal FLOPs, adding IIT, paired by seed: validation perplexity {ppl}; interchange "
+        f"agreement {ia}.",
     ]
     return "\n".join(lines) + "\n"

@@ -44,7 +44,7 @@ from distillery.recipes.modes_config import (
     TwoStepMode,
 )
 from distillery.recipes.quickstart import teacher_config
-from distillery.recipes.study import against_spread, hardware, mean_std, run_or_reuse, write_study
+from distillery.recipes.study import hardware, mean_std, paired_verdict, run_or_reuse, write_study
 
 METRICS = ("val_ppl", "val_loss", "accuracy", "agreement")
 KEPT = (*METRICS, "steps", "flops", "train_seconds")
@@ -315,15 +315,14 @@ def modes_markdown(result: dict[str, Any]) -> str:
                 f"{stage['arm_flops']['mean']:.3g} | {ppl['mean']:.1f} ± {ppl['std']:.1f} | "
                 f"{acc['mean']:.3f} ± {acc['std']:.3f} | {agree['mean']:.3f} ± {agree['std']:.3f} |"
             )
-        finals[name] = arm["stages"][-1]["val_ppl"]
+        finals[name] = arm["stages"][-1]
     (mode_arm, a), (base_arm, b) = list(finals.items())[:2]
-    delta = a["mean"] - b["mean"]
-    verdict = "lower (better)" if delta < 0 else "higher (worse)"
-    spread = against_spread(delta, [a["std"], b["std"]], len(result["seeds"]))
+    said = paired_verdict(a["runs"], b["runs"], "val_ppl", lower_is_better=True)
+    pa, pb = a["val_ppl"], b["val_ppl"]
     lines += [
         "",
-        f"Final models at equal FLOPs: **{mode_arm}** {a['mean']:.1f} ± {a['std']:.1f} vs "
-        f"**{base_arm}** {b['mean']:.1f} ± {b['std']:.1f} validation perplexity: {delta:+.1f}, "
-        f"{verdict}; the difference is {spread}.",
+        f"Final models at equal FLOPs: **{mode_arm}** {pa['mean']:.1f} ± {pa['std']:.1f} vs "
+        f"**{base_arm}** {pb['mean']:.1f} ± {pb['std']:.1f} validation perplexity; paired by "
+        f"seed: {said}.",
     ]
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ engine → export → one full evaluation → summary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,11 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from distillery.config import RunConfig, config_to_yaml
-from distillery.data import has_tokenizer, load_tokenizer
+from distillery.data import PackedTokens, global_batch_indices, has_tokenizer, load_tokenizer
 from distillery.distributed import DistEnv, init_distributed, resolve_device, shutdown_distributed
 from distillery.engine import Engine, seed_everything, steps_for_budget
 from distillery.eval import evaluate_model, folder_size, generation_speed, interchange_agreement
+from distillery.eval.drafts import draft_metrics
 from distillery.files import atomic_write_text, write_json
 from distillery.models import (
     build_model,
@@ -31,6 +33,7 @@ from distillery.models import (
     uses_encoder_layout,
 )
 from distillery.models.dropout import add_residual_dropout
+from distillery.models.generation import Sampling
 from distillery.models.growth import grow_layers, stack_layers
 from distillery.models.heads import check_plain_head
 from distillery.recipes.common import (
@@ -41,19 +44,24 @@ from distillery.recipes.common import (
     prepare_data,
     prepare_out_dir,
 )
+from distillery.recipes.generate import prepare_prompts, stop_ids
 from distillery.report import write_run_report
 from distillery.report.card import write_model_card
-from distillery.step import DistillStep, terms_from_config
+from distillery.step import DistillStep, OnPolicyStep, chunk_options, terms_from_config
 from distillery.teachers import LiveTeacher, TeacherSignal
 from distillery.teachers.cache import CachedTeacher
+from distillery.teachers.cross_tokenizer import check_own_tokenizer, own_tokenizer
 from distillery.teachers.factory import build_teacher
 
 
 def _check_tokenizers(cfg: RunConfig, tokenizer: Any) -> None:
-    """Every teacher (and a student folder) must use the tokenizer the data was cut with."""
-    paths = cfg.teacher_paths
+    """Every teacher (and a student folder) must use the tokenizer the data was cut with (the
+    student's, with a teacher that keeps its own)."""
+    own = own_tokenizer(cfg)
+    paths = [] if own else cfg.teacher_paths
     others = paths[1:] if cfg.data.tokenizer is None else paths
-    for folder in [*others, *([cfg.model.path] if paths and cfg.model.path else [])]:
+    student = cfg.model.path and (paths or (own and cfg.data.tokenizer))
+    for folder in [*others, *([cfg.model.path] if student else [])]:
         if has_tokenizer(folder):
             check_same_tokenizer(load_tokenizer(folder), tokenizer)
 
@@ -67,7 +75,7 @@ def _student(
     residual dropout, as the config says."""
     seed_everything(cfg.train.seed)
     if cfg.model.path is not None:
-        model = load_pretrained(cfg.model.path, "student", cfg.data.task, classes=classes)
+        model = load_pretrained(cfg.model.path, "student", _model_task(cfg), classes=classes)
     else:
         head = teachers[0].get_output_embeddings() if teachers else None
         model = build_model(
@@ -75,7 +83,7 @@ def _student(
             head.weight.shape[0] if head is not None else len(tokenizer),
             cfg.model.overrides,
             num_labels=len(classes) if classes is not None else None,
-            task=cfg.data.task,
+            task=_model_task(cfg),
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -134,13 +142,22 @@ def _summary(
 
 
 def _final_metrics(
-    model: Any, step: DistillStep, live: TeacherSignal | None, val: Any, device: Any, vocab: int
+    model: Any,
+    step: DistillStep,
+    live: TeacherSignal | None,
+    val: Any,
+    device: Any,
+    vocab: int,
+    drafts: int = 0,
 ) -> dict[str, Any]:
     """One full evaluation (fp32, whole validation split) against the real teacher, and
-    interchange agreement for IIT runs."""
+    interchange agreement for IIT runs; the student as the teacher's draft on ``drafts``
+    validation prompts (acceptance lengths)."""
     if isinstance(step.teacher, CachedTeacher) and isinstance(live, LiveTeacher):
         live.model.to(device)
     metrics = evaluate_model(model, val, device=device, teacher=live, vocab=vocab)
+    if drafts and isinstance(live, LiveTeacher) and type(val) is PackedTokens:  # causal LM
+        metrics |= draft_metrics(model, live.model, val, vocab=vocab, device=device, prompts=drafts)
     iit = [t for t in step.terms if t.reads == "interchange"]
     if iit and isinstance(live, LiveTeacher):
         spec = iit[0].interchange
@@ -166,25 +183,31 @@ class _Parts:
     train: Any
     val: Any
     model: PreTrainedModel
-    step: DistillStep
+    step: DistillStep | OnPolicyStep
     live: TeacherSignal | None  # the real teacher, for the final evaluation
     vocab: int  # logits are cut to this many outputs (tokens, or classes)
 
 
 def _assemble(cfg: RunConfig, env: DistEnv, device: Any) -> _Parts:
     """Teacher folders → data → student → teacher signal → the distillation step."""
-    teachers = [load_pretrained(p, "teacher", cfg.data.task) for p in cfg.teacher_paths]
-    tokenizer, train, val = prepare_data(
-        cfg.data,
-        env,
-        cfg.teacher_paths[0] if teachers else cfg.model.path,
-        encoder=uses_encoder_layout(teachers, cfg.model),
-        seed=cfg.train.seed,
-    )
+    check_own_tokenizer(cfg)
+    own = own_tokenizer(cfg)  # the teacher keeps its tokenizer; the data is cut with the student's
+    teachers = [load_pretrained(p, "teacher", _model_task(cfg)) for p in cfg.teacher_paths]
+    tokenizer_dir = cfg.teacher_paths[0] if teachers and not own else cfg.model.path
+    if cfg.data.task == "prompts":
+        tokenizer, train, val = prepare_prompts(cfg.data, env, tokenizer_dir)
+    else:
+        tokenizer, train, val = prepare_data(
+            cfg.data,
+            env,
+            tokenizer_dir,
+            encoder=uses_encoder_layout(teachers, cfg.model),
+            seed=cfg.train.seed,
+        )
     _check_tokenizers(cfg, tokenizer)
     classes = getattr(train, "classes", None)
     vocab = len(classes) if classes is not None else len(tokenizer)
-    model = _student(cfg, tokenizer, teachers, classes)
+    model = _student(cfg, tokenizer, [] if own else teachers, classes)
     teacher = live = None
     if cfg.teacher is not None:
         teacher, live = build_teacher(
@@ -205,22 +228,75 @@ def _assemble(cfg: RunConfig, env: DistEnv, device: Any) -> _Parts:
         teacher,
         student=model,
         vocab=vocab,
-        chunk_size=cfg.train.logit_chunk_size,
-        states_on="labels" if cfg.data.task == "lm" else "tokens",
+        **chunk_options(cfg.train, vocab),
+        states_on="labels" if cfg.data.task in ("lm", "prompts") else "tokens",
         pad_token_id=tokenizer.pad_token_id,
     )
+    if cfg.on_policy is not None:
+        spec = cfg.on_policy
+        step = OnPolicyStep(  # type: ignore[assignment]
+            step,
+            model,
+            Sampling(spec.temperature, spec.top_p, spec.max_new_tokens),
+            spec.fraction,
+            seed=cfg.train.seed,
+            batch_size=cfg.train.batch_size,
+            pad_token_id=tokenizer.pad_token_id,
+            stop_ids=stop_ids(model, tokenizer),
+            env=env,
+        )
     return _Parts(tokenizer, train, val, model, step, live, vocab)
+
+
+def _model_task(cfg: RunConfig) -> Any:
+    """The kind of model the data asks for (prompt rows are read by a causal LM)."""
+    return "lm" if cfg.data.task == "prompts" else cfg.data.task
+
+
+def _generation_flops(cfg: RunConfig, parts: _Parts, indices: Any) -> float:
+    """What sampling completions for the training rows ``indices`` costs (on-policy runs)."""
+    assert isinstance(parts.step, OnPolicyStep)
+    lengths = parts.train.prompt_lengths[indices].tolist()
+    return parts.step.generation_flops(lengths, compute_params(parts.model), cfg.data.seq_len)
+
+
+def _on_policy_hook(cfg: RunConfig, parts: _Parts, engine: Engine) -> Callable[[int], None]:
+    """Before each step of an on-policy run: decide the batch (``OnPolicyStep.start_step``)
+    and charge its sampling to the FLOPs meter (the prompts' forwards and every row's budget
+    of new tokens, 2·N each; the teacher scoring the rows is in the step's per-token cost)."""
+    step, base = parts.step, engine.flops_per_token
+    assert isinstance(step, OnPolicyStep)
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+
+    def hook(index: int) -> None:
+        step.start_step(index)
+        extra = 0.0
+        if step.on_policy:
+            rows = global_batch_indices(
+                parts.train.num_blocks,
+                cfg.train.data_offset + index,
+                cfg.train.batch_size,
+                cfg.train.seed,
+            )
+            extra = _generation_flops(cfg, parts, rows)
+        engine.flops_per_token = base + extra / tokens_per_step
+
+    return hook
 
 
 def _engine(cfg: RunConfig, parts: _Parts, env: DistEnv, device: Any, name: str) -> Engine:
     """The engine for these parts; a FLOPs budget becomes the steps it pays for."""
     flops_per_token = parts.step.flops_per_token(compute_params(parts.model))
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    per_step = flops_per_token * tokens_per_step
+    if cfg.on_policy is not None:  # a budget pays for the expected sampling, λ of the batches
+        mean_row = _generation_flops(cfg, parts, slice(None)) / parts.train.num_blocks
+        per_step += cfg.on_policy.fraction * mean_row * cfg.train.batch_size
     return Engine(
         parts.model,
         parts.step,
         parts.train,
-        steps_for_budget(cfg.train, flops_per_token * tokens_per_step),
+        steps_for_budget(cfg.train, per_step),
         Path(cfg.out),
         device=device,
         env=env,
@@ -239,11 +315,15 @@ def _finish(
     (``model/README.md``) and ``report.html``."""
     out, model = Path(cfg.out), parts.model
     export_model(model, parts.tokenizer, out / "model")
-    metrics = _final_metrics(model, parts.step, parts.live, parts.val, device, parts.vocab)
+    metrics = _final_metrics(
+        model, parts.step, parts.live, parts.val, device, parts.vocab, cfg.train.draft_prompts
+    )
     engine.log({"step": engine.progress.step, **metrics, "final": True})
     speed = {}
-    if cfg.data.task == "lm":
-        speed["generation_tokens_per_s"] = generation_speed(model, parts.tokenizer, device=device)
+    if cfg.data.task in ("lm", "prompts") and (new := cfg.train.generation_tokens):
+        speed["generation_tokens_per_s"] = generation_speed(
+            model, parts.tokenizer, device=device, new_tokens=new
+        )
     summary = _summary(
         cfg, name, model, metrics, engine, parts.train, **speed,
         device=str(device), world_size=env.world_size,
@@ -281,16 +361,20 @@ def run(
         engine = _engine(cfg, parts, env, device, name)
         _say_truncated(env, parts.train, cfg)
         written: list[bool] = []
+        policy = _on_policy_hook(cfg, parts, engine) if cfg.on_policy is not None else None
 
-        def write_config(step: int) -> None:
-            """Once everything is checked — a resume included (a refused one must not record
-            its settings) — before the first step trains."""
+        def before_step(step: int) -> None:
+            """Write the config once everything is checked — a resume included (a refused one
+            must not record its settings) — before the first step trains; on-policy runs then
+            decide the batch."""
             if not written:
                 if env.is_main:
                     atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
                 written.append(True)
+            if policy is not None:
+                policy(step)
 
-        progress = engine.fit(resume=resume, stop_after=stop_after, before_step=write_config)
+        progress = engine.fit(resume=resume, stop_after=stop_after, before_step=before_step)
         summary: dict[str, Any] = {"step": progress.step, "finished": False}
         if progress.step == engine.cfg.steps and env.is_main:
             summary = _finish(cfg, parts, engine, env, device, name)

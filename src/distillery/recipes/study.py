@@ -9,8 +9,9 @@ import shlex
 import statistics
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 import yaml
@@ -28,7 +29,9 @@ from distillery.config import (
 )
 from distillery.distributed import is_main_process
 from distillery.errors import DistilleryError
+from distillery.eval.stats import Interval, paired_t, t_interval, verdict
 from distillery.files import atomic_write_text, write_json
+from distillery.recipes.teacher_stage import TeacherStage, teacher_for, train_teachers
 from distillery.report.html import first_heading, referenced_images, write_html
 
 
@@ -44,6 +47,13 @@ class TeacherStudentRecipe(Strict):
     student_train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(steps=100, lr=2e-3, warmup_steps=10)
     )
+    # Set: converged teachers (``recipes.teacher_stage``), one per stage seed, trained with
+    # ``teacher_train``'s settings until validation loss stops improving (``steps`` replaced by
+    # the stage's cap), kept in content-keyed folders and shared by every study naming them.
+    # Student seed i learns from teacher i mod len(seeds). Unset: one teacher, ``teacher_train``
+    # steps, in the study's folder.
+    teacher_stage: TeacherStage | None = None
+    uses_teacher_stage: ClassVar[bool] = False  # recipes that read ``teacher_stage`` say so
 
     @property
     def teacher_layers(self) -> int:
@@ -56,6 +66,8 @@ class TeacherStudentRecipe(Strict):
         teacher = self.teacher
         if teacher.path is not None or teacher.init_from_teacher is not None:
             raise ValueError(f"teacher: {recipe} trains its teacher from a preset (teacher.preset)")
+        if self.teacher_stage is not None and not self.uses_teacher_stage:
+            raise ValueError(f"teacher_stage: {recipe} does not train converged teachers yet")
         layers = self.teacher_layers
         if 2 * self.student_layers - 1 > layers:
             raise ValueError(
@@ -63,6 +75,77 @@ class TeacherStudentRecipe(Strict):
                 f"{2 * self.student_layers - 1} layers (every other layer); it has {layers}"
             )
         return self
+
+
+@dataclass
+class StudyTeachers:
+    """A study's teachers: ``info`` for its result, the folder for each student seed index,
+    and whether every teacher was reused (students of a retrained teacher are not)."""
+
+    info: dict[str, Any]
+    folders: Callable[[int], Path]
+    reused: bool
+
+
+def study_teachers(cfg: TeacherStudentRecipe, out: Path, *, reuse: bool = True) -> StudyTeachers:
+    """The converged teachers of ``cfg.teacher_stage`` (trained once, reused by every study), or
+    without a stage the study's own teacher in ``out/teacher`` (``teacher_train`` steps)."""
+    if cfg.teacher_stage is None:
+        from distillery.recipes.quickstart import teacher_config  # quickstart builds on this
+
+        summary, reused = run_or_reuse(teacher_config(cfg, out / "teacher"), "teacher", reuse=reuse)
+        info = {k: summary[k] for k in ("val_ppl", "val_loss", "accuracy", "layers", "flops")}
+        info |= {"converged": False, "seeds": [cfg.teacher_train.seed]}
+        info["teachers"] = [{"seed": cfg.teacher_train.seed, "val_ppl": summary["val_ppl"]}]
+        return StudyTeachers(info, lambda _: out / "teacher" / "model", reused)
+    before = {t: _finished(cfg, t) for t in cfg.teacher_stage.seeds}
+    stage = train_teachers(cfg.data, cfg.teacher, cfg.teacher_train, cfg.teacher_stage, reuse=reuse)
+    first = json.loads((Path(stage["teachers"][0]["model"]).parent / "summary.json").read_text())
+    info = {
+        "val_ppl": stage["val_ppl"]["mean"],
+        "val_ppl_std": stage["val_ppl"]["std"],
+        "val_loss": statistics.fmean(t["val_loss"] for t in stage["teachers"]),
+        "accuracy": first["accuracy"],
+        "layers": first["layers"],
+        "flops": stage["flops"]["trained_mean"],  # what a teacher cost, patience included
+        "flops_to_best": stage["flops"]["mean"],
+        "converged": True,
+        "seeds": cfg.teacher_stage.seeds,
+        "teachers": stage["teachers"],
+    }
+    return StudyTeachers(info, lambda i: teacher_for(stage, i), reuse and all(before.values()))
+
+
+def _finished(cfg: TeacherStudentRecipe, seed: int) -> bool:
+    """Whether the stage teacher of ``seed`` has converged before (its summary is finished)."""
+    from distillery.recipes.teacher_stage import stage_run_config
+
+    assert cfg.teacher_stage is not None
+    out = stage_run_config(cfg.data, cfg.teacher, cfg.teacher_train, cfg.teacher_stage, seed).out
+    summary = Path(out) / "summary.json"
+    return summary.is_file() and bool(json.loads(summary.read_text()).get("finished"))
+
+
+def teacher_check(teacher: dict[str, Any], no_teacher_runs: list[dict[str, Any]] | None) -> str:
+    """Whether the teacher is clearly better than the best no-teacher student of the student's
+    size: every teacher seed's validation perplexity below every no-teacher seed's."""
+    worst = max(float(t["val_ppl"]) for t in teacher["teachers"])
+    spread = (
+        f"{teacher['val_ppl']:.1f} ± {teacher.get('val_ppl_std', 0.0):.1f} over "
+        f"{len(teacher['teachers'])} teacher seeds"
+        if len(teacher["teachers"]) > 1
+        else f"{teacher['val_ppl']:.1f} (one teacher seed: no teacher spread)"
+    )
+    if not no_teacher_runs:
+        return f"Teacher val ppl {spread}; no no-teacher arm to compare it with."
+    best = min(float(r["val_ppl"]) for r in no_teacher_runs)
+    clearly = worst < best
+    return f"Teacher val ppl {spread}; best no-teacher student {best:.1f}: the teacher is " + (
+        "clearly better (every teacher seed below every no-teacher seed)."
+        if clearly
+        else "**not clearly better than its students, so the comparisons below say little about "
+        "distilling from a good teacher**."
+    )
 
 
 def distilbert_mix() -> list[Any]:
@@ -172,10 +255,38 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def against_spread(gap: float, stds: list[float], seeds: int, digits: int = 1) -> str:
-    """Whether ``gap`` is larger than twice the larger seed std, in words."""
-    if seeds < 2:
-        return "one seed only, so no seed spread to compare it with"
-    spread = max(stds)
-    size = "larger" if abs(gap) > 2 * spread else "not larger"
-    return f"{size} than twice the larger seed std ({spread:.{digits}f})"
+def paired_interval(
+    runs: list[dict[str, Any]], against: list[dict[str, Any]], key: str
+) -> Interval | None:
+    """``runs`` − ``against`` on ``key``, paired by each run's ``seed`` (the seeds both arms
+    ran); None when they share no seed."""
+    by_seed = {r["seed"]: float(r[key]) for r in against}
+    pairs = [(float(r[key]), by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
+    if not pairs:
+        return None
+    return paired_t([a for a, _ in pairs], [b for _, b in pairs])
+
+
+def paired_verdict(
+    runs: list[dict[str, Any]],
+    against: list[dict[str, Any]],
+    key: str,
+    *,
+    lower_is_better: bool,
+    digits: int = 1,
+) -> str:
+    """The verdict line's words: ``better: Δ −3.2 [−5.1, −1.3] (95% t-interval, 3 paired
+    seeds)`` — "better" / "worse" / "no difference detected at n seeds" read off the paired
+    interval of ``runs`` − ``against`` (``eval.stats``), never off overlapping stds."""
+    interval = paired_interval(runs, against, key)
+    if interval is None:
+        return "no seed in common, so no paired comparison"
+    return f"{verdict(interval, lower_is_better=lower_is_better)}: Δ {interval.describe(digits)}"
+
+
+def summary_verdict(
+    mean: float, std: float, n: int, *, lower_is_better: bool, digits: int = 1
+) -> str:
+    """``paired_verdict`` from the mean and sample std of ``n`` per-seed paired differences."""
+    interval = t_interval(mean, std, n)
+    return f"{verdict(interval, lower_is_better=lower_is_better)}: Δ {interval.describe(digits)}"

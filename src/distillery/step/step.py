@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from distillery.errors import DistilleryError
-from distillery.models.heads import cut_vocab, head_inputs
+from distillery.models.heads import chunk_rows, cut_vocab, head_inputs
 from distillery.models.interchange import iit_loss, pair_batch
 from distillery.models.interventions import sample_positions
 from distillery.objectives.chunked import chunked_loss
@@ -31,6 +31,7 @@ from distillery.objectives.logits import IGNORE_INDEX
 from distillery.objectives.representations import match_heads
 from distillery.step.terms import Term, resolve
 from distillery.teachers import TeacherOutput, TeacherSignal
+from distillery.teachers.cross_tokenizer import AlignedOutput
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -39,12 +40,24 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def chunk_options(train: Any, vocab: int) -> dict[str, Any]:
+    """``DistillStep``'s chunked-path keywords from a ``TrainConfig`` (``auto``: the positions
+    whose logits over ``vocab`` words fit the budget)."""
+    size = train.logit_chunk_size
+    return {
+        "chunk_size": chunk_rows(vocab) if size == "auto" else size,
+        "matmul_dtype": torch.bfloat16 if train.logit_matmul == "bf16" else None,
+        "compile_loss": train.compile_loss,
+    }
+
+
 class DistillStep:
     """``Σ weight_i · objective_i`` on one micro-batch, as per-position **sums**.
 
     ``vocab`` cuts logits to the tokenizer's real tokens (embedding tables are often padded, and
     teacher and student may be padded differently). ``chunk_size`` > 0 computes the logits a
-    chunk of positions at a time (``objectives.chunked``) instead of all at once.
+    chunk of positions at a time (``objectives.chunked``) instead of all at once, its matmuls in
+    ``matmul_dtype`` (None: the hidden states'), its passes fused when ``compile_loss``.
     Representation terms need ``student`` (the raw model) to resolve their layer maps; their
     learned projections live in ``modules`` and train with the student. ``teacher_enabled``
     off (codistillation before its peers have targets) skips every term that reads the teacher.
@@ -58,6 +71,8 @@ class DistillStep:
         student: nn.Module | None = None,
         vocab: int | None = None,
         chunk_size: int = 0,
+        matmul_dtype: torch.dtype | None = None,
+        compile_loss: bool = False,
         states_on: Literal["labels", "tokens"] = "labels",
         pad_token_id: int | None = None,
     ) -> None:
@@ -67,6 +82,7 @@ class DistillStep:
         if needing and teacher is None:
             raise DistilleryError(f"objectives {needing} need a teacher (--teacher DIR)")
         self.terms, self.teacher, self.vocab, self.chunk_size = terms, teacher, vocab, chunk_size
+        self.matmul_dtype, self.compile_loss = matmul_dtype, compile_loss
         self.states_on, self.pad_token_id = states_on, pad_token_id
         self.teacher_enabled = True
         reads = {t.reads for t in terms}
@@ -168,6 +184,9 @@ class DistillStep:
         weights = torch.tensor([t.weight for t in terms], device=mask.device)
         wants_teacher = any(t.objective.needs_teacher for t in terms)
         n = mask.shape[0]
+        # A teacher with another tokenizer: logits in its own vocabulary, at aligned positions.
+        own_vocab = isinstance(teacher, AlignedOutput)
+        teacher_mask = teacher.mask if own_vocab else None
         if self.chunk_size:
             return chunked_loss(
                 self.term_sums,
@@ -179,19 +198,25 @@ class DistillStep:
                 chunk_size=self.chunk_size,
                 teacher_logits=teacher.chunk_logits if wants_teacher else None,
                 vocab=self.vocab,
+                teacher_mask=teacher_mask,
+                cut_teacher=not own_vocab,
+                matmul_dtype=self.matmul_dtype,
+                compile=self.compile_loss,
             )
         student_logits = cut_vocab(student.logits, self.vocab)  # (B, T, V)
         vocab = student_logits.shape[-1]
         flat = student_logits.reshape(-1, vocab)  # (N, V)
         signals = {"student_logits": flat, "labels": labels, "mask": mask, "teacher_logits": None}
+        signals["teacher_mask"] = teacher_mask
         if wants_teacher:
             if teacher.logits is not None:
                 teacher_logits = teacher.logits.reshape(n, -1)  # (N, V_t)
             else:  # a teacher that answers chunk-wise (e.g. from a cache): all at once
                 assert teacher.chunk_logits is not None
                 teacher_logits = teacher.chunk_logits(slice(None), flat.detach())
-            teacher_logits = cut_vocab(teacher_logits, self.vocab)
-            if teacher_logits.shape[-1] != vocab:
+            if not own_vocab:
+                teacher_logits = cut_vocab(teacher_logits, self.vocab)
+            if not own_vocab and teacher_logits.shape[-1] != vocab:
                 raise DistilleryError(
                     f"teacher has {teacher_logits.shape[-1]} output tokens, student {vocab}: "
                     "they must share a tokenizer (set the vocabulary both use)"

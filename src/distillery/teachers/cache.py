@@ -1,11 +1,12 @@
 """The offline teacher: run the teacher once over the training blocks, keep its top-k.
 
 A cache folder holds, for every position of every training block, the teacher's k most likely
-tokens (``ids.npy``, int32 ``(blocks, T, k)``), their log-probabilities at the cache's
-temperature (``logp.npy``, float32) and the log of the probability mass left over
-(``rest.npy``, ``(blocks, T)``), as memory-mapped NumPy arrays, plus ``cache.json``: what it was
-made from (teacher weights, tokenizer, data, block size, k, temperature). A cache that does not
-match the run reading it is refused.
+tokens, their log-probabilities at the cache's temperature and the log of the probability mass
+left over, one compressed record per block (``blocks.bin``, record ``i`` at
+``offsets.npy[i]:offsets.npy[i + 1]``; the codec is ``teachers.cache_codec``: ``compact`` about
+k·(1 + log2(V/k)/8) bytes a position, ``exact`` float32 log-probabilities), plus ``cache.json``:
+what it was made from (teacher weights, tokenizer, data, block size, k, temperature, codec). A
+cache that does not match the run reading it, or of another format, is refused.
 
 Reading it (``CachedTeacher``), the teacher's distribution is rebuilt a chunk of positions at a
 time as a ``teachers.topk.TopK`` (the top-k exactly, the rest spread in proportion to the
@@ -32,10 +33,11 @@ from distillery.data import PackedTokens, sequential_batches, tokenizer_fingerpr
 from distillery.errors import DistilleryError
 from distillery.files import publish_folder, temp_folder_next_to, write_json
 from distillery.models.heads import chunk_rows, chunks, cut_vocab
+from distillery.teachers.cache_codec import Codec, decode_block, encode_block
 from distillery.teachers.signals import LiveTeacher, TeacherBase, TeacherOutput
 from distillery.teachers.topk import TopK
 
-CACHE_VERSION = "distillery-teacher-cache-v1"
+CACHE_VERSION = "distillery-teacher-cache-v2"
 KEY_FIELDS = ("teacher", "tokenizer", "data", "vocab", "top_k", "temperature")
 
 
@@ -92,6 +94,7 @@ def build_teacher_cache(
     key: dict[str, Any],
     device: torch.device,
     batch_size: int = 16,
+    codec: Codec = "compact",
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -106,36 +109,33 @@ def build_teacher_cache(
     tmp = temp_folder_next_to(dest)
     start = time.perf_counter()
     try:
-        ids = np.lib.format.open_memmap(tmp / "ids.npy", "w+", np.int32, (n, t, k))
-        logp = np.lib.format.open_memmap(tmp / "logp.npy", "w+", np.float32, (n, t, k))
-        rest = np.lib.format.open_memmap(tmp / "rest.npy", "w+", np.float32, (n, t))
-        done = 0
-        for batch in sequential_batches(data, batch_size):
-            rows = slice(done, done + batch.shape[0])
-            out = teacher.run(batch.to(device), logits=False)
-            assert out.chunk_logits is not None
-            flat_ids = np.empty((batch.numel(), k), np.int32)
-            flat_logp = np.empty((batch.numel(), k), np.float32)
-            flat_rest = np.empty(batch.numel(), np.float32)
-            for part in chunks(batch.numel(), chunk_rows(vocab)):
-                top = TopK.of(cut_vocab(out.chunk_logits(part, None), vocab), k, temperature)
-                flat_ids[part] = top.ids.cpu().numpy()
-                flat_logp[part] = top.logp.cpu().numpy()
-                flat_rest[part] = top.rest.cpu().numpy()
-            ids[rows] = flat_ids.reshape(-1, t, k)
-            logp[rows] = flat_logp.reshape(-1, t, k)
-            rest[rows] = flat_rest.reshape(-1, t)
-            done += batch.shape[0]
-            if progress:
-                progress(done, n)
-        for array in (ids, logp, rest):
-            array.flush()
-        del ids, logp, rest
+        offsets = [0]
+        with (tmp / "blocks.bin").open("wb") as out_file:
+            for batch in sequential_batches(data, batch_size):
+                out = teacher.run(batch.to(device), logits=False)
+                assert out.chunk_logits is not None
+                tops = [
+                    TopK.of(cut_vocab(out.chunk_logits(part, None), vocab), k, temperature)
+                    for part in chunks(batch.numel(), chunk_rows(vocab))
+                ]
+                ids, logp, rest = (
+                    torch.cat([getattr(top, f) for top in tops]).cpu().numpy().reshape(-1, t, *s)
+                    for f, s in (("ids", (k,)), ("logp", (k,)), ("rest", ()))
+                )
+                for b in range(batch.shape[0]):
+                    record = encode_block(ids[b], logp[b], rest[b], vocab=vocab, codec=codec)
+                    out_file.write(record)
+                    offsets.append(offsets[-1] + len(record))
+                if progress:
+                    progress(len(offsets) - 1, n)
+        np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
         meta = {
             "version": CACHE_VERSION,
             **{f: key[f] for f in KEY_FIELDS},
+            "codec": codec,
             "blocks": n,
             "seq_len": t,
+            "bytes_per_position": offsets[-1] / max(n * t, 1),
             "teacher_flops": 2.0 * teacher.compute_params * n * t,
             "seconds": time.perf_counter() - start,
         }
@@ -163,20 +163,33 @@ class CachedTeacher(TeacherBase):
         folder = Path(folder)
         try:
             meta = json.loads((folder / "cache.json").read_text(encoding="utf-8"))
-            arrays = [
-                np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("ids", "logp", "rest")
-            ]
-            shape = (int(meta["blocks"]), int(meta["seq_len"]), int(meta["top_k"]))
+        except (OSError, ValueError) as exc:
+            raise DistilleryError(
+                f"teacher cache {folder} is missing or corrupt ({type(exc).__name__}); build it "
+                "with `distillery cache-teacher`"
+            ) from None
+        version = meta.get("version") if isinstance(meta, dict) else None
+        if version != CACHE_VERSION:
+            raise DistilleryError(
+                f"teacher cache {folder} has another format ({version}; this version reads "
+                f"{CACHE_VERSION}); rebuild it with `distillery cache-teacher`"
+            )
+        try:
+            self.offsets = np.load(folder / "offsets.npy")
+            self.records = np.memmap(folder / "blocks.bin", np.uint8, mode="r")
+            int(meta["blocks"]), int(meta["seq_len"]), int(meta["top_k"])
             float(meta["temperature"]), int(meta["vocab"])
-            if [a.shape for a in arrays] != [shape, shape, shape[:2]]:
-                raise ValueError("array shapes do not match cache.json")
+            if meta["codec"] not in ("compact", "exact"):
+                raise ValueError("unknown codec")
+            if self.offsets.shape != (int(meta["blocks"]) + 1,) or self.offsets[-1] != len(
+                self.records
+            ):
+                raise ValueError("offsets.npy does not match blocks.bin")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DistilleryError(
                 f"teacher cache {folder} is missing or corrupt ({type(exc).__name__}); build it "
                 "with `distillery cache-teacher`"
             ) from None
-        if meta.get("version") != CACHE_VERSION:
-            raise DistilleryError(f"teacher cache {folder} has another format; rebuild it")
         stale = [f for f in KEY_FIELDS if f in expect and meta.get(f) != expect[f]]
         if stale or meta.get("blocks") != data.num_blocks:
             what = ", ".join(f"{f}: cache {meta.get(f)!r} ≠ run {expect[f]!r}" for f in stale)
@@ -184,14 +197,24 @@ class CachedTeacher(TeacherBase):
                 f"teacher cache {folder} does not match this run ({what or 'data blocks differ'}); "
                 "rebuild it with `distillery cache-teacher`"
             )
-        self.ids, self.logp, self.rest = arrays
-        self.meta, self.vocab = meta, int(meta["vocab"])
+        self.meta, self.vocab, self.codec = meta, int(meta["vocab"]), meta["codec"]
         self.temperature, self.top_k = float(meta["temperature"]), int(meta["top_k"])
         self.config = None
         self.index: dict[bytes, int] = {}
         for start in range(0, data.num_blocks, 4096):  # a slice at a time, not the whole split
             rows = data.blocks(np.arange(start, min(start + 4096, data.num_blocks))).numpy()
             self.index.update((_block_hash(row), start + i) for i, row in enumerate(rows))
+
+    def block(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Block ``i``'s top-k: ids ``(T, k)``, log-probabilities ``(T, k)``, rest ``(T,)``."""
+        record = self.records[self.offsets[i] : self.offsets[i + 1]].tobytes()
+        return decode_block(
+            record,
+            seq_len=int(self.meta["seq_len"]),
+            k=self.top_k,
+            vocab=self.vocab,
+            codec=self.codec,
+        )
 
     def _lookup(self, input_ids: torch.Tensor) -> np.ndarray:
         found = [self.index.get(_block_hash(row)) for row in input_ids.cpu().numpy()]
@@ -212,9 +235,14 @@ class CachedTeacher(TeacherBase):
         self.logits_only(hidden_states=hidden_states, attentions=attentions)
         blocks = self._lookup(input_ids)
         device = input_ids.device
-        k = self.top_k
-        ids = torch.from_numpy(np.asarray(self.ids[blocks])).to(device).reshape(-1, k)
-        logp = torch.from_numpy(np.asarray(self.logp[blocks])).to(device).reshape(-1, k)
-        rest = torch.from_numpy(np.asarray(self.rest[blocks])).to(device).reshape(-1)
+        ids, logp, rest = (
+            torch.from_numpy(np.stack(a)).to(device)
+            for a in zip(*(self.block(int(b)) for b in blocks), strict=True)
+        )
+        ids, logp, rest = (
+            ids.reshape(-1, self.top_k),
+            logp.reshape(-1, self.top_k),
+            rest.reshape(-1),
+        )
         top = TopK(ids, logp, rest, self.temperature, self.vocab)
         return TeacherOutput(chunk_logits=lambda part, student=None: top[part].dense(student))

@@ -112,6 +112,10 @@ class TeacherBase:
         return out.chunk_logits(slice(None), None).reshape(*input_ids.shape, -1)
 
 
+def _float(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return tuple(t.float() for t in tensors)
+
+
 class LiveTeacher(TeacherBase):
     """A frozen model run forward on every batch: eval mode, no gradients."""
 
@@ -147,19 +151,20 @@ class LiveTeacher(TeacherBase):
                 output_hidden_states=hidden_states,
                 output_attentions=attentions,
             )
+        # float32 out, whatever precision the teacher runs in (``teachers.factory.lean_teacher``)
         result = TeacherOutput(
-            hidden_states=out.hidden_states if hidden_states else None,
-            attentions=out.attentions if attentions else None,
+            hidden_states=_float(out.hidden_states) if hidden_states else None,
+            attentions=_float(out.attentions) if attentions else None,
         )
         if logits:
-            result.logits = out.logits
+            result.logits = out.logits.float()
         elif project:
             full = out.logits.reshape(input_ids.numel(), -1)  # (N, V)
-            result.chunk_logits = lambda part, _student=None: full[part]
+            result.chunk_logits = lambda part, _student=None: full[part].float()
         else:
             hidden = captured["hidden"].reshape(input_ids.numel(), -1)  # (N, H)
             result.chunk_logits = torch.no_grad()(
-                lambda part, _student=None: self.head(hidden[part])
+                lambda part, _student=None: self.head(hidden[part]).float()
             )
         return result
 
