@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--student-layers", type=int, default=2)
     parser.add_argument("--student", help="a student preset (default: the teacher's, fewer layers)")
     parser.add_argument("--logit-chunk-size", type=int, default=0, help="train.logit_chunk_size")
+    parser.add_argument("--compile-loss", action="store_true", help="train.compile_loss")
+    parser.add_argument("--logit-matmul", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="for MFU (0: not shown)")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -91,7 +93,12 @@ def main() -> None:
         log_every=10**6,
     )
 
-    chunked = {"chunk_size": args.logit_chunk_size, "vocab": len(tokenizer)}
+    chunked = {
+        "chunk_size": args.logit_chunk_size,
+        "vocab": len(tokenizer),
+        "compile_loss": args.compile_loss,
+        "matmul_dtype": torch.bfloat16 if args.logit_matmul == "bf16" else None,
+    }
 
     def engine(model: torch.nn.Module, loss: DistillStep, folder: str) -> Engine:
         per_token = 6.0 * compute_params(model) + loss.teacher_flops_per_token()
