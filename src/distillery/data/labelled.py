@@ -62,8 +62,32 @@ def class_names(train: list[tuple[str, str]]) -> list[str]:
     return classes
 
 
+class TensorRows:
+    """``Examples`` over rows held in memory: ``ids`` ``(N, T)`` and their ``labels``."""
+
+    ids: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.ids.shape[1])
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.ids.shape[0])
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def examples(
+        self, indices: Sequence[int] | np.ndarray, draw: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1))
+        return self.ids[idx], self.labels[idx]
+
+
 @dataclass
-class LabelledExamples:
+class LabelledExamples(TensorRows):
     """Each text's first tokens and eos (encoders: cls first), right-padded; its class id.
 
     A decoder classifier reads the last non-padding position (the eos), which with right
@@ -77,25 +101,8 @@ class LabelledExamples:
     name: str = "labelled"
 
     @property
-    def seq_len(self) -> int:
-        return int(self.ids.shape[1])
-
-    @property
-    def num_blocks(self) -> int:
-        return int(self.ids.shape[0])
-
-    @property
     def identity(self) -> str:
         return f"{self.name}/{self.num_blocks}x{self.seq_len}"
-
-    def __len__(self) -> int:
-        return self.num_blocks
-
-    def examples(
-        self, indices: Sequence[int] | np.ndarray, draw: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1))
-        return self.ids[idx], self.labels[idx]
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Examples 0, 1, 2, ... in batches (the last may be smaller)."""

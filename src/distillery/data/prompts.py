@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from distillery.data.labelled import TensorRows
 from distillery.data.packed import IGNORE_INDEX, _encode
 from distillery.data.sources import BBC_NEWS, bbc_news_labelled, iter_jsonl, split_documents
 from distillery.errors import DistilleryError
@@ -193,7 +194,7 @@ def bbc_news_prompt_splits(
 
 
 @dataclass
-class PromptExamples:
+class PromptExamples(TensorRows):
     """Rows ``prompt + completion`` right-padded to ``seq_len``; labels on the completion only.
 
     ``ids``/``labels`` ``(N, T)``; ``prompt_lengths`` ``(N,)`` (the prompt's tokens, bos
@@ -210,25 +211,8 @@ class PromptExamples:
     pad_token_id: int = 0
 
     @property
-    def seq_len(self) -> int:
-        return int(self.ids.shape[1])
-
-    @property
-    def num_blocks(self) -> int:
-        return int(self.ids.shape[0])
-
-    @property
     def identity(self) -> str:
         return f"{self.name}/{self.digest[:16]}/{self.num_blocks}x{self.seq_len}"
-
-    def __len__(self) -> int:
-        return self.num_blocks
-
-    def examples(
-        self, indices: Sequence[int] | np.ndarray, draw: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1))
-        return self.ids[idx], self.labels[idx]
 
     def prompt_ids(self, indices: Sequence[int] | np.ndarray) -> list[list[int]]:
         """Each row's prompt tokens (no padding), for generation."""
