@@ -127,6 +127,7 @@ def _study_class(path: Path) -> type:
     from distillery.recipes.iit import IITStudyConfig
     from distillery.recipes.modes_config import ModesConfig
     from distillery.recipes.on_policy import OnPolicyStudyConfig
+    from distillery.recipes.prune_study import PruneStudyConfig
 
     by_folder = {
         "modes": ModesConfig,
@@ -137,6 +138,7 @@ def _study_class(path: Path) -> type:
         "codistill": CodistillConfig if path.name == "pool.yaml" else CodistillStudyConfig,
         "on_policy": OnPolicyStudyConfig,
         "cross_tokenizer": CrossTokenizerStudyConfig,
+        "prune": PruneStudyConfig,
     }
     return by_folder[path.parent.name]
 

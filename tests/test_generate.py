@@ -108,13 +108,15 @@ def test_generate_writes_resumable_shards_usable_as_data(teacher_dir, corpus, ca
     assert [x["index"] for x in lines] == list(range(20))
     assert {x["generator"] for x in lines} == {manifest["key"]["generator"]}
     assert all(0 < x["new_tokens"] <= 8 for x in lines)
-    assert manifest["flops_now"] > 0
+    assert manifest["flops_now"] > 0 and manifest["flops"] == manifest["flops_now"]
     # interrupted: the last shard lost, the first kept as it is; another batch size
     first = shards[0].stat().st_mtime_ns
     before = shards[2].read_text()
     shards[2].unlink()
     again = generate(cfg.model_copy(update={"batch_size": 3}))
     assert again["made_now"] == 1 and shards[0].stat().st_mtime_ns == first
+    # the whole set's cost is counted again from the shards, not only what this call made
+    assert again["flops"] == manifest["flops"] > again["flops_now"] > 0
     assert shards[2].read_text() == before
     with pytest.raises(DistilleryError, match="other settings"):
         generate(cfg.model_copy(update={"seed": 1}))

@@ -206,3 +206,32 @@ def test_prune_recipe_writes_a_folder_that_loads_and_generates(docs, tmp_path: P
     bert = family_folder("bert", docs, tmp_path / "bert")
     with pytest.raises(DistilleryError, match="bidirectional 'bert' encoder"):
         prune(PruneConfig.model_validate({**raw, "teacher": str(bert), "out": str(tmp_path / "b")}))
+
+
+def test_prune_study_builds_scratch_students_of_the_pruned_shapes(tmp_path: Path):
+    """The study's random-init arms have the pruned students' shapes, parameter for parameter."""
+    from distillery.models import build_model, load_pretrained
+    from distillery.models.pruning import Shape, prune_model
+    from distillery.models.pruning_rank import measure_importance
+    from distillery.recipes.prune_study import PruneStudyConfig, _inits
+
+    cfg = PruneStudyConfig.model_validate({
+        "teacher": {"preset": "mini", "overrides": {"hidden_size": 64, "intermediate_size": 96}},
+        "width": {"num_attention_heads": 2, "intermediate_size": 40},
+    })  # fmt: skip
+    teacher = build_model("mini", 300, cfg.teacher.overrides)
+    importance = measure_importance(teacher, [ids(seed=s, shape=(2, 10)) for s in range(2)])
+    folders = {}
+    for name, shape in (("depth", Shape(layers=2)), ("width", Shape(**cfg.width.model_dump()))):
+        student, _ = prune_model(teacher, importance, shape)
+        student.save_pretrained(tmp_path / name)
+        folders[name] = tmp_path / name
+    inits = _inits(cfg, folders["depth"], folders["width"])
+    for cut, scratch in (("depth", "scratch (depth shape)"), ("width", "scratch (width shape)")):
+        pruned = load_pretrained(folders[cut], "student")
+        spec = inits[scratch]
+        fresh = build_model(spec.preset, 300, spec.overrides)
+        assert fresh.num_parameters() == pruned.num_parameters()
+        assert fresh.config.head_dim == pruned.config.head_dim == 16
+    assert inits["every-other"].init_from_teacher == "every_other"
+    assert inits["depth-pruned"].path == folders["depth"]

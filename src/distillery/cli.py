@@ -145,6 +145,7 @@ STUDIES = {
     "iit": ("iit", "IITStudyConfig", "iit_study"),
     "on-policy": ("on_policy", "OnPolicyStudyConfig", "on_policy_study"),
     "cross-tokenizer": ("cross_tokenizer", "CrossTokenizerStudyConfig", "cross_tokenizer_study"),
+    "prune": ("prune_study", "PruneStudyConfig", "prune_study"),
 }
 
 

@@ -1,7 +1,8 @@
 """The cross-tokenizer experiment (recipe written, not yet run at scale): is a teacher with
 another tokenizer worth distilling from, through ULD on span-aligned positions?
 
-1. a teacher trained on the corpus with its BPE of ``data.vocab_size`` words (8k; reused);
+1. the teachers, with their BPE of ``data.vocab_size`` words: converged ones
+   (``teacher_stage``, shared with other studies), or one trained here (``teacher_train``);
 2. per seed, the same half-depth student (from scratch: another vocabulary has no teacher
    layers to copy), ``student_train`` steps, in four arms:
    - **no teacher**, its own BPE of ``student_vocab`` words (2–4k), CE alone;
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -51,6 +52,7 @@ class CrossTokenizerStudyConfig(TeacherStudentRecipe, SeededStudy):
     student_vocab: int = Field(3072, ge=300)  # the student's own BPE (the teacher's: data)
     temperature: float = Field(2.0, gt=0.0)  # of the ULD and forward-KL terms
     top_k: int | None = Field(None, ge=1)  # ULD's ranks compared (None: all)
+    uses_teacher_stage: ClassVar[bool] = True
     out: Path = Path("runs/cross-tokenizer")
 
 
@@ -125,8 +127,12 @@ def cross_tokenizer_study(
         for key in METRICS:
             mean, std = mean_std([float(r[key]) for r in row["runs"]])
             row[key] = {"mean": mean, "std": std}
-    teacher_cpt = chars_per_token(cfg, teachers.folders(0))
-    info = teachers.info | {"bits_per_char": teachers.info["val_loss"] / math.log(2) / teacher_cpt}
+    teacher_cpt = chars_per_token(cfg, teachers.folders(0))  # the teachers share a tokenizer
+    worst = max(float(t["val_loss"]) for t in teachers.info["teachers"])
+    info = teachers.info | {
+        "bits_per_char": teachers.info["val_loss"] / math.log(2) / teacher_cpt,
+        "bits_per_char_worst": worst / math.log(2) / teacher_cpt,
+    }
     result = {
         "hardware": hardware(),
         "seeds": cfg.seeds,
@@ -146,6 +152,8 @@ def cross_tokenizer_markdown(result: dict[str, Any]) -> str:
         "",
         f"Teacher: {teacher['layers']} layers, {teacher['bits_per_char']:.3f} bits/char "
         f"(val ppl {teacher['val_ppl']:.1f} on its own tokenizer).",
+        "",
+        _teacher_line(result),
         "",
         "| arm | bits/char | val loss (nats/token) | chars/token | FLOPs | steps |",
         "|---|---:|---:|---:|---:|---:|",
@@ -171,3 +179,16 @@ def cross_tokenizer_markdown(result: dict[str, Any]) -> str:
             )  # fmt: skip
             lines.append(f"- {arm} vs {against}, bits/char paired by seed: {words}.")
     return "\n".join(lines) + "\n"
+
+
+def _teacher_line(result: dict[str, Any]) -> str:
+    """Whether every teacher seed is below every no-teacher student in bits per character."""
+    teacher, rows = result["teacher"], result["rows"]
+    if NO_TEACHER not in rows:
+        return "No no-teacher arm to compare the teacher with."
+    best = min(float(r["bits_per_char"]) for r in rows[NO_TEACHER]["runs"])
+    worst = teacher["bits_per_char_worst"]
+    clearly = worst < best
+    return f"Worst teacher seed {worst:.3f} bits/char; best no-teacher student {best:.3f}: the " + (
+        "teacher is clearly better." if clearly else "**teacher is not clearly better**."
+    )

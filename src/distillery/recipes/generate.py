@@ -239,7 +239,15 @@ def generate(cfg: GenerateConfig, *, overwrite: bool = False) -> dict[str, Any]:
         atomic_write_text(shard, "\n".join(lines) + "\n")
         made += 1
         print(f"[generate] {shard.name}: {len(lines)} completions", flush=True)
+    per_token = 2.0 * compute_params(model)  # the prompt's forward and each sampled token
+    total = sum(int(n) for n in data.prompt_lengths[:rows]) + sum(
+        json.loads(line)["new_tokens"]
+        for name in manifest["shards"]
+        for line in (out / name).read_text(encoding="utf-8").splitlines()
+        if line
+    )
     manifest |= {"rows": rows, "made_now": made, "tokens_now": tokens,
-                 "flops_now": 2.0 * compute_params(model) * tokens}  # fmt: skip
+                 "flops_now": per_token * tokens, "tokens": total,
+                 "flops": per_token * total}  # fmt: skip
     write_json(out / MANIFEST, manifest)
     return manifest

@@ -1,8 +1,10 @@
-"""``distillery experiment on-policy`` (skeleton, not yet run): distilling on text the student
-writes (GKD) against supervised and sequence-level KD, at equal FLOPs.
+"""``distillery experiment on-policy``: distilling on text the student writes (GKD) against
+supervised and sequence-level KD, at equal FLOPs.
 
-1. train a teacher on the corpus (``task: lm``; reused when unchanged);
-2. the teacher completes the training prompts once (``distillery generate``: the seq-KD data);
+1. the teachers: converged ones (``teacher_stage``, trained on ``data`` as language-model
+   blocks and shared with other studies), or one trained here for ``teacher_train`` steps;
+2. each teacher completes the training prompts once (``distillery generate``: the seq-KD data;
+   its FLOPs, the prompts' forwards and every sampled token, are charged to the seq-KD arm);
 3. per divergence (forward KL, JSD(0.5)) and seed, the same half-depth student (every other
    teacher layer) on the prompt data: supervised KD (λ = 0, the data's completions), seq-KD
    (the teacher's completions), on-policy λ = 0.5 and λ = 1 — every arm on the FLOPs the
@@ -18,21 +20,21 @@ through ``study.paired_verdict``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 
-from distillery.config import ModelSpec, ObjectiveConfig, RunConfig
+from distillery.config import DataConfig, ModelSpec, ObjectiveConfig, RunConfig
 from distillery.config.run import OnPolicySpec
 from distillery.distributed import DistEnv, resolve_device
+from distillery.errors import DistilleryError
 from distillery.eval import evaluate_model
 from distillery.models import load_pretrained
 from distillery.models.generation import Sampling
 from distillery.objectives.logits import IGNORE_INDEX, cross_entropy
 from distillery.recipes.common import prepare_out_dir
 from distillery.recipes.generate import GenerateConfig, complete, generate, prepare_prompts
-from distillery.recipes.quickstart import teacher_config
 from distillery.recipes.study import (
     SeededStudy,
     TeacherStudentRecipe,
@@ -40,6 +42,7 @@ from distillery.recipes.study import (
     mean_std,
     paired_verdict,
     run_or_reuse,
+    study_teachers,
     write_study,
 )
 from distillery.step.on_policy import completion_rows
@@ -59,7 +62,15 @@ class OnPolicyStudyConfig(TeacherStudentRecipe, SeededStudy):
     sampling: OnPolicySpec = Field(default_factory=lambda: OnPolicySpec(max_new_tokens=48))
     eval_prompts: int = Field(64, gt=0)  # held-out prompts the samples are scored on
     generate_limit: int | None = Field(None, gt=0)  # seq-KD data: the first N training prompts
+    prompt_tokens: int | None = Field(None, gt=0)  # the prompt data's cap (data: the teacher's)
+    uses_teacher_stage: ClassVar[bool] = True
     out: Path = Path("runs/on-policy")
+
+    def prompt_data(self, teacher: Path, source: str | None = None) -> DataConfig:
+        """``data`` as prompt rows on the teacher's tokenizer (``source``: another corpus)."""
+        update: dict[str, Any] = {"task": "prompts", "tokenizer": teacher}
+        update |= {"prompt_tokens": self.prompt_tokens} if self.prompt_tokens else {}
+        return self.data.model_copy(update=update | ({"source": source} if source else {}))
 
 
 METRICS = ("val_ppl", "agreement", "teacher_nll", "distinct_1", "distinct_2", "steps", "flops")
@@ -79,8 +90,7 @@ def sample_metrics(
     agreement with the teacher on them; the student's samples' mean NLL per token under the
     teacher, their distinct-1 and distinct-2."""
     device = resolve_device(cfg.student_train.device)
-    data_cfg = cfg.data.model_copy(update={"task": "prompts", "tokenizer": teacher_dir})
-    tokenizer, val = prepare_prompts(data_cfg, DistEnv(), teacher_dir, ("val",))
+    tokenizer, val = prepare_prompts(cfg.prompt_data(teacher_dir), DistEnv(), teacher_dir, ("val",))
     student = load_pretrained(student_dir, "student").to(device)
     teacher = load_pretrained(teacher_dir, "teacher").to(device).eval()
     spec = cfg.sampling
@@ -126,18 +136,24 @@ def _arms(cfg: OnPolicyStudyConfig, generated: Path) -> dict[str, dict[str, Any]
 
 
 def on_policy_study(cfg: OnPolicyStudyConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """Run every divergence × arm × seed into ``cfg.out``; return the table's data."""
+    """Run every divergence × arm × seed into ``cfg.out``; return the table's data. Seed i of
+    every arm learns from the same teacher (``study_teachers``), so arms pair by seed."""
     out = Path(cfg.out)
     prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
-    teacher, reuse = run_or_reuse(teacher_config(cfg, out / "teacher"), "teacher",
-                                  reuse=not overwrite)  # fmt: skip
-    teacher_dir = out / "teacher" / "model"
+    teachers = study_teachers(cfg, out, reuse=not overwrite)
+    reuse = teachers.reused
     spec = cfg.sampling
-    made = generate(GenerateConfig(
-        teacher=teacher_dir, data=cfg.data.model_copy(update={"task": "prompts"}),
-        temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens,
-        limit=cfg.generate_limit, out=out / "generated",
-    ))  # fmt: skip
+    made: dict[Path, tuple[Path, float]] = {}  # teacher -> (its seq-KD data, what it cost)
+    for index in range(len(cfg.seeds)):
+        teacher_dir = teachers.folders(index)
+        if teacher_dir not in made:
+            folder = out / f"generated-{len(made)}"
+            manifest = generate(GenerateConfig(
+                teacher=teacher_dir, data=cfg.prompt_data(teacher_dir),
+                temperature=spec.temperature, top_p=spec.top_p,
+                max_new_tokens=spec.max_new_tokens, limit=cfg.generate_limit, out=folder,
+            ), overwrite=not reuse)  # fmt: skip
+            made[teacher_dir] = (folder, float(manifest["flops"]))
     student = ModelSpec(
         preset=cfg.teacher.preset,
         overrides={**cfg.teacher.overrides, "num_hidden_layers": cfg.student_layers},
@@ -146,22 +162,30 @@ def on_policy_study(cfg: OnPolicyStudyConfig, *, overwrite: bool = False) -> dic
     rows: dict[str, dict[str, Any]] = {}
     for divergence in cfg.divergences:
         name = divergence.kind
-        for seed in cfg.seeds:
+        for index, seed in enumerate(cfg.seeds):
+            teacher_dir = teachers.folders(index)
+            generated, generation_flops = made[teacher_dir]
             train = cfg.student_train.model_copy(update={"seed": seed})
             budget: float | None = None
-            for arm, setup in _arms(cfg, out / "generated").items():
-                data = cfg.data.model_copy(update={"task": "prompts", "source": setup["source"],
-                                                   "tokenizer": teacher_dir})  # fmt: skip
+            for arm, setup in _arms(cfg, generated).items():
+                charged = generation_flops if setup["folder"] == "seqkd" else 0.0
+                if budget is not None and budget <= charged:
+                    raise DistilleryError(
+                        f"on-policy: generating the seq-KD data ({charged:.3g} FLOPs) costs the "
+                        f"whole budget ({budget:.3g}); set generate_limit or more student steps"
+                    )
                 folder = f"{name}/{setup['folder']}"
                 run_cfg = RunConfig(
-                    data=data, model=student, teacher=teacher_dir, objectives=[divergence],
+                    data=cfg.prompt_data(teacher_dir, setup["source"]), model=student,
+                    teacher=teacher_dir, objectives=[divergence],
                     train=train if budget is None else train.model_copy(
-                        update={"flops_budget": budget}),
+                        update={"flops_budget": budget - charged}),
                     on_policy=setup["on_policy"], out=out / folder / f"seed-{seed}",
                 )  # fmt: skip
                 summary, _ = run_or_reuse(run_cfg, f"{folder}/seed-{seed}", reuse=reuse)
                 budget = summary["flops"] if budget is None else budget
                 summary |= sample_metrics(cfg, run_cfg.out / "model", teacher_dir, seed)
+                summary["flops"] += charged
                 key = f"{name}: {arm}"
                 rows.setdefault(key, {"runs": []})["runs"].append(
                     {"seed": seed, **{k: summary[k] for k in METRICS}}
@@ -173,8 +197,8 @@ def on_policy_study(cfg: OnPolicyStudyConfig, *, overwrite: bool = False) -> dic
     result = {
         "hardware": hardware(),
         "seeds": cfg.seeds,
-        "teacher": {k: teacher[k] for k in ("val_ppl", "layers", "steps")},
-        "teacher_generation_flops": made.get("flops_now", 0.0),  # TODO: charge seq-KD's arm
+        "teacher": teachers.info,
+        "teacher_generation_flops": sorted(f for _, f in made.values()),
         "rows": rows,
         "config": cfg.model_dump(mode="json"),
     }

@@ -96,7 +96,8 @@ def study_teachers(cfg: TeacherStudentRecipe, out: Path, *, reuse: bool = True) 
         summary, reused = run_or_reuse(teacher_config(cfg, out / "teacher"), "teacher", reuse=reuse)
         info = {k: summary[k] for k in ("val_ppl", "val_loss", "accuracy", "layers", "flops")}
         info |= {"converged": False, "seeds": [cfg.teacher_train.seed]}
-        info["teachers"] = [{"seed": cfg.teacher_train.seed, "val_ppl": summary["val_ppl"]}]
+        info["teachers"] = [{"seed": cfg.teacher_train.seed, "val_ppl": summary["val_ppl"],
+                             "val_loss": summary["val_loss"]}]  # fmt: skip
         return StudyTeachers(info, lambda _: out / "teacher" / "model", reused)
     before = {t: _finished(cfg, t) for t in cfg.teacher_stage.seeds}
     stage = train_teachers(cfg.data, cfg.teacher, cfg.teacher_train, cfg.teacher_stage, reuse=reuse)
