@@ -126,7 +126,10 @@ def test_a_model_agrees_with_itself_under_interventions(corpus: Path, cache_dir:
     same = interchange_agreement(
         copy.deepcopy(teacher), teacher, val, [(1, 1)], device=torch.device("cpu"), max_batches=2
     )
-    assert same == {"interchange_agreement": 1.0, "interchange_agreement_swapped": 1.0}
+    changed = same.pop("interchange_changed_fraction")
+    assert 0.0 < changed < 1.0  # the intervention moves some of the teacher's predictions
+    assert same == {"interchange_agreement": 1.0, "interchange_agreement_swapped": 1.0,
+                    "interchange_agreement_changed": 1.0}  # fmt: skip
     other = interchange_agreement(
         tiny_llama(val.vocab_size, layers=2, seed=5),
         teacher,

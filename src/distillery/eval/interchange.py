@@ -29,12 +29,13 @@ def interchange_agreement(
     """On held-out pairs (each batch's rows re-paired, positions sampled, the aligned layer pair
     cycling through ``pairs``; all drawn from ``seed``, so every model sees the same
     interventions), the share of counted positions where both models' counterfactual top-1
-    predictions agree — overall and at the swapped positions only."""
+    predictions agree — overall, at the swapped positions only, and at the positions whose
+    teacher prediction the intervention changes (where agreement is not plain agreement)."""
     was = student.training, teacher.training
     student.eval()
     teacher.eval()
     gen = torch.Generator().manual_seed(seed)
-    agree = agree_swapped = count = count_swapped = 0.0
+    agree = agree_swapped = count = count_swapped = agree_changed = count_changed = 0.0
     for i, ids in enumerate(sequential_batches(data, batch_size, max_batches)):
         if ids.shape[0] < 2:
             break  # a last batch of one row has no pair
@@ -44,8 +45,13 @@ def interchange_agreement(
         base, source, where = base.to(device), source.to(device), where.to(device)
         s = interchange_logits(student, base, source, s_layer, where, source_grad=False)
         t = interchange_logits(teacher, base, source, t_layer, where, source_grad=False)
-        same = cut_vocab(s, vocab).argmax(-1) == cut_vocab(t, vocab).argmax(-1)  # (B, T)
+        t_top = cut_vocab(t, vocab).argmax(-1)
+        same = cut_vocab(s, vocab).argmax(-1) == t_top  # (B, T)
         counted = shift_labels(base) != IGNORE_INDEX
+        plain = cut_vocab(teacher(input_ids=base).logits, vocab).argmax(-1)
+        changed = counted & (plain != t_top)
+        agree_changed += float((same & changed).sum())
+        count_changed += float(changed.sum())
         agree += float((same & counted).sum())
         count += float(counted.sum())
         agree_swapped += float((same & counted & where).sum())
@@ -55,4 +61,6 @@ def interchange_agreement(
     return {
         "interchange_agreement": agree / max(count, 1.0),
         "interchange_agreement_swapped": agree_swapped / max(count_swapped, 1.0),
+        "interchange_agreement_changed": agree_changed / max(count_changed, 1.0),
+        "interchange_changed_fraction": count_changed / max(count, 1.0),
     }

@@ -73,6 +73,8 @@ METRICS = (
     "agreement",
     "interchange_agreement",
     "interchange_agreement_swapped",
+    "interchange_agreement_changed",
+    "interchange_changed_fraction",
     "steps",
     "flops",
 )
@@ -170,10 +172,12 @@ def iit_markdown(result: dict[str, Any]) -> str:
         f"(fraction {iit['fraction']:g}), {iit['divergence']} at T={iit['temperature']:g}, weight "
         f"{iit['weight']:g}. Interchange agreement: counterfactual top-1 equal to the teacher's "
         "on the same held-out interventions for every arm (all counted positions / the swapped "
-        "ones). Mean ± sample std over seeds.",
+        "ones / the positions whose teacher prediction the intervention changes, where "
+        "agreeing is more than plain agreement). Mean ± sample std over seeds.",
         "",
-        "| arm | steps | FLOPs | val ppl | agreement | interchange agreement | (swapped) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| arm | steps | FLOPs | val ppl | agreement | interchange agreement | (swapped) "
+        "| (changed) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in rows.items():
         lines.append(
@@ -183,16 +187,24 @@ def iit_markdown(result: dict[str, Any]) -> str:
             f"{row['interchange_agreement']['mean']:.3f} ± "
             f"{row['interchange_agreement']['std']:.3f} | "
             f"{row['interchange_agreement_swapped']['mean']:.3f} ± "
-            f"{row['interchange_agreement_swapped']['std']:.3f} |"
+            f"{row['interchange_agreement_swapped']['std']:.3f} | "
+            f"{row['interchange_agreement_changed']['mean']:.3f} ± "
+            f"{row['interchange_agreement_changed']['std']:.3f} |"
         )
     base, equal = rows["standard"], rows["standard + IIT"]
     ppl = paired_verdict(equal["runs"], base["runs"], "val_ppl", lower_is_better=True)
     ia = paired_verdict(
         equal["runs"], base["runs"], "interchange_agreement", lower_is_better=False, digits=3
     )
+    changed = paired_verdict(
+        equal["runs"], base["runs"], "interchange_agreement_changed", lower_is_better=False,
+        digits=3,
+    )  # fmt: skip
+    share = base["interchange_changed_fraction"]["mean"]
     lines += [
         "",
         f"At equal FLOPs, adding IIT, paired by seed: validation perplexity {ppl}; interchange "
-        f"agreement {ia}.",
+        f"agreement {ia}; on the {100 * share:.1f}% of positions the intervention changes the "
+        f"teacher's prediction at, {changed}.",
     ]
     return "\n".join(lines) + "\n"

@@ -25,6 +25,7 @@ METRICS = (  # (key in a summary, what it is, format)
     ("kl_teacher_student", "KL(teacher‖model), T=1", "{:.4f}"),
     ("interchange_agreement", "interchange agreement with the teacher", "{:.4f}"),
     ("interchange_agreement_swapped", "… at the swapped positions", "{:.4f}"),
+    ("interchange_agreement_changed", "… where the intervention changes the teacher", "{:.4f}"),
     ("ece", "expected calibration error (10 bins)", "{:.4f}"),
     ("brier", "Brier score", "{:.4f}"),
     ("eval_tokens", "positions evaluated", "{:,.0f}"),
