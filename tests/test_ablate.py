@@ -133,3 +133,26 @@ def test_teacher_check_says_when_the_teacher_is_not_clearly_better():
     )
     alone = teacher_check({"val_ppl": 150.0, "teachers": [{"val_ppl": 150.0}]}, None)
     assert "one teacher seed: no teacher spread" in alone and "no no-teacher arm" in alone
+
+
+def test_each_arm_is_tuned_on_its_own_grid_before_its_seeds_run(corpus, cache_dir, tmp_path):
+    import yaml
+
+    cfg = _config(
+        corpus, cache_dir, tmp_path, "seeds=[0]", "arms={full: {}}",
+        "tune={lrs: [0.0001, 0.001, 0.01], warmups: [0, 1], seed: 7}",
+    )  # fmt: skip
+    arm = ablate(cfg)["arms"]["full"]
+    grid = arm["tuning"]["grid"]
+    assert [(g["lr"], g["warmup_steps"]) for g in grid] == [
+        (lr, w) for lr in (0.0001, 0.001, 0.01) for w in (0, 1)
+    ]
+    best = min(grid, key=lambda g: g["val_loss"])
+    assert (arm["lr"], arm["warmup_steps"]) == (best["lr"], best["warmup_steps"])
+    assert arm["tuning"]["lr_at_edge"] == (best["lr"] in (0.0001, 0.01))
+    assert len({g["val_loss"] for g in grid}) > 1  # the settings really differ
+    point = yaml.safe_load((tmp_path / "abl/full/tune/lr-0.01-warmup-1/config.yaml").read_text())
+    assert (point["train"]["seed"], point["train"]["lr"]) == (7, 0.01)
+    run = yaml.safe_load((tmp_path / "abl/full/seed-0/config.yaml").read_text())
+    assert (run["train"]["seed"], run["train"]["lr"]) == (0, best["lr"])
+    assert "(tuned" in (tmp_path / "results" / "ablation.md").read_text()

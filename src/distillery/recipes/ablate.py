@@ -38,6 +38,7 @@ from distillery.recipes.study import (
     teacher_check,
     write_study,
 )
+from distillery.recipes.tuning import Tuning, tuned
 
 
 class AblationArm(Strict):
@@ -73,6 +74,7 @@ class AblationConfig(TeacherStudentRecipe, SeededStudy):
     objectives: list[ObjectiveConfig] = Field(default_factory=distilbert_mix, min_length=1)
     arms: dict[str, AblationArm] = Field(default_factory=_distilbert_arms, min_length=1)
     compare_to: str | None = None  # the arm every arm is paired against (default: the first)
+    tune: Tuning | None = None  # set: each arm's lr and warmup chosen on validation first
     uses_teacher_stage: ClassVar[bool] = True
     out: Path = Path("runs/ablation")
 
@@ -117,6 +119,29 @@ def _no_teacher(arm: AblationArm, objectives: list[Any]) -> bool:
     return not arm.init_from_teacher and not any(needs_teacher(o) for o in objectives)
 
 
+def _arm_run(
+    cfg: AblationConfig,
+    arm: AblationArm,
+    objectives: list[Any],
+    train: Any,
+    folder: Path,
+    teacher: Path,
+) -> RunConfig:
+    """The run of ``arm`` with ``train`` settings into ``folder``, learning from ``teacher``."""
+    return RunConfig(
+        data=cfg.data.model_copy(update={"tokenizer": teacher}),
+        model=ModelSpec(
+            preset=cfg.teacher.preset,
+            overrides={**cfg.teacher.overrides, "num_hidden_layers": cfg.student_layers},
+            init_from_teacher="every_other" if arm.init_from_teacher else None,
+        ),
+        teacher=teacher,
+        objectives=objectives,
+        train=train,
+        out=folder,
+    )
+
+
 def ablate(cfg: AblationConfig, *, overwrite: bool = False) -> dict[str, Any]:
     """Run every arm × seed into ``cfg.out`` (``overwrite``: rerun even finished runs); return
     the table's data. Seed i of every arm learns from the same teacher (``study_teachers``),
@@ -125,26 +150,26 @@ def ablate(cfg: AblationConfig, *, overwrite: bool = False) -> dict[str, Any]:
     prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
     teachers = study_teachers(cfg, out, reuse=not overwrite)
     reuse = teachers.reused  # students of another teacher (retrained now) are never reused
-    overrides = {**cfg.teacher.overrides, "num_hidden_layers": cfg.student_layers}
 
     arms: dict[str, dict[str, Any]] = {}
     for name, arm in cfg.arms.items():
         objectives = arm.objectives or [o for o in cfg.objectives if o.kind not in arm.drop]
+
+        def build(train: Any, folder: Path, teacher: Path, arm: Any = arm,
+                  objectives: list[Any] = objectives) -> RunConfig:  # fmt: skip
+            return _arm_run(cfg, arm, objectives, train, folder, teacher)
+
+        train, tuning = cfg.student_train, None
+        if cfg.tune is not None:  # the arm's lr and warmup, on the first seed's teacher
+            train, tuning = tuned(
+                cfg.tune, train, lambda t, f: build(t, f, teachers.folders(0)),
+                out / name / "tune", name, reuse=reuse,
+            )  # fmt: skip
         runs = []
         for i, seed in enumerate(cfg.seeds):
             teacher_model = teachers.folders(i)
-            run_cfg = RunConfig(
-                data=cfg.data.model_copy(update={"tokenizer": teacher_model}),
-                model=ModelSpec(
-                    preset=cfg.teacher.preset,
-                    overrides=overrides,
-                    init_from_teacher="every_other" if arm.init_from_teacher else None,
-                ),
-                teacher=teacher_model,
-                objectives=objectives,
-                train=cfg.student_train.model_copy(update={"seed": seed}),
-                out=out / name / f"seed-{seed}",
-            )
+            run_cfg = build(train.model_copy(update={"seed": seed}), out / name / f"seed-{seed}",
+                            teacher_model)  # fmt: skip
             summary, _ = run_or_reuse(run_cfg, f"{name}/seed-{seed}", reuse=reuse)
             runs.append({"seed": seed, "teacher": str(teacher_model),
                          **{k: summary[k] for k in KEPT}})  # fmt: skip
@@ -156,6 +181,9 @@ def ablate(cfg: AblationConfig, *, overwrite: bool = False) -> dict[str, Any]:
             "objectives": _describe(objectives),
             "init": "teacher (every other layer)" if arm.init_from_teacher else "random",
             "no_teacher": _no_teacher(arm, objectives),
+            "lr": train.lr,
+            "warmup_steps": train.warmup_steps,
+            "tuning": tuning,
             "runs": runs,
             **stats,
         }
@@ -193,6 +221,17 @@ def _ci(vs: dict[str, Any], digits: int) -> str:
     return f"{vs['mean']:+.{digits}f} [{vs['low']:+.{digits}f}, {vs['high']:+.{digits}f}]"
 
 
+def _setting(arm: dict[str, Any]) -> str:
+    """``2e-3, 20`` (the arm's lr and warmup; tuned ones say so, an lr at the grid's edge too)."""
+    if "lr" not in arm:
+        return "–"
+    tuning = arm.get("tuning")
+    note = ""
+    if tuning is not None:
+        note = " (tuned, at the grid's edge)" if tuning["lr_at_edge"] else " (tuned)"
+    return f"{arm['lr']:g}, {arm['warmup_steps']}{note}"
+
+
 def ablation_markdown(result: dict[str, Any]) -> str:
     """The ablation table: one row per arm, mean ± std over seeds, and each arm minus the
     comparison arm paired by seed (95% t-interval) with the verdict it gives."""
@@ -214,16 +253,16 @@ def ablation_markdown(result: dict[str, Any]) -> str:
         f"{len(result['seeds'])} seeds; Δ = arm − **{comparison}** paired by seed, with its "
         "95% t-interval; the verdict is read off the interval (lower perplexity is better).",
         "",
-        f"| arm | objectives | init | steps | val ppl | Δ ppl vs {comparison} [95% CI] | verdict "
-        "| agreement | KL(teacher‖student) |",
-        "|---|---|---|---:|---|---|---|---|---|",
+        f"| arm | objectives | init | lr, warmup | steps | val ppl | Δ ppl vs {comparison} "
+        "[95% CI] | verdict | agreement | KL(teacher‖student) |",
+        "|---|---|---|---|---:|---|---|---|---|---|",
     ]
     for name, arm in arms.items():
         ppl, agree, kl = arm["val_ppl"], arm["agreement"], arm["kl_teacher_student"]
         vs = arm["vs_comparison"]["val_ppl"]
         steps = sorted({r["steps"] for r in arm["runs"]})
         lines.append(
-            f"| {name} | {arm['objectives']} | {arm['init']} | "
+            f"| {name} | {arm['objectives']} | {arm['init']} | {_setting(arm)} | "
             f"{'/'.join(str(s) for s in steps)} | {ppl['mean']:.1f} ± {ppl['std']:.1f} | "
             f"{'–' if name == comparison else _ci(vs, 1)} | "
             f"{'–' if name == comparison else vs['verdict']} | "

@@ -1,0 +1,61 @@
+"""Fair baselines: each arm's learning rate and warmup chosen from a small grid on validation.
+
+Every (lr, warmup) of the grid trains the arm once on the tuning seed (a seed the study does
+not report, so the choice is not fitted to the reported runs' noise); the one with the lowest
+validation loss is the arm's setting for every reported seed. A best lr at the grid's edge is
+flagged: the grid did not bracket the best.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, model_validator
+
+from distillery.config import RunConfig, Strict, TrainConfig
+
+
+class Tuning(Strict):
+    """The grid each arm is tuned on (``lrs`` × ``warmups``), trained on ``seed``."""
+
+    lrs: list[Annotated[float, Field(gt=0.0)]] = Field(min_length=3)
+    warmups: list[Annotated[int, Field(ge=0)]] = Field(min_length=2)
+    seed: int = Field(1000, ge=0)  # not one of the reported seeds
+
+    @model_validator(mode="after")
+    def _sorted(self) -> Tuning:
+        if sorted(set(self.lrs)) != self.lrs or sorted(set(self.warmups)) != self.warmups:
+            raise ValueError("tune: give lrs and warmups in increasing order, each once")
+        return self
+
+
+def tuned(
+    tuning: Tuning,
+    train: TrainConfig,
+    build: Callable[[TrainConfig, Path], RunConfig],
+    folder: Path,
+    name: str,
+    *,
+    reuse: bool,
+) -> tuple[TrainConfig, dict[str, Any]]:
+    """(the train settings with the chosen lr and warmup, the grid's record): ``build(train,
+    out)`` is the arm's run for given settings; each grid point runs once into ``folder``."""
+    from distillery.recipes.study import run_or_reuse  # study builds on this module
+
+    grid = []
+    for lr in tuning.lrs:
+        for warmup in tuning.warmups:
+            point = train.model_copy(
+                update={"lr": lr, "warmup_steps": warmup, "seed": tuning.seed}
+            )
+            out = folder / f"lr-{lr:g}-warmup-{warmup}"
+            summary, _ = run_or_reuse(build(point, out), f"{name}/{out.name}", reuse=reuse)
+            grid.append({"lr": lr, "warmup_steps": warmup, "val_loss": summary["val_loss"]})
+    best = min(grid, key=lambda g: g["val_loss"])
+    edge = best["lr"] in (tuning.lrs[0], tuning.lrs[-1])
+    record = {"grid": grid, "lr": best["lr"], "warmup_steps": best["warmup_steps"],
+              "lr_at_edge": edge, "seed": tuning.seed}  # fmt: skip
+    chosen = train.model_copy(update={"lr": best["lr"], "warmup_steps": best["warmup_steps"]})
+    return chosen, record
