@@ -27,6 +27,7 @@ def _config(corpus, cache_dir, tmp_path, budget: float) -> DistillExpandConfig:
             "sweep=[[0.25, 0.25]]",
             "seeds=[0]",
             "baseline_lrs=[0.001]",
+            "arms=[baseline, distill-expand, shrink-expand, stacking, restart-only]",
             f"out={tmp_path / 'dx'}",
             f"results={tmp_path / 'results'}",
         ],
@@ -46,11 +47,13 @@ def test_every_arm_spends_the_budget_on_one_data_stream(corpus, cache_dir, tmp_p
         "distill-expand-0.25-0.25",
         "shrink-expand-0.25",
         "stacking",
+        "restart-only-0.25-0.25",
     ]
     assert (rows["baseline"]["lr"], rows["baseline-lr0.001"]["lr"]) == (0.003, 0.001)
     assert rows["baseline"]["val_loss"] != rows["baseline-lr0.001"]["val_loss"]
+    flops = rows["baseline"]["flops"]
     assert rows["baseline"]["phases"] == [
-        {"name": "train-2n", "layers": 4, "steps": 12, "flops": rows["baseline"]["flops"]}
+        {"name": "train-2n", "layers": 4, "steps": 12, "flops": flops, "flops_per_step": flops / 12}
     ]
     for label, row in rows.items():
         # The budget is spent, never exceeded, and each arm ends in the 2n-layer model.
@@ -58,6 +61,15 @@ def test_every_arm_spends_the_budget_on_one_data_stream(corpus, cache_dir, tmp_p
         assert row["phases"][-1]["layers"] == 4, label
     assert [p["layers"] for p in rows["distill-expand-0.25-0.25"]["phases"]] == [4, 2, 4]
     assert [p["layers"] for p in rows["stacking"]["phases"]] == [2, 4]
+    # The restart-only control: distill-expand's phase boundaries, 2n layers throughout.
+    restart, dx_phases = (
+        rows["restart-only-0.25-0.25"]["phases"],
+        rows["distill-expand-0.25-0.25"]["phases"],
+    )
+    assert [p["layers"] for p in restart] == [4, 4, 4]
+    assert restart[0] == dx_phases[0]
+    assert restart[1]["flops_per_step"] == restart[0]["flops_per_step"] == flops / 12
+    assert dx_phases[1]["flops_per_step"] != restart[1]["flops_per_step"]
     # Each phase starts where the previous one stopped in the seed's data order.
     dx = tmp_path / "dx" / "seed-0"
     steps = [p["steps"] for p in rows["distill-expand-0.25-0.25"]["phases"]]
@@ -79,7 +91,8 @@ def test_every_arm_spends_the_budget_on_one_data_stream(corpus, cache_dir, tmp_p
     assert [round(x / step_flops) for x, _ in curve] == [2, 4, 6, 8, 10, 12]
     for name in ("distill-expand.md", "distill-expand.json", "final_loss.png", "loss_vs_flops.png"):
         assert (tmp_path / "results" / name).stat().st_size > 0
-    assert "Best at B" in (tmp_path / "results" / "distill-expand.md").read_text()
+    table = (tmp_path / "results" / "distill-expand.md").read_text()
+    assert "Best at B" in table and "| 1.00 → " in table  # each phase's step cost vs 2n
 
 
 def test_bad_distill_expand_configs_are_one_line(tmp_path):

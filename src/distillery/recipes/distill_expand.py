@@ -10,7 +10,13 @@ stream (each phase starts where the previous one stopped, ``train.data_offset``)
    2n-layer model trained with the rest;
 3. ``shrink-expand`` (f_train): as 2 without the distillation phase;
 4. ``stacking``: n layers trained for ``stack_fraction``·B, stacked to 2n (StackBERT), trained
-   with the rest.
+   with the rest;
+5. ``restart-only`` (f_train, f_distill): the 2n-layer model with 2's phase boundaries and no
+   shrink — each phase restarts warmup, cosine decay and AdamW as 2's do, so 2 against 5 is
+   the distillation step itself, not the restarts.
+
+Each phase's FLOPs per step against a plain 2n-layer step is in the table: a distillation
+phase is cheap only where the layers, not the output layer, dominate the compute.
 
 Writes ``distill-expand.{md,json}``, ``final_loss.png`` and ``loss_vs_flops.png``.
 """
@@ -45,7 +51,8 @@ from distillery.recipes.study import (
 )
 from distillery.report import read_metrics
 
-EXPAND_ARMS = ("baseline", "distill-expand", "shrink-expand", "stacking")
+EXPAND_ARMS = ("baseline", "distill-expand", "shrink-expand", "stacking", "restart-only")
+SWEPT = ("distill-expand", "shrink-expand", "restart-only")  # arms run at each sweep point
 
 
 class DistillExpandConfig(SeededStudy):
@@ -72,9 +79,9 @@ class DistillExpandConfig(SeededStudy):
     stack_fraction: float = Field(0.5, gt=0.0, lt=1.0)  # stacking: n layers for this share of B
     # More learning rates for the baseline (a tuned baseline); the answer is against the best.
     baseline_lrs: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=list)
-    arms: list[Literal["baseline", "distill-expand", "shrink-expand", "stacking"]] = Field(
-        default_factory=lambda: list(EXPAND_ARMS), min_length=1
-    )
+    arms: list[
+        Literal["baseline", "distill-expand", "shrink-expand", "stacking", "restart-only"]
+    ] = Field(default_factory=lambda: list(EXPAND_ARMS[:4]), min_length=1)
     out: Path = Path("runs/distill-expand")
 
     @model_validator(mode="after")
@@ -169,11 +176,15 @@ def run_arm(
         stacked = ModelSpec(path=small, preset=None, grow=GrowSpec(kind="stack"))
         a.phase("stack-train-2n", root / "stacking" / "train-2n", stacked, None)
     else:
-        # The first phase is the same run for both arms at one f_train: run once, reused.
+        # The first phase is the same run for every arm at one f_train: run once, reused.
         big = a.phase("train-2n", root / f"train-2n-{f_train:g}", a.spec(2 * n), f_train)
         where = root / label
         grow = GrowSpec(kind="top", layers=n)
-        if arm == "distill-expand":
+        if arm == "restart-only":  # distill-expand's boundaries, the 2n layers throughout
+            mid = a.phase("restart-2n", where / "restart-2n", ModelSpec(path=big, preset=None),
+                          f_distill)  # fmt: skip
+            a.phase("train-2n-again", where / "train-2n", ModelSpec(path=mid, preset=None), None)
+        elif arm == "distill-expand":
             small = a.phase(
                 "distill-n",
                 where / "distill-n",
@@ -202,6 +213,8 @@ def arm_label(arm: str, point: tuple[float, float], lr: float | None = None) -> 
         return f"distill-expand-{point[0]:g}-{point[1]:g}"
     if arm == "shrink-expand":
         return f"shrink-expand-{point[0]:g}"
+    if arm == "restart-only":
+        return f"restart-only-{point[0]:g}-{point[1]:g}"
     return arm
 
 
@@ -211,7 +224,7 @@ def distill_expand(cfg: DistillExpandConfig, *, overwrite: bool = False) -> dict
     prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
     plan: dict[str, tuple[str, tuple[float, float], float | None]] = {}
     for arm in cfg.arms:
-        for point in cfg.sweep if arm in ("distill-expand", "shrink-expand") else [(0.0, 0.0)]:
+        for point in cfg.sweep if arm in SWEPT else [(0.0, 0.0)]:
             plan.setdefault(arm_label(arm, point), (arm, point, None))
         if arm == "baseline":
             for lr in cfg.baseline_lrs:
@@ -226,13 +239,19 @@ def distill_expand(cfg: DistillExpandConfig, *, overwrite: bool = False) -> dict
         rows[label] = {
             "arm": arm,
             "lr": lr if lr is not None else cfg.train.lr,
-            "f_train": point[0] if arm in ("distill-expand", "shrink-expand") else None,
-            "f_distill": point[1] if arm == "distill-expand" else None,
+            "f_train": point[0] if arm in SWEPT else None,
+            "f_distill": point[1] if arm in ("distill-expand", "restart-only") else None,
             "val_loss": {"mean": loss[0], "std": loss[1]},
             "val_ppl": {"mean": ppl[0], "std": ppl[1]},
             "flops": statistics.fmean(s.spent for s in seeds),
             "phases": [
-                {"name": p["name"], "layers": p["layers"], "steps": p["steps"], "flops": p["flops"]}
+                {
+                    "name": p["name"],
+                    "layers": p["layers"],
+                    "steps": p["steps"],
+                    "flops": p["flops"],
+                    "flops_per_step": p["flops"] / max(p["steps"], 1),
+                }
                 for p in seeds[0].phases
             ],
             "runs": [
@@ -275,10 +294,11 @@ def expand_markdown(result: dict[str, Any]) -> str:
         f"B = {result['budget_flops']:.3g} FLOPs on the same data stream. Mean ± sample std "
         "over seeds; Δ against the best baseline (lowest mean loss over its learning rates).",
         "",
-        "| arm | lr | f_train | f_distill | phases (layers × steps) | FLOPs / B | val loss "
-        "| Δ loss | val ppl |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| arm | lr | f_train | f_distill | phases (layers × steps) | step cost vs 2n "
+        "| FLOPs / B | val loss | Δ loss | val ppl |",
+        "|---|---:|---:|---:|---|---|---:|---:|---:|---:|",
     ]
+    plain = _plain_step(rows)
     baselines = [k for k, row in rows.items() if row["arm"] == "baseline"]
     base_name = min(baselines, key=lambda k: rows[k]["val_loss"]["mean"]) if baselines else None
     base = rows[base_name] if base_name else None
@@ -286,10 +306,14 @@ def expand_markdown(result: dict[str, Any]) -> str:
         loss, ppl = row["val_loss"], row["val_ppl"]
         delta = f"{loss['mean'] - base['val_loss']['mean']:+.3f}" if base else "–"
         phases = " → ".join(f"{p['layers']}×{p['steps']}" for p in row["phases"])
+        cost = " → ".join(
+            f"{p['flops_per_step'] / plain:.2f}" if plain and "flops_per_step" in p else "–"
+            for p in row["phases"]
+        )
         f_t = f"{row['f_train']:g}" if row["f_train"] is not None else "–"
         f_d = f"{row['f_distill']:g}" if row["f_distill"] is not None else "–"
         lines.append(
-            f"| {label} | {row['lr']:g} | {f_t} | {f_d} | {phases} | "
+            f"| {label} | {row['lr']:g} | {f_t} | {f_d} | {phases} | {cost} | "
             f"{row['flops'] / result['budget_flops']:.3f} "
             f"| {loss['mean']:.3f} ± {loss['std']:.3f} | {delta} | "
             f"{ppl['mean']:.1f} ± {ppl['std']:.1f} |"
@@ -307,6 +331,15 @@ def expand_markdown(result: dict[str, Any]) -> str:
     elif base:
         lines += ["", f"Best at B: **{best}** (plain end-to-end training)."]
     return "\n".join(lines) + "\n"
+
+
+def _plain_step(rows: dict[str, Any]) -> float | None:
+    """FLOPs of one plain 2n-layer training step (the first phase of any arm that starts 2n)."""
+    for row in rows.values():
+        first = row["phases"][0]
+        if row["arm"] != "stacking" and "flops_per_step" in first:
+            return float(first["flops_per_step"])
+    return None
 
 
 def plot_expand(result: dict[str, Any], folder: Path) -> None:
