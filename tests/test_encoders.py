@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from distillery.config import RunConfig
@@ -305,7 +306,7 @@ def test_classifiers_experiment_end_to_end(corpus: Path, cache_dir: Path, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "results" / "classifiers.json").read_text())
     rows = result["rows"]
-    assert list(rows) == ["teacher", "distilled", "distilled-labels", "no-teacher"]
+    assert list(rows) == ["teacher", "distilled", "distilled-labels", "init-labels", "no-teacher"]
     assert rows["teacher"]["layers"] == 4 and rows["distilled"]["layers"] == 2
     assert rows["distilled"]["params"] < rows["teacher"]["params"]
     for row in rows.values():
@@ -316,13 +317,18 @@ def test_classifiers_experiment_end_to_end(corpus: Path, cache_dir: Path, tmp_pa
         assert row["speedup"] > 0
     # The distilled student paid for teacher forwards; the teacher-free one did not.
     assert rows["distilled"]["flops"]["mean"] > rows["no-teacher"]["flops"]["mean"]
+    # The teacher-initialised body read no teacher outputs: the teacher-free body's cost.
+    assert rows["init-labels"]["flops"]["mean"] == rows["no-teacher"]["flops"]["mean"]
+    init = yaml.safe_load((tmp_path / "out/body-init/seed-0/config.yaml").read_text())
+    assert init["model"]["init_from_teacher"] == "every_other"
+    assert [o["kind"] for o in init["objectives"]] == ["ce"]
     assert (
         "| model | layers | params | accuracy |"
         in (tmp_path / "results" / "classifiers.md").read_text()
     )
     # A second call reuses every finished stage.
     again = run_cli("experiment", "classifiers", "--config", str(path), timeout=600)
-    assert again.returncode == 0 and again.stdout.count("reusing") >= 1 + 2 * 6
+    assert again.returncode == 0 and again.stdout.count("reusing") >= 1 + 2 * 8
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -120,6 +120,7 @@ ROWS = {
     "teacher": "teacher (fine-tuned)",
     "distilled": "student: distilled body + task distillation",
     "distilled-labels": "student: distilled body, fine-tuned on labels (DistilBERT's protocol)",
+    "init-labels": "student: teacher-initialised body, LM loss only, labels (init alone)",
     "no-teacher": "student without the teacher (same pretraining steps, labels)",
 }
 METRICS = ("accuracy", "macro_f1", "agreement", "flops")
@@ -180,11 +181,17 @@ def _seed_runs(
         "body-no-teacher", reuse, data=texts, model=_student_spec(cfg, init=False),
         objectives=ce, train=cfg.general_train,
     )  # fmt: skip
-    summaries = {"teacher": teacher, "body-distilled": d_body, "body-no-teacher": f_body}
+    i_body = stage(  # every other teacher layer, then the task loss alone: init, no distilling
+        "body-init", reuse, data=texts, model=_student_spec(cfg, init=True), teacher=body,
+        objectives=ce, train=cfg.general_train,
+    )  # fmt: skip
+    summaries = {"teacher": teacher, "body-distilled": d_body, "body-no-teacher": f_body,
+                 "body-init": i_body}  # fmt: skip
     t_dir = teacher["_out"] / "model"
     finals = {
         "distilled": (d_body, t_dir, cfg.task_objectives),
         "distilled-labels": (d_body, None, ce),
+        "init-labels": (i_body, None, ce),
         "no-teacher": (f_body, None, ce),
     }
     for name, (body_run, fine_teacher, objectives) in finals.items():
@@ -261,11 +268,12 @@ def classifiers(cfg: ClassifiersConfig, *, overwrite: bool = False) -> dict[str,
     }
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key in ROWS}
     folders: dict[str, dict[int, Path]] = {key: {} for key in ROWS}
-    bodies: dict[str, list[dict[str, Any]]] = {"distilled": [], "no-teacher": []}
+    bodies: dict[str, list[dict[str, Any]]] = {"distilled": [], "init": [], "no-teacher": []}
     for seed in cfg.seeds:
         summaries, seed_folders = _seed_runs(cfg, seed, out, body, data, reuse)
         bodies["distilled"].append(summaries["body-distilled"])
         bodies["no-teacher"].append(summaries["body-no-teacher"])
+        bodies["init"].append(summaries["body-init"])
         runs["teacher"].append({"flops": pretrain["flops"] + summaries["teacher"]["flops"]})
         for name in list(ROWS)[1:]:
             runs[name].append({"flops": summaries[name]["flops"]})
@@ -333,15 +341,26 @@ def classifiers_markdown(result: dict[str, Any]) -> str:
             f"{row['retained_accuracy']:.1f} | {row['retained_macro_f1']:.1f} | "
             f"{_pm(row['agreement'])} | {row['speedup']:.2f}× | {row['flops']['mean']:.3g} |"
         )
-    d_body, f_body = bodies["distilled"], bodies["no-teacher"]
+    d_body, f_body, i_body = bodies["distilled"], bodies["no-teacher"], bodies.get("init")
     lines += [
         "",
         f"Pretraining ({cfg['general_train']['steps']} steps for each student body): held-out "
         f"{'masked-token' if 'masked' in result['family'] else 'next-token'} perplexity "
         f"{d_body['val_ppl']['mean']:.1f} ± {d_body['val_ppl']['std']:.1f} distilled vs "
-        f"{f_body['val_ppl']['mean']:.1f} ± {f_body['val_ppl']['std']:.1f} without the teacher "
-        f"(teacher: {result['teacher_pretrain']['val_ppl'] or float('nan'):.1f}).",
+        f"{f_body['val_ppl']['mean']:.1f} ± {f_body['val_ppl']['std']:.1f} without the teacher"
+        + (
+            f", {i_body['val_ppl']['mean']:.1f} ± {i_body['val_ppl']['std']:.1f} "
+            "teacher-initialised with the LM loss alone"
+            if i_body
+            else ""
+        )
+        + f" (teacher: {result['teacher_pretrain']['val_ppl'] or float('nan'):.1f}).",
     ]
+    if "init-labels" in rows:  # what distilling adds over the teacher's layers alone
+        said = paired_verdict(rows["distilled-labels"]["runs"], rows["init-labels"]["runs"],
+                              "accuracy", lower_is_better=False, digits=3)  # fmt: skip
+        lines.append(f"- Distilled body vs teacher-initialised body (both on labels): "
+                     f"accuracy {said}.")  # fmt: skip
     best = max(("distilled", "distilled-labels"), key=lambda k: rows[k]["accuracy"]["mean"])
     for key, what in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
         said = paired_verdict(
