@@ -14,7 +14,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from distillery.config import RunConfig, config_to_yaml
-from distillery.data import PackedTokens, global_batch_indices, has_tokenizer, load_tokenizer
+from distillery.data import PackedTokens, global_batch_indices
 from distillery.distributed import DistEnv, init_distributed, resolve_device, shutdown_distributed
 from distillery.engine import Engine, seed_everything, steps_for_budget
 from distillery.eval import evaluate_model, folder_size, generation_speed, interchange_agreement
@@ -24,7 +24,6 @@ from distillery.models import (
     build_model,
     check_classes,
     check_fits_data,
-    check_same_tokenizer,
     compute_params,
     every_other,
     init_from_teacher,
@@ -52,18 +51,7 @@ from distillery.teachers import LiveTeacher, TeacherSignal
 from distillery.teachers.cache import CachedTeacher
 from distillery.teachers.cross_tokenizer import check_own_tokenizer, own_tokenizer
 from distillery.teachers.factory import build_teacher
-
-
-def _check_tokenizers(cfg: RunConfig, tokenizer: Any) -> None:
-    """Every teacher (and a student folder) must use the tokenizer the data was cut with (the
-    student's, with a teacher that keeps its own)."""
-    own = own_tokenizer(cfg)
-    paths = [] if own else cfg.teacher_paths
-    others = paths[1:] if cfg.data.tokenizer is None else paths
-    student = cfg.model.path and (paths or (own and cfg.data.tokenizer))
-    for folder in [*others, *([cfg.model.path] if student else [])]:
-        if has_tokenizer(folder):
-            check_same_tokenizer(load_tokenizer(folder), tokenizer)
+from distillery.teachers.vocab_map import check_tokenizers, copy_vocab_map, trimmed_student
 
 
 def _student(
@@ -192,8 +180,9 @@ def _assemble(cfg: RunConfig, env: DistEnv, device: Any) -> _Parts:
     """Teacher folders → data → student → teacher signal → the distillation step."""
     check_own_tokenizer(cfg)
     own = own_tokenizer(cfg)  # the teacher keeps its tokenizer; the data is cut with the student's
+    trimmed = trimmed_student(cfg)  # a part of the teacher's vocabulary: so is the data's
     teachers = [load_pretrained(p, "teacher", _model_task(cfg)) for p in cfg.teacher_paths]
-    tokenizer_dir = cfg.teacher_paths[0] if teachers and not own else cfg.model.path
+    tokenizer_dir = cfg.teacher_paths[0] if teachers and not (own or trimmed) else cfg.model.path
     if cfg.data.task == "prompts":
         tokenizer, train, val = prepare_prompts(cfg.data, env, tokenizer_dir)
     else:
@@ -204,7 +193,7 @@ def _assemble(cfg: RunConfig, env: DistEnv, device: Any) -> _Parts:
             encoder=uses_encoder_layout(teachers, cfg.model),
             seed=cfg.train.seed,
         )
-    _check_tokenizers(cfg, tokenizer)
+    check_tokenizers(cfg, tokenizer, trimmed)
     classes = getattr(train, "classes", None)
     vocab = len(classes) if classes is not None else len(tokenizer)
     model = _student(cfg, tokenizer, [] if own else teachers, classes)
@@ -214,12 +203,14 @@ def _assemble(cfg: RunConfig, env: DistEnv, device: Any) -> _Parts:
             cfg.teacher,
             teachers,
             device=device,
-            vocab=vocab,
+            vocab=trimmed.teacher_vocab_size if trimmed else vocab,
             tokenizer=tokenizer,
             train_data=train,
             objectives=cfg.objectives,
             shard=cfg.train.parallel == "fsdp",  # read sharded while training (torchrun)
         )
+        if trimmed is not None:  # the teacher reads and answers in the student's token ids
+            teacher, live = trimmed.wrap(teacher), trimmed.wrap(live)
     if cfg.train.logit_chunk_size:
         check_plain_head(model, "model")
     seed_everything(cfg.train.seed)  # the objectives' projections start the same each run
@@ -315,6 +306,7 @@ def _finish(
     (``model/README.md``) and ``report.html``."""
     out, model = Path(cfg.out), parts.model
     export_model(model, parts.tokenizer, out / "model")
+    copy_vocab_map(cfg.model.path, out / "model")  # a trimmed student's map goes with it
     metrics = _final_metrics(
         model, parts.step, parts.live, parts.val, device, parts.vocab, cfg.train.draft_prompts
     )

@@ -47,9 +47,7 @@ def tuned(
     grid = []
     for lr in tuning.lrs:
         for warmup in tuning.warmups:
-            point = train.model_copy(
-                update={"lr": lr, "warmup_steps": warmup, "seed": tuning.seed}
-            )
+            point = train.model_copy(update={"lr": lr, "warmup_steps": warmup, "seed": tuning.seed})
             out = folder / f"lr-{lr:g}-warmup-{warmup}"
             summary, _ = run_or_reuse(build(point, out), f"{name}/{out.name}", reuse=reuse)
             grid.append({"lr": lr, "warmup_steps": warmup, "val_loss": summary["val_loss"]})
