@@ -194,10 +194,13 @@ def on_policy_study(cfg: OnPolicyStudyConfig, *, overwrite: bool = False) -> dic
         for key in METRICS:
             mean, std = mean_std([float(r[key]) for r in row["runs"]])
             row[key] = {"mean": mean, "std": std}
+    # the teachers themselves on the same held-out prompts: the rows' reference point
+    reference = {str(t): sample_metrics(cfg, t, t, 0) for t in made}
     result = {
         "hardware": hardware(),
         "seeds": cfg.seeds,
         "teacher": teachers.info,
+        "teacher_reference": reference,
         "teacher_generation_flops": sorted(f for _, f in made.values()),
         "rows": rows,
         "config": cfg.model_dump(mode="json"),
@@ -215,11 +218,25 @@ def on_policy_markdown(result: dict[str, Any]) -> str:
         "| distinct-2 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    for i, ref in enumerate(result.get("teacher_reference", {}).values()):
+        cells = [f"{ref[k]:.3g}" for k in METRICS[:5]]
+        lines.append(f"| teacher {i} (itself) | – | – | " + " | ".join(cells) + " |")
     for name, row in result["rows"].items():
         cells = [f"{row[k]['mean']:.3g} ± {row[k]['std']:.2g}" for k in METRICS[:5]]
         lines.append(f"| {name} | {row['steps']['mean']:.0f} | {row['flops']['mean']:.3g} | "
                      + " | ".join(cells) + " |")  # fmt: skip
     lines.append("")
+    if result.get("teacher_reference"):
+        worst = max(r["val_ppl"] for r in result["teacher_reference"].values())
+        best = min(r["val_ppl"] for row in result["rows"].values() for r in row["runs"])
+        lines += [
+            f"Teachers: {'converged' if result['teacher'].get('converged') else 'not converged'}"
+            f" (val ppl {result['teacher']['val_ppl']:.1f} on LM blocks); "
+            f"worst teacher's reference ppl {worst:.1f} against the best student run's "
+            f"{best:.1f}: the teacher is "
+            + ("clearly better." if worst < best else "**not clearly better**."),
+            "",
+        ]
     for name, row in result["rows"].items():
         base_name = name.split(": ")[0] + ": supervised (λ=0)"
         if name == base_name:
