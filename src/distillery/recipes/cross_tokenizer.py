@@ -8,6 +8,8 @@ another tokenizer worth distilling from, through ULD on span-aligned positions?
    - **no teacher**, its own BPE of ``student_vocab`` words (2–4k), CE alone;
    - **ULD, other tokenizer**: the same student and BPE, CE + ULD from the teacher
      (``teacher.tokenizer: own``);
+   - **no teacher, the teacher's BPE**: CE alone on the teacher's tokens (the control of the
+     two same-tokenizer arms: another vocabulary also changes the text a step covers);
    - **same tokenizer, forward KL**: the student on the teacher's BPE, CE + forward KL;
    - **same tokenizer, ULD**: the student on the teacher's BPE, CE + ULD (separates what ULD
      loses as an objective from what the alignment loses);
@@ -68,6 +70,9 @@ def _arms(cfg: CrossTokenizerStudyConfig, teacher: Path) -> dict[str, dict[str, 
         NO_TEACHER: {"data": own_data, "teacher": None, "objectives": [ce], "dir": "none"},
         "ULD, other tokenizer": {
             "data": own_data, "teacher": own, "objectives": [ce, uld], "dir": "uld-own"
+        },
+        "no teacher (teacher's BPE)": {
+            "data": shared_data, "teacher": None, "objectives": [ce], "dir": "none-shared"
         },
         "same tokenizer, forward KL": {
             "data": shared_data, "teacher": teacher, "objectives": [ce, kl], "dir": "kl-shared"
@@ -170,6 +175,9 @@ def cross_tokenizer_markdown(result: dict[str, Any]) -> str:
         ("ULD, other tokenizer", NO_TEACHER),
         ("ULD, other tokenizer", "same tokenizer, forward KL"),
         ("same tokenizer, ULD", "same tokenizer, forward KL"),
+        ("same tokenizer, forward KL", "no teacher (teacher's BPE)"),
+        ("same tokenizer, ULD", "no teacher (teacher's BPE)"),
+        ("no teacher (teacher's BPE)", NO_TEACHER),
     ]
     for arm, against in pairs:
         if arm in rows and against in rows:

@@ -8,8 +8,8 @@ every-other-layer initialisation.
    (``width``: attention heads and MLP neurons ranked by activation);
 3. per seed (student seed i learns from teacher i mod teachers), ``student_train`` steps from
    each initialisation — depth-pruned, width-pruned, every other teacher layer, and random
-   weights of either shape — with the task loss alone (CE) and with ``objectives``
-   (distillation; Minitron's logit KL by default);
+   weights of either shape — with the task loss alone (CE) and, but for the random-init
+   students (the no-teacher baselines), with ``objectives`` (Minitron's logit KL by default);
 4. every model (the pruned ones before training too) evaluated against its teacher on the
    validation split: perplexity, agreement, the draft's acceptance length at k = 8 and the
    teacher's assisted-generation speed-up (``distillery eval --teacher``).
@@ -49,7 +49,8 @@ PAIRS = (  # (arm, against): the comparisons the write-up reads
     ("width-pruned + KD", "depth-pruned + KD"),
     ("width-pruned + CE", "depth-pruned + CE"),
     ("depth-pruned + KD", "every-other + KD"),
-    ("depth-pruned + KD", "scratch (depth shape) + KD"),
+    ("depth-pruned + KD", "scratch (depth shape) + CE"),
+    ("width-pruned + KD", "scratch (width shape) + CE"),
     ("width-pruned + KD", "width-pruned + CE"),
     ("depth-pruned + KD", "depth-pruned + CE"),
     ("depth-pruned + CE", "scratch (depth shape) + CE"),
@@ -160,7 +161,7 @@ def prune_study(cfg: PruneStudyConfig, *, overwrite: bool = False) -> dict[str, 
                 _row(ev, teacher_ppl, summary["calibration_flops"], 0),
             )
         for name, model in inits.items():
-            kinds = ("CE",) if name == "scratch (width shape)" else ("CE", "KD")
+            kinds = ("CE",) if name.startswith("scratch") else ("CE", "KD")  # scratch: no teacher
             for kind in kinds:
                 folder = out / f"{_slug(name)}-{kind.lower()}" / f"seed-{seed}"
                 run_cfg = RunConfig(
