@@ -17,6 +17,7 @@ see the same batches, and learn from the same teacher, in every arm.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -155,14 +156,12 @@ def ablate(cfg: AblationConfig, *, overwrite: bool = False) -> dict[str, Any]:
     for name, arm in cfg.arms.items():
         objectives = arm.objectives or [o for o in cfg.objectives if o.kind not in arm.drop]
 
-        def build(train: Any, folder: Path, teacher: Path, arm: Any = arm,
-                  objectives: list[Any] = objectives) -> RunConfig:  # fmt: skip
-            return _arm_run(cfg, arm, objectives, train, folder, teacher)
+        build = partial(_arm_run, cfg, arm, objectives)  # (train, folder, teacher) -> run
 
         train, tuning = cfg.student_train, None
         if cfg.tune is not None:  # the arm's lr and warmup, on the first seed's teacher
             train, tuning = tuned(
-                cfg.tune, train, lambda t, f: build(t, f, teachers.folders(0)),
+                cfg.tune, train, partial(build, teacher=teachers.folders(0)),
                 out / name / "tune", name, reuse=reuse,
             )  # fmt: skip
         runs = []

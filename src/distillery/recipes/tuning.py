@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from pydantic import Field, model_validator
 
 from distillery.config import RunConfig, Strict, TrainConfig
+from distillery.recipes.study import run_or_reuse
 
 
 class Tuning(Strict):
@@ -42,8 +43,6 @@ def tuned(
 ) -> tuple[TrainConfig, dict[str, Any]]:
     """(the train settings with the chosen lr and warmup, the grid's record): ``build(train,
     out)`` is the arm's run for given settings; each grid point runs once into ``folder``."""
-    from distillery.recipes.study import run_or_reuse  # study builds on this module
-
     grid = []
     for lr in tuning.lrs:
         for warmup in tuning.warmups:
