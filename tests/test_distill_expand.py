@@ -3,6 +3,8 @@ growth, shared phases, the table and plots."""
 
 from __future__ import annotations
 
+import itertools
+
 import yaml
 
 from distillery.config import build_config
@@ -106,3 +108,33 @@ def test_bad_distill_expand_configs_are_one_line(tmp_path):
     over = run_cli("experiment", "distill-expand", "--config", str(config))
     assert over.returncode == 2 and "f_train + f_distill" in over.stderr
     assert len(over.stderr.strip().splitlines()) == 1
+
+
+def test_continued_schedule_and_no_distillation_point(corpus, cache_dir, tmp_path):
+    from distillery.models import build_model, compute_params
+
+    step_flops = 6 * compute_params(build_model("tiny", 512, {"num_hidden_layers": 4})) * 4 * 32
+    cfg = _config(corpus, cache_dir, tmp_path, 8 * step_flops).model_copy(
+        update={
+            "arms": ["distill-expand", "restart-only"],
+            "sweep": [(0.25, 0.0), (0.25, 0.25)],
+            "continue_schedule": True,
+            "baseline_lrs": [],
+        }
+    )
+    rows = distill_expand(cfg)["rows"]
+    # f_distill = 0: distill-expand is shrink-expand (2n, then n grown), restart-only one restart
+    assert [p["layers"] for p in rows["distill-expand-0.25-0"]["phases"]] == [4, 4]
+    assert [p["layers"] for p in rows["restart-only-0.25-0"]["phases"]] == [4, 4]
+    dx = tmp_path / "dx" / "seed-0"
+    assert (dx / "shrink-expand-0.25" / "train-2n" / "summary.json").is_file()
+
+    def window(folder):
+        return yaml.safe_load((folder / "config.yaml").read_text())["train"]["schedule_slice"]
+
+    # Each phase is its slice of one schedule over B: they tile [0, 1] in order.
+    phases = [dx / "train-2n-0.25", dx / "distill-expand-0.25-0.25" / "distill-n",
+              dx / "distill-expand-0.25-0.25" / "train-2n"]  # fmt: skip
+    slices = [window(f) for f in phases]
+    assert slices[0] == [0.0, 0.25] and slices[-1][1] == 1.0
+    assert all(a[1] >= b[0] > a[0] for a, b in itertools.pairwise(slices))

@@ -105,6 +105,24 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
     assert factors[-1] == pytest.approx(0.1, abs=1e-3)
 
 
+def test_schedule_slices_follow_the_whole_schedule():
+    whole = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    expected = [lr_factor(s, whole) for s in range(100)]
+    first = TrainConfig(steps=30, warmup_steps=10, schedule_slice=(0.0, 0.3))
+    rest = TrainConfig(steps=70, warmup_steps=10, schedule_slice=(0.3, 1.0))
+    pieced = [lr_factor(s, first) for s in range(30)] + [lr_factor(s, rest) for s in range(70)]
+    assert pieced == pytest.approx(expected)
+    # cheaper steps (twice as many for the share): the same decay, no second warmup
+    fine = [lr_factor(s, TrainConfig(steps=140, warmup_steps=0, schedule_slice=(0.3, 1.0)))
+            for s in range(140)]  # fmt: skip
+    coarse = [lr_factor(s, TrainConfig(steps=70, warmup_steps=0, schedule_slice=(0.3, 1.0)))
+              for s in range(70)]  # fmt: skip
+    assert fine[::2] == pytest.approx(coarse)
+    assert all(x >= y for x, y in itertools.pairwise(fine)) and fine[0] < 1.0
+    with pytest.raises(ValueError, match="start < end"):
+        TrainConfig(schedule_slice=(0.5, 0.5))
+
+
 def test_distill_run_records_teacher_flops_and_agreement(corpus, cache_dir, tmp_path, teacher_dir):
     cfg = tiny_run(corpus, cache_dir, tmp_path / "d", teacher=teacher_dir, steps=4)
     cfg.objectives = [{"kind": "ce"}, {"kind": "forward_kl", "temperature": 2.0}]

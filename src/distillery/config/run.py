@@ -148,6 +148,12 @@ class TrainConfig(Strict):
     seed: int = Field(0, ge=0, lt=2**63)
     # Start this many global batches into the seed's data order (continue another run's stream).
     data_offset: int = Field(0, ge=0, le=MAX_STEPS)
+    # Set (start, end): this run is that slice (fractions) of one longer schedule, whose warmup
+    # and cosine decay it follows, so a later phase of a longer run does not warm up again.
+    schedule_slice: (
+        tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(gt=0.0, le=1.0)]]
+        | None
+    ) = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = Field(100, ge=0, le=MAX_STEPS)  # 0: only at the end
     keep_checkpoints: int = Field(2, ge=1, le=1000)
@@ -164,6 +170,11 @@ class TrainConfig(Strict):
     def _fsdp_not_compiled(self) -> TrainConfig:
         if self.parallel == "fsdp" and self.compile:
             raise ValueError("train.parallel=fsdp does not combine with train.compile yet")
+        if self.schedule_slice is not None and self.schedule_slice[0] >= self.schedule_slice[1]:
+            raise ValueError(
+                f"train.schedule_slice={list(self.schedule_slice)}: give (start, end) with "
+                "start < end"
+            )
         return self
 
 

@@ -23,12 +23,18 @@ def seed_everything(seed: int) -> None:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of ``cfg.lr`` at ``step``: linear warmup, then cosine down to ``min_lr_ratio``."""
-    warmup = min(cfg.warmup_steps, cfg.steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    span = max(1, cfg.steps - warmup)
-    progress = min(1.0, (step - warmup) / span)
+    """Multiplier of ``cfg.lr`` at ``step``: linear warmup, then cosine down to ``min_lr_ratio``
+    (over the whole schedule whose ``cfg.schedule_slice`` this run is, when set)."""
+    total, at = float(cfg.steps), float(step)
+    if cfg.schedule_slice is not None:  # the whole schedule, in this run's steps
+        start, end = cfg.schedule_slice
+        total = cfg.steps / (end - start)
+        at += start * total
+    warmup = min(cfg.warmup_steps, total)
+    if at < warmup:
+        return (at + 1) / warmup
+    span = max(1.0, total - warmup)
+    progress = min(1.0, (at - warmup) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

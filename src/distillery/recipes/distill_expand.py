@@ -15,6 +15,11 @@ stream (each phase starts where the previous one stopped, ``train.data_offset``)
    shrink — each phase restarts warmup, cosine decay and AdamW as 2's do, so 2 against 5 is
    the distillation step itself, not the restarts.
 
+``continue_schedule``: every phase takes its slice of one warmup + cosine schedule over B
+(``train.schedule_slice``) instead of warming up and decaying again; AdamW's moments still start
+afresh in each phase (the shrunk and grown models have other parameters). ``f_distill = 0`` is
+shrink-expand at that f_train (the same runs) and, for restart-only, one restart at f_train.
+
 Each phase's FLOPs per step against a plain 2n-layer step is in the table: a distillation
 phase is cheap only where the layers, not the output layer, dominate the compute.
 
@@ -73,10 +78,11 @@ class DistillExpandConfig(SeededStudy):
         min_length=1,
     )
     # (f_train, f_distill) points: 2n layers trained for f_train·B, distilled for f_distill·B.
-    sweep: list[tuple[Annotated[float, Field(gt=0.0, lt=1.0)], Annotated[float, Field(gt=0.0)]]] = (
+    sweep: list[tuple[Annotated[float, Field(gt=0.0, lt=1.0)], Annotated[float, Field(ge=0.0)]]] = (
         Field(default_factory=lambda: [(0.25, 0.1), (0.5, 0.1)], min_length=1)
     )
     stack_fraction: float = Field(0.5, gt=0.0, lt=1.0)  # stacking: n layers for this share of B
+    continue_schedule: bool = False  # phases follow one schedule over B (no re-warmup)
     # More learning rates for the baseline (a tuned baseline); the answer is against the best.
     baseline_lrs: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=list)
     arms: list[
@@ -127,11 +133,15 @@ class _Arm:
     ) -> Path:
         """Run (or reuse) one phase with ``share``·B FLOPs (None: what is left of B)."""
         budget = self.cfg.budget_flops
+        flops = share * budget if share is not None else budget - self.spent
+        start = self.spent / budget
+        window = (start, min(1.0, start + flops / budget)) if self.cfg.continue_schedule else None
         train = self.cfg.train.model_copy(
             update={
                 "seed": self.seed,
-                "flops_budget": share * budget if share is not None else budget - self.spent,
+                "flops_budget": flops,
                 "data_offset": sum(p["steps"] for p in self.phases),
+                "schedule_slice": window,
             }
         )
         run_cfg = RunConfig(
@@ -178,11 +188,15 @@ def run_arm(
     else:
         # The first phase is the same run for every arm at one f_train: run once, reused.
         big = a.phase("train-2n", root / f"train-2n-{f_train:g}", a.spec(2 * n), f_train)
+        if arm == "distill-expand" and f_distill == 0.0:  # no distillation: shrink-expand
+            arm, label = "shrink-expand", arm_label("shrink-expand", point)
         where = root / label
         grow = GrowSpec(kind="top", layers=n)
         if arm == "restart-only":  # distill-expand's boundaries, the 2n layers throughout
-            mid = a.phase("restart-2n", where / "restart-2n", ModelSpec(path=big, preset=None),
-                          f_distill)  # fmt: skip
+            mid = big
+            if f_distill > 0.0:
+                mid = a.phase("restart-2n", where / "restart-2n", ModelSpec(path=big, preset=None),
+                              f_distill)  # fmt: skip
             a.phase("train-2n-again", where / "train-2n", ModelSpec(path=mid, preset=None), None)
         elif arm == "distill-expand":
             small = a.phase(
