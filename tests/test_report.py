@@ -185,3 +185,22 @@ def test_markdown_conversion_escapes_and_aligns():
     assert '<td style="text-align:left">x&lt;y</td>' in out
     assert '<td style="text-align:right"><strong>1</strong></td>' in out
     assert "<code>&lt;b&gt;</code>" in out
+
+
+def test_compute_panel_charges_the_teachers_training(tmp_path: Path, monkeypatch):
+    import matplotlib.axes
+
+    drawn: list[tuple[str, list[float]]] = []
+    real = matplotlib.axes.Axes.plot
+
+    def record(self, xs, *args, **kwargs):
+        drawn.append((kwargs.get("label"), list(xs)))
+        return real(self, xs, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", record)
+    records = [{"step": s, "flops": 1e6 * s, "ce": 5.0 - 0.1 * s} for s in range(1, 4)]
+    plot_loss_curves({"distilled": records, "scratch": records}, tmp_path / "c.png",
+                     charged={"distilled": 1e9})  # fmt: skip
+    by_flops = {label: xs for label, xs in drawn[1::2]}  # step panel, then compute panel
+    assert by_flops["distilled"] == [1e9 + 1e6, 1e9 + 2e6, 1e9 + 3e6]
+    assert by_flops["scratch"] == [1e6, 2e6, 3e6]

@@ -35,10 +35,13 @@ def plot_loss_curves(
     *,
     keys: Sequence[str] = ("ce",),
     ylabel: str = "training cross-entropy",
+    charged: dict[str, float] | None = None,
 ) -> Path | BinaryIO:
     """Training loss against step and against FLOPs (as the meter counts them: training plus
-    the teacher's forwards), one line per run and key, as a PNG; validation losses logged
-    during or at the end of a run are drawn as points."""
+    the teacher's forwards; ``charged[name]``, e.g. the teacher's own training, added to a
+    run's), one line per run and key, as a PNG; validation losses logged during or at the end
+    of a run are drawn as points."""
+    charged = {k: v for k, v in (charged or {}).items() if v}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,14 +49,16 @@ def plot_loss_curves(
 
     fig, (by_step, by_flops) = plt.subplots(1, 2, figsize=(11, 4))
     for name, records in curves.items():
-        flops_at = {r["step"]: r["flops"] for r in records if "flops" in r and "step" in r}
+        before = charged.get(name, 0.0)
+        flops_at = {r["step"]: before + r["flops"] for r in records if "flops" in r and "step" in r}
         for key in keys:
             train = [r for r in records if key in r and "flops" in r]  # whatever else was mixed
             if not train:
                 continue
             label = name if len(keys) == 1 else (key if len(curves) == 1 else f"{name} {key}")
             by_step.plot([r["step"] for r in train], [r[key] for r in train], label=label)
-            by_flops.plot([r["flops"] for r in train], [r[key] for r in train], label=label)
+            spent = [before + r["flops"] for r in train]
+            by_flops.plot(spent, [r[key] for r in train], label=label)
         val = [r for r in records if "val_loss" in r and r.get("step") in flops_at]
         if val and len(curves) == 1:
             steps = [r["step"] for r in val]
@@ -61,7 +66,8 @@ def plot_loss_curves(
             by_flops.plot([flops_at[s] for s in steps], [r["val_loss"] for r in val], "o",
                           label="validation loss")  # fmt: skip
     by_step.set(xlabel="step", ylabel=ylabel, title="loss vs steps")
-    by_flops.set(xlabel="FLOPs (this run, teacher forwards included)", ylabel=ylabel,
+    spent = "teacher forwards" + (" and the teacher's training" if charged else "")
+    by_flops.set(xlabel=f"FLOPs (this run, {spent} included)", ylabel=ylabel,
                  title="loss vs compute")  # fmt: skip
     by_flops.set_xscale("log")
     for ax in (by_step, by_flops):
@@ -111,7 +117,12 @@ def write_report(
     """``summary.json`` (one entry per model), ``report.md``, ``loss_curves.png`` and the same
     as one self-contained ``report.html`` in ``out``."""
     curves = {name: read_metrics(Path(row["run_dir"])) for name, row in models.items()}
-    plot_loss_curves(curves, out / "loss_curves.png")
+    charged = {  # a distilled student's compute includes its teacher's training
+        name: row["flops_with_teacher"] - row["flops"]
+        for name, row in models.items()
+        if row.get("flops_with_teacher") is not None and row.get("flops") is not None
+    }
+    plot_loss_curves(curves, out / "loss_curves.png", charged=charged)
     write_json(out / "summary.json", {"models": models})
     paragraphs = [f"# {title}", markdown_table(models), *notes, "![loss curves](loss_curves.png)"]
     markdown = "\n\n".join(paragraphs) + "\n"
