@@ -1,12 +1,15 @@
 """``distillery experiment iit``: does interchange intervention training help, at equal compute?
 
-1. train a teacher (reused when its config is unchanged);
+1. the teachers: converged ones (``teacher_stage``: one per stage seed, shared with other
+   studies; student seed i learns from teacher i mod n), or one trained here for
+   ``teacher_train`` steps (reused when its config is unchanged);
 2. per seed, the same half-depth student (every other teacher layer) distilled with
    ``objectives`` (``standard``), with ``objectives`` + ``iit`` on the FLOPs ``standard`` spent
    (``standard + IIT``: fewer steps, its counterfactual runs are charged), and with the extra
    term at the same number of steps (``standard + IIT, same steps``: more compute);
 3. validation perplexity, agreement with the teacher, and interchange agreement on the same
-   held-out interventions for every arm (also for ``standard``, which never trained on them).
+   held-out interventions for every arm (also for ``standard``, which never trained on them);
+   the teacher beside the best student (``study.teacher_check``).
 
 Writes ``iit.{md,json}`` to the output folder and to ``results`` when set.
 """
@@ -14,7 +17,7 @@ Writes ``iit.{md,json}`` to the output folder and to ``results`` when set.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field, model_validator
@@ -33,7 +36,6 @@ from distillery.models import load_pretrained
 from distillery.models.interventions import num_layers
 from distillery.objectives.representations import layer_pairs
 from distillery.recipes.common import prepare_data, prepare_out_dir
-from distillery.recipes.quickstart import teacher_config
 from distillery.recipes.study import (
     SeededStudy,
     TeacherStudentRecipe,
@@ -41,6 +43,8 @@ from distillery.recipes.study import (
     mean_std,
     paired_verdict,
     run_or_reuse,
+    study_teachers,
+    teacher_check,
     write_study,
 )
 
@@ -58,6 +62,7 @@ class IITStudyConfig(TeacherStudentRecipe, SeededStudy):
     )
     iit: InterchangeObjective = Field(default_factory=InterchangeObjective)
     eval_batches: int | None = Field(None, gt=0)  # held-out batches for interchange agreement
+    uses_teacher_stage: ClassVar[bool] = True
     out: Path = Path("runs/iit")
 
     @model_validator(mode="after")
@@ -103,24 +108,28 @@ def _held_out_agreement(
 
 
 def iit_study(cfg: IITStudyConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """Run every arm × seed into ``cfg.out``; return the table's data."""
+    """Run every arm × seed into ``cfg.out``; return the table's data. Seed i of every arm
+    learns from the same teacher (``study_teachers``), so arms are compared paired by seed."""
     out = Path(cfg.out)
     prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
-    teacher_run = teacher_config(cfg, out / "teacher")
-    teacher, reuse = run_or_reuse(teacher_run, "teacher", reuse=not overwrite)
-    teacher_dir = out / "teacher" / "model"
+    teachers = study_teachers(cfg, out, reuse=not overwrite)
+    reuse = teachers.reused  # students of another teacher (retrained now) are never reused
     student = ModelSpec(
         preset=cfg.teacher.preset,
         overrides={**cfg.teacher.overrides, "num_hidden_layers": cfg.student_layers},
         init_from_teacher="every_other",
     )
-    data = cfg.data.model_copy(update={"tokenizer": teacher_dir})
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     with_iit = [*cfg.objectives, cfg.iit]
-    for seed in cfg.seeds:
+    for index, seed in enumerate(cfg.seeds):
         train = cfg.student_train.model_copy(update={"seed": seed})
+        teacher_dir = teachers.folders(index)
+        data = cfg.data.model_copy(update={"tokenizer": teacher_dir})
 
-        def arm(objectives: list[Any], train_cfg: Any, folder: str, seed: int = seed) -> dict:
+        def arm(
+            objectives: list[Any], train_cfg: Any, folder: str, seed: int = seed,
+            teacher_dir: Path = teacher_dir, data: Any = data,
+        ) -> dict:  # fmt: skip
             run_cfg = RunConfig(
                 data=data,
                 model=student,
@@ -133,7 +142,8 @@ def iit_study(cfg: IITStudyConfig, *, overwrite: bool = False) -> dict[str, Any]
             # Every arm measured on the same held-out interventions (the IIT runs' own summary
             # has it too, over the whole split).
             summary |= _held_out_agreement(cfg, run_cfg.out / "model", teacher_dir)
-            return {"seed": seed, **{k: summary[k] for k in METRICS}}
+            return {"seed": seed, "teacher": str(teacher_dir),
+                    **{k: summary[k] for k in METRICS}}  # fmt: skip
 
         standard = arm(cfg.objectives, train, "standard")
         budget = train.model_copy(update={"flops_budget": standard["flops"]})
@@ -150,7 +160,7 @@ def iit_study(cfg: IITStudyConfig, *, overwrite: bool = False) -> dict[str, Any]
         "hardware": hardware(),
         "torch": torch.__version__,
         "seeds": cfg.seeds,
-        "teacher": {k: teacher[k] for k in ("val_ppl", "layers", "steps")},
+        "teacher": teachers.info,
         "student_layers": cfg.student_layers,
         "iit": cfg.iit.model_dump(mode="json"),
         "rows": rows,

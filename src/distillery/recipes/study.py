@@ -127,9 +127,15 @@ def _finished(cfg: TeacherStudentRecipe, seed: int) -> bool:
     return summary.is_file() and bool(json.loads(summary.read_text()).get("finished"))
 
 
-def teacher_check(teacher: dict[str, Any], no_teacher_runs: list[dict[str, Any]] | None) -> str:
+def teacher_check(
+    teacher: dict[str, Any],
+    no_teacher_runs: list[dict[str, Any]] | None,
+    *,
+    against: str = "no-teacher",
+) -> str:
     """Whether the teacher is clearly better than the best no-teacher student of the student's
-    size: every teacher seed's validation perplexity below every no-teacher seed's."""
+    size: every teacher seed's validation perplexity below every no-teacher seed's. A study
+    without a no-teacher arm compares its students (``against`` names them, e.g. "distilled")."""
     worst = max(float(t["val_ppl"]) for t in teacher["teachers"])
     spread = (
         f"{teacher['val_ppl']:.1f} ± {teacher.get('val_ppl_std', 0.0):.1f} over "
@@ -138,11 +144,11 @@ def teacher_check(teacher: dict[str, Any], no_teacher_runs: list[dict[str, Any]]
         else f"{teacher['val_ppl']:.1f} (one teacher seed: no teacher spread)"
     )
     if not no_teacher_runs:
-        return f"Teacher val ppl {spread}; no no-teacher arm to compare it with."
+        return f"Teacher val ppl {spread}; no {against} arm to compare it with."
     best = min(float(r["val_ppl"]) for r in no_teacher_runs)
     clearly = worst < best
-    return f"Teacher val ppl {spread}; best no-teacher student {best:.1f}: the teacher is " + (
-        "clearly better (every teacher seed below every no-teacher seed)."
+    return f"Teacher val ppl {spread}; best {against} student {best:.1f}: the teacher is " + (
+        f"clearly better (every teacher seed below every {against} seed)."
         if clearly
         else "**not clearly better than its students, so the comparisons below say little about "
         "distilling from a good teacher**."
