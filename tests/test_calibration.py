@@ -97,3 +97,82 @@ def test_temperature_scaling_recovers_the_temperature_labels_were_drawn_at(true_
     before = calibration_metrics(torch.softmax(logits, -1), labels)["nll"]
     after = calibration_metrics(torch.softmax(logits / fitted, -1), labels)["nll"]
     assert after < before
+
+
+# Twelve predictions in six groups of two (no confidence on a bin edge of five bins).
+CONFIDENCE = [0.93, 0.87, 0.83, 0.77, 0.71, 0.65, 0.57, 0.53, 0.47, 0.43, 0.37, 0.31]
+CORRECT = [1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 0]
+NLL = [0.1, 0.2, 1.9, 0.3, 0.4, 1.1, 1.5, 0.6, 0.9, 1.3, 0.8, 1.7]
+BRIER = [0.01, 0.04, 0.7, 0.06, 0.1, 0.5, 0.6, 0.3, 0.4, 0.5, 0.45, 0.66]
+
+
+def _plain_ece(pairs: list[tuple[float, int]], n_bins: int = 5) -> float:
+    """ECE written plainly: bin k holds confidences in (k/B, (k+1)/B]; Σ_k share·|acc − conf|."""
+    total = 0.0
+    for k in range(n_bins):
+        inside = [(c, y) for c, y in pairs if int(c * n_bins) == k]
+        if inside:
+            conf = sum(c for c, _ in inside) / len(inside)
+            acc = sum(y for _, y in inside) / len(inside)
+            total += len(inside) / len(pairs) * abs(acc - conf)
+    return total
+
+
+def test_bootstrap_ece_interval_matches_resamples_computed_by_hand():
+    import numpy as np
+
+    from distillery.eval.calibration import (
+        CalibrationStats,
+        bootstrap_calibration,
+        bootstrap_weights,
+        calibration_sums,
+    )
+
+    table = torch.tensor([CONFIDENCE, CORRECT, NLL, BRIER], dtype=torch.float64).T  # (12, 4)
+    groups = np.repeat(np.arange(6), 2)
+    sums = calibration_sums(table, groups, 6, n_bins=5)
+    samples, seed = 300, 7
+    intervals = bootstrap_calibration([sums], bootstrap_weights(6, samples, seed))
+    pairs = list(zip(CONFIDENCE, CORRECT, strict=True))
+    whole = CalibrationStats([table]).metrics(5)
+    assert intervals["ece"].mean == pytest.approx(_plain_ece(pairs)) == pytest.approx(whole["ece"])
+    assert intervals["nll"].mean == pytest.approx(sum(NLL) / 12)
+    # The same draws, made here: whole groups resampled, ECE recomputed from its bins each time.
+    draws = np.random.default_rng(seed).integers(0, 6, size=(samples, 6))
+    by_group = [pairs[2 * g : 2 * g + 2] for g in range(6)]
+    eces = sorted(_plain_ece([p for g in row for p in by_group[g]]) for row in draws)
+    briers = sorted(sum(BRIER[2 * g] + BRIER[2 * g + 1] for g in row) / 12 for row in draws)
+    low, high = math.floor(0.025 * samples), math.ceil(0.975 * samples) - 1  # 7th and 292nd
+    assert (intervals["ece"].low, intervals["ece"].high) == pytest.approx((eces[low], eces[high]))
+    assert (intervals["brier"].low, intervals["brier"].high) == pytest.approx(
+        (briers[low], briers[high])
+    )
+    assert intervals["ece"].low <= intervals["ece"].mean <= intervals["ece"].high
+    assert intervals["ece"].n == 6 and intervals["ece"].method == "bootstrap"
+    # Paired against itself: every resample differs by exactly 0; seeded: reproducible.
+    itself = bootstrap_calibration([sums], bootstrap_weights(6, samples, seed), [sums])
+    assert (itself["ece"].low, itself["ece"].high) == (0.0, 0.0)
+    again = bootstrap_calibration([sums], bootstrap_weights(6, samples, seed))
+    assert again == intervals
+
+
+def test_prediction_groups_follow_the_order_of_predictions(corpus, cache_dir):
+    import numpy as np
+
+    from distillery.config import DataConfig
+    from distillery.distributed import DistEnv
+    from distillery.eval import prediction_groups, predictions
+    from distillery.recipes.common import prepare_data
+    from tests.conftest import tiny_llama
+
+    data = DataConfig(source=str(corpus), seq_len=32, vocab_size=512, cache_dir=cache_dir)
+    tokenizer, val = prepare_data(data, DistEnv(), splits=("val",))
+    groups = prediction_groups(val, max_batches=2)
+    assert groups.tolist() == np.repeat(np.arange(32), 31).tolist()  # 2 × 16 blocks, 31 each
+
+    model = tiny_llama(len(tokenizer))
+    count = sum(
+        len(labels)
+        for _, labels, _ in predictions(model, val, device=torch.device("cpu"), max_batches=2)
+    )
+    assert count == len(groups)

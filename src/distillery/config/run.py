@@ -44,6 +44,11 @@ class DataConfig(Strict):
     label_field: str = "label"  # classify: field / column holding the label
     val_fraction: float = Field(0.05, ge=0.0, lt=0.5)
     test_fraction: float = Field(0.05, ge=0.0, lt=0.5)
+    # Documents held out of the training split into a ``transfer`` split (by the same hash, so
+    # val and test do not change): e.g. the set students are distilled on, which the teachers
+    # never trained on. ``train_split`` is the split a run trains on.
+    transfer_fraction: float = Field(0.0, ge=0.0, lt=0.5)
+    train_split: Literal["train", "transfer"] = "train"
     seq_len: int = Field(128, gt=1, le=MAX_SIZE)
     vocab_size: int = Field(4096, ge=300, le=MAX_VOCAB)  # for a BPE trained on the training split
     tokenizer: Path | None = None  # a tokenizer folder; default: the teacher's, else train a BPE
@@ -55,6 +60,16 @@ class DataConfig(Strict):
     messages_field: str = "messages"  # chat: [{role, content}, ...], the last the assistant's
     prompt_tokens: int | None = Field(None, gt=0, le=MAX_SIZE)
     completion_chars: int = Field(600, gt=0)  # bbc-news: the reference continuation's length
+
+    @model_validator(mode="after")
+    def _transfer_split(self) -> DataConfig:
+        if self.train_split == "transfer" and self.transfer_fraction == 0:
+            raise ValueError("train_split=transfer needs transfer_fraction > 0")
+        if self.transfer_fraction > 0 and self.task == "prompts":
+            raise ValueError("transfer_fraction: prompt data has no transfer split")
+        if self.val_fraction + self.test_fraction + self.transfer_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction + transfer_fraction must be below 1")
+        return self
 
 
 class GrowSpec(Strict):

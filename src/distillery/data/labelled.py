@@ -37,9 +37,13 @@ class Examples(Protocol):
 
 
 def split_labelled(
-    pairs: list[tuple[str, str]], val_fraction: float, test_fraction: float
+    pairs: list[tuple[str, str]],
+    val_fraction: float,
+    test_fraction: float,
+    transfer_fraction: float = 0.0,
 ) -> dict[str, list[tuple[str, str]]]:
-    """Train/val/test by the hash of each text (as for documents); one label per text."""
+    """Train/val/test (and ``transfer``, when its fraction is > 0) by the hash of each text, as
+    for documents (``split_documents``); one label per text."""
     label_of: dict[str, str] = {}
     for text, label in pairs:
         if label_of.setdefault(text, label) != label:
@@ -47,7 +51,9 @@ def split_labelled(
                 f"the same text has two labels ({label_of[text]!r} and {label!r}): "
                 f"fix the data (text begins {text[:40]!r})"
             )
-    splits = split_documents([t for t, _ in pairs], val_fraction, test_fraction)
+    splits = split_documents(
+        [t for t, _ in pairs], val_fraction, test_fraction, transfer_fraction=transfer_fraction
+    )
     return {name: [(t, label_of[t]) for t in texts] for name, texts in splits.items()}
 
 

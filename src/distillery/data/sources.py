@@ -238,20 +238,33 @@ def _unit_hash(text: str, salt: str) -> float:
 
 
 def split_documents(
-    docs: list[str], val_fraction: float = 0.05, test_fraction: float = 0.05, salt: str = ""
+    docs: list[str],
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    salt: str = "",
+    transfer_fraction: float = 0.0,
 ) -> dict[str, list[str]]:
     """Deterministic train/val/test split by a hash of each document's content.
 
     A document goes to val when its hash is below val_fraction, to test when below
     val_fraction + test_fraction, else to train: independent of order, duplicates stay together.
+    With ``transfer_fraction`` > 0, the documents hashing in the next ``transfer_fraction`` go
+    to a fourth split, ``transfer``, instead of train (e.g. a transfer set for distillation that
+    the teachers never train on); val and test are the same documents as without it.
     """
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+    fractions = (
+        ("val_fraction", val_fraction),
+        ("test_fraction", test_fraction),
+        ("transfer_fraction", transfer_fraction),
+    )
+    for name, value in fractions:
         if not 0.0 <= value < 1.0:
             raise DistilleryError(f"{name} must be in [0, 1), got {value}")
-    if val_fraction + test_fraction >= 1.0:
+    held_out = val_fraction + test_fraction + transfer_fraction
+    if held_out >= 1.0:
         raise DistilleryError(
-            f"val_fraction + test_fraction must be below 1 (got {val_fraction + test_fraction}): "
-            "leave some documents for training"
+            f"val_fraction + test_fraction + transfer_fraction must be below 1 (got "
+            f"{held_out}): leave some documents for training"
         )
     hashes = {text: _unit_hash(text, salt) for text in docs}
     split_of = {}
@@ -260,22 +273,27 @@ def split_documents(
             split_of[text] = "val"
         elif h < val_fraction + test_fraction:
             split_of[text] = "test"
+        elif h < held_out:
+            split_of[text] = "transfer"
         else:
             split_of[text] = "train"
     if len(docs) >= 3:
         # Small corpora: give each requested split at least one document, taking the train
         # documents with the highest hashes (deterministic, still order-independent).
         train_by_hash = sorted((t for t in hashes if split_of[t] == "train"), key=hashes.get)
-        for name, fraction in (("val", val_fraction), ("test", test_fraction)):
+        for name, fraction in (("val", val_fraction), ("test", test_fraction),
+                               ("transfer", transfer_fraction)):  # fmt: skip
             empty = name not in split_of.values()
             if fraction > 0 and empty and len(train_by_hash) > 1:
                 split_of[train_by_hash.pop()] = name
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    if transfer_fraction > 0:  # only then: a cache's key (its split names) stays as it was
+        splits["transfer"] = []
     for text in docs:
         splits[split_of[text]].append(text)
     if not splits["train"]:
         raise DistilleryError(
             f"the training split is empty ({len(docs)} documents): "
-            "add more documents or lower val_fraction/test_fraction"
+            "add more documents or lower val_fraction/test_fraction/transfer_fraction"
         )
     return splits

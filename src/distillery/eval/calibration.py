@@ -8,14 +8,25 @@ samples sorted by confidence into B groups whose sizes differ by at most one.
 
 ``CalibrationStats`` keeps four numbers per prediction (confidence, correct, NLL, Brier), so a
 whole test split of next-token predictions over a large vocabulary is measured chunk by chunk.
+
+Bootstrap intervals resample *groups* of predictions (a test block's next tokens, which are
+not independent; or single examples): ``calibration_sums`` reduces a table to a few sums per
+group, ``bootstrap_weights`` draws how often each group enters each resample (seeded), and
+``bootstrap_calibration`` gives accuracy, NLL, Brier and equal-width ECE — recomputed from the
+bins on every resample — with percentile intervals, alone or paired against another predictor
+scored on the same predictions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
+
+from distillery.eval.stats import Interval, percentile_interval
 
 Binning = Literal["width", "mass"]
 
@@ -129,3 +140,79 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 
     opt.step(closure)
     return float(log_t.detach().exp())
+
+
+BOOTSTRAPPED = ("accuracy", "nll", "brier", "ece")  # what ``bootstrap_calibration`` resamples
+
+
+def calibration_sums(
+    table: torch.Tensor, groups: np.ndarray, n_groups: int, n_bins: int = 10
+) -> np.ndarray:
+    """Per group, ``(n_groups, 4 + n_bins)`` float64: the number of predictions, Σ correct,
+    Σ NLL, Σ Brier, then per equal-width bin Σ (correct − confidence). ``table`` is
+    ``CalibrationStats.table`` ``(N, 4)``; ``groups`` ``(N,)`` the group of each prediction."""
+    table_np = table.double().numpy()
+    groups = np.asarray(groups, dtype=np.int64)
+    if groups.shape != (table_np.shape[0],):
+        raise ValueError(
+            f"one group per prediction: {groups.shape} groups, {table_np.shape[0]} rows"
+        )
+    confidence, correct = table_np[:, 0], table_np[:, 1]
+    sums = np.zeros((n_groups, 4 + n_bins))
+    np.add.at(sums[:, 0], groups, 1.0)
+    for col in (1, 2, 3):
+        np.add.at(sums[:, col], groups, table_np[:, col])
+    index = bin_index(table[:, 0], n_bins, "width").numpy()
+    np.add.at(sums, (groups, 4 + index), correct - confidence)
+    return sums
+
+
+def bootstrap_weights(n_groups: int, samples: int = 1000, seed: int = 0) -> np.ndarray:
+    """``(samples, n_groups)``: how often each group is drawn in each resample — row b counts
+    ``np.random.default_rng(seed).integers(0, n_groups, size=(samples, n_groups))[b]``."""
+    draws = np.random.default_rng(seed).integers(0, n_groups, size=(samples, n_groups))
+    return np.stack([np.bincount(row, minlength=n_groups) for row in draws]).astype(np.float64)
+
+
+def _resampled(sums: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Each metric on each row of ``weights`` ``(B, G)`` (a row of ones: the whole sample)."""
+    totals = weights @ sums  # (B, 4 + n_bins)
+    n = totals[:, 0]
+    return {
+        "accuracy": totals[:, 1] / n,
+        "nll": totals[:, 2] / n,
+        "brier": totals[:, 3] / n,
+        "ece": np.abs(totals[:, 4:]).sum(axis=1) / n,  # Σ_bins |Σ (correct − confidence)| / n
+    }
+
+
+def bootstrap_calibration(
+    sums: Sequence[np.ndarray],
+    weights: np.ndarray,
+    against: Sequence[np.ndarray] | None = None,
+    *,
+    confidence: float = 0.95,
+    unit: str = "test blocks",
+) -> dict[str, Interval]:
+    """Per metric of ``BOOTSTRAPPED``: the mean over seeds (one ``calibration_sums`` per seed,
+    all on the same groups) with a percentile interval over the resamples ``weights``; with
+    ``against`` (the other predictor's sums, seed for seed), the paired difference — both
+    scored on the same resampled groups."""
+    if against is not None and len(against) != len(sums):
+        raise ValueError("bootstrap_calibration: pair the predictors seed for seed")
+    ones = np.ones((1, weights.shape[1]))
+
+    def seed_mean(w: np.ndarray) -> dict[str, np.ndarray]:
+        per_seed = [_resampled(s, w) for s in sums]
+        if against is not None:
+            base = [_resampled(a, w) for a in against]
+            per_seed = [{k: m[k] - b[k] for k in m} for m, b in zip(per_seed, base, strict=True)]
+        return {k: np.mean([m[k] for m in per_seed], axis=0) for k in BOOTSTRAPPED}
+
+    whole, resampled = seed_mean(ones), seed_mean(weights)
+    return {
+        k: percentile_interval(
+            float(whole[k][0]), resampled[k], weights.shape[1], confidence=confidence, unit=unit
+        )
+        for k in BOOTSTRAPPED
+    }

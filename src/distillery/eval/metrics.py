@@ -103,6 +103,28 @@ def predictions(
             model.train(was_training)
 
 
+def prediction_groups(
+    data: Examples, *, batch_size: int = 16, max_batches: int | None = None
+) -> np.ndarray:
+    """``(N,)``: the example (token block, or labelled example) each prediction that
+    ``predictions`` yields over ``data`` comes from, in the same order — the units a bootstrap
+    resamples, since the next tokens of one block are not independent."""
+    if isinstance(data, LabelledExamples):
+        n = data.num_blocks
+        if max_batches is not None:
+            n = min(n, max_batches * batch_size)
+        return np.arange(n, dtype=np.int64)
+    groups = []
+    for count, start in enumerate(range(0, data.num_blocks, batch_size)):
+        if max_batches is not None and count >= max_batches:
+            break
+        rows = np.arange(start, min(start + batch_size, data.num_blocks))
+        _, labels = data.examples(rows)
+        valid = (labels.reshape(len(rows), -1) != IGNORE_INDEX).numpy()  # (B, T)
+        groups.append(np.repeat(rows, valid.sum(axis=1)))
+    return np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64)
+
+
 def macro_f1(predicted: torch.Tensor, labels: torch.Tensor, n_classes: int) -> float:
     """Unweighted mean over classes of F1 (a class never predicted nor present counts 0)."""
     scores = []

@@ -4,6 +4,7 @@
   per-seed differences arm − comparison, their mean and a Student-t interval;
 - ``paired_bootstrap``: two models scored on one shared, fixed test set → the mean per-example
   difference with a percentile interval from resampling examples (the same draws for both);
+  ``percentile_interval`` for any other statistic resampled elsewhere (e.g. binned ECE);
 - ``mcnemar``: accuracy of two classifiers on one shared test set → the discordant counts and
   an exact binomial p-value (χ² with continuity correction for large counts);
 - ``verdict``: "better" / "worse" / "no difference detected at n seeds" from an interval and
@@ -159,12 +160,28 @@ def paired_bootstrap(
         raise ValueError("paired_bootstrap needs both models scored on the same examples")
     diffs = [float(a) - float(b) for a, b in zip(values, against, strict=True)]
     n, rng = len(diffs), random.Random(seed)
-    means = sorted(math.fsum(rng.choices(diffs, k=n)) / n for _ in range(samples))
-    alpha = (1.0 - confidence) / 2
-    low = means[max(0, math.floor(alpha * samples))]
-    high = means[min(samples - 1, math.ceil((1.0 - alpha) * samples) - 1)]
-    mean = math.fsum(diffs) / n
-    return Interval(mean, low, high, n, confidence, unit="examples", method="bootstrap")
+    means = [math.fsum(rng.choices(diffs, k=n)) / n for _ in range(samples)]
+    return percentile_interval(math.fsum(diffs) / n, means, n, confidence=confidence)
+
+
+def percentile_interval(
+    estimate: float,
+    resampled: Sequence[float],
+    n: int,
+    *,
+    confidence: float = 0.95,
+    unit: str = "examples",
+) -> Interval:
+    """A bootstrap percentile interval around ``estimate`` (the statistic on the whole sample)
+    from the statistic on each resample (any order; B of them): the ⌊α·B⌋-th and
+    (⌈(1−α)·B⌉−1)-th smallest, α = (1 − confidence)/2; ``n`` units were resampled."""
+    values = sorted(float(v) for v in resampled)
+    if not values:
+        raise ValueError("percentile_interval needs at least one resample")
+    b, alpha = len(values), (1.0 - confidence) / 2
+    low = values[max(0, math.floor(alpha * b))]
+    high = values[min(b - 1, math.ceil((1.0 - alpha) * b) - 1)]
+    return Interval(estimate, low, high, n, confidence, unit=unit, method="bootstrap")
 
 
 def binomial_two_sided(k: int, n: int) -> float:

@@ -2,24 +2,38 @@
 
 For each seed s, every model has the same architecture and residual dropout:
 
-- ``members``: M models trained with seeds s·M, …, s·M+M−1 (member 0 is *the single model*);
+- ``members``: M models trained with seeds s·M, …, s·M+M−1 (member 0 is *the single model*):
+  ``train.steps`` steps, or with ``member_stage`` until the validation loss stops improving
+  (the teacher stage's rule: patience, the best checkpoint kept; ``recipes.teacher_stage``);
 - ``student ← ensemble``: trained towards the deep ensemble's mean distribution;
 - ``student ← MC dropout``: trained towards the single model's MC-dropout mean;
-  both students start from the single model's seed (same initialisation and data order).
+  both students start from the single model's seed (same initialisation and data order) and
+  train ``train.steps`` steps on the *transfer set*: the members' own training split
+  (``transfer: train``) or ``data.transfer_fraction`` of the training articles that the members
+  never saw (``transfer: heldout``; ``DataConfig.train_split``). With ``distill_temperatures``
+  there is one student per teacher and T: every soft objective of ``distill_objectives`` at T,
+  so the KL targets the *softened* teacher distribution ∝ p̄^(1/T) (times T², the loss
+  contract); the student is evaluated, like every predictor, at T = 1.
 
 On the test split (the temperature is fitted on the validation split), the predictors are:
 the single model; the single model with temperature scaling; MC dropout (K passes); the deep
-ensemble (M models); the two students. Reported: accuracy, NLL, ECE (equal-width and
-equal-mass bins), MCE, Brier, forward passes and measured time per prediction relative to the
-single model, and the training FLOPs behind each predictor. Writes ``<name>.{md,json}`` and
-``<name>-reliability.png`` (reliability diagrams and confidence histograms, seeds pooled).
+ensemble (M models); the students. Reported: accuracy, NLL, ECE (equal-width and equal-mass
+bins), MCE, Brier, forward passes and measured time per prediction relative to the single
+model, and the training FLOPs behind each predictor; for ECE, NLL and Brier also 95% bootstrap
+intervals over test blocks (classification: examples; the same resampled ones for every
+predictor and seed, seeded), and
+each predictor's paired bootstrap difference from the single model. Writes ``<name>.{md,json}``
+and ``<name>-reliability.png`` (``recipes.calibrate_report``).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 
@@ -35,18 +49,22 @@ from distillery.config import (
 )
 from distillery.distributed import DistEnv, resolve_device
 from distillery.engine import seed_everything
-from distillery.eval import CalibrationStats, evaluate_model, fit_temperature, predictions
-from distillery.eval.metrics import TIMING_BATCHES, TIMING_REPEATS, inference_seconds
-from distillery.models import load_pretrained
-from distillery.recipes.common import prepare_data, prepare_out_dir
-from distillery.recipes.study import (
-    SeededStudy,
-    hardware,
-    mean_std,
-    run_or_reuse,
-    summary_verdict,
-    write_study,
+from distillery.eval import (
+    CalibrationStats,
+    bootstrap_calibration,
+    bootstrap_weights,
+    calibration_sums,
+    evaluate_model,
+    fit_temperature,
+    prediction_groups,
+    predictions,
 )
+from distillery.eval.metrics import inference_seconds
+from distillery.models import load_pretrained
+from distillery.recipes.calibrate_report import calibration_markdown, plot_reliability
+from distillery.recipes.common import prepare_data, prepare_out_dir
+from distillery.recipes.study import SeededStudy, hardware, mean_std, run_or_reuse, write_study
+from distillery.recipes.teacher_stage import TeacherStage, converged_teacher, stage_run_config
 from distillery.teachers import (
     EnsembleTeacher,
     LiveTeacher,
@@ -71,13 +89,24 @@ class CalibrateConfig(SeededStudy):
         default_factory=lambda: TrainConfig(steps=240, lr=2e-3, warmup_steps=20, checkpoint_every=0)
     )
     members: int = Field(3, ge=2)  # deep-ensemble size (members trained with different seeds)
+    # Set: members trained to early stopping (eval_every, patience, max_steps; the students
+    # keep train.steps). Its seeds are the members' (leave them out); root: <out>/members.
+    member_stage: TeacherStage | None = None
     mc_samples: int = Field(8, ge=2)  # stochastic passes of MC dropout
     distill_objectives: list[ObjectiveConfig] = Field(
         default_factory=lambda: [ForwardKLObjective(weight=1.0, temperature=1.0)], min_length=1
     )  # the students' objectives (towards the ensemble's / MC dropout's mean distribution)
+    # One student per teacher and T, every soft objective at T (None: one student per teacher,
+    # the objectives' own temperatures, named without T as before).
+    distill_temperatures: list[Annotated[float, Field(gt=0.0)]] | None = Field(None, min_length=1)
+    # What the students are distilled on: the members' training split, or the held-out
+    # data.transfer_fraction of the training articles (the members train on the rest).
+    transfer: Literal["train", "heldout"] = "train"
     n_bins: int = Field(10, ge=2)  # equal-width ECE bins (equal-mass ECE is reported too)
     eval_batches: int | None = Field(None, gt=0)  # cap on test batches (None: the whole split)
     temperature_batches: int = Field(8, gt=0)  # validation batches the temperature is fitted on
+    bootstrap_samples: int = Field(1000, ge=100)  # resamples of the test blocks / examples
+    bootstrap_seed: int = Field(0, ge=0)
     out: Path = Path("runs/calibrate")
 
     @model_validator(mode="after")
@@ -91,50 +120,125 @@ class CalibrateConfig(SeededStudy):
                 "data: calibrate fits temperatures on the validation split and measures on the "
                 "test split; give both val_fraction and test_fraction"
             )
+        if self.data.train_split != "train":
+            raise ValueError("data.train_split: calibrate chooses it (set transfer instead)")
+        if (self.transfer == "heldout") != (self.data.transfer_fraction > 0):
+            raise ValueError(
+                "transfer: heldout needs data.transfer_fraction > 0, and only it uses one"
+            )
+        if self.member_stage is not None and "seeds" in self.member_stage.model_fields_set:
+            raise ValueError("member_stage.seeds: the members' seeds come from seeds and members")
+        temps = self.distill_temperatures
+        if temps is not None:
+            if len(set(temps)) != len(temps):
+                raise ValueError("distill_temperatures: give each temperature once")
+            if not any("temperature" in type(o).model_fields for o in self.distill_objectives):
+                raise ValueError("distill_temperatures: no objective in distill_objectives has one")
         return self
 
 
-PREDICTORS = (
-    "single",
-    "single + temperature",
-    "MC dropout",
-    "deep ensemble",
-    "student ← ensemble",
-    "student ← MC dropout",
-)
+@dataclass(frozen=True)
+class StudentArm:
+    """One student: its run folder, predictor name, teacher ("ensemble" / "mcdropout"), T."""
+
+    folder: str
+    name: str
+    teacher: str
+    temperature: float | None
+
+
+def student_arms(cfg: CalibrateConfig) -> list[StudentArm]:
+    """The students, towards the ensemble then MC dropout, each at every distillation T."""
+    arms = []
+    for teacher, label in (("ensemble", "ensemble"), ("mcdropout", "MC dropout")):
+        for t in cfg.distill_temperatures or [None]:
+            folder, name = f"student-{teacher}", f"student ← {label}"
+            if t is not None:
+                folder, name = f"{folder}-T{t:g}", f"{name} (T={t:g})"
+            arms.append(StudentArm(folder, name, teacher, t))
+    return arms
+
+
+# The rows without distill_temperatures (with them, the students are named with their T).
+PREDICTORS = ("single", "single + temperature", "MC dropout", "deep ensemble",
+              "student ← ensemble", "student ← MC dropout")  # fmt: skip
 METRICS = ("accuracy", "nll", "ece", "ece_mass", "mce", "brier")
+
+
+def predictor_names(cfg: CalibrateConfig) -> list[str]:
+    """The table's rows: the four predictors of the members, then ``student_arms``."""
+    return [*PREDICTORS[:4], *(a.name for a in student_arms(cfg))]
+
+
+def _objectives_at(cfg: CalibrateConfig, temperature: float | None) -> list[Any]:
+    """``distill_objectives`` with every soft objective at ``temperature`` (None: as given)."""
+    if temperature is None:
+        return list(cfg.distill_objectives)
+    return [
+        type(o).model_validate({**o.model_dump(), "temperature": temperature})
+        if "temperature" in type(o).model_fields
+        else o
+        for o in cfg.distill_objectives
+    ]
+
+
+def _member_stage(cfg: CalibrateConfig) -> TeacherStage | None:
+    """``member_stage`` with its folders under ``<out>/members`` unless it names a root."""
+    stage = cfg.member_stage
+    if stage is None or "root" in stage.model_fields_set:
+        return stage
+    return stage.model_copy(update={"root": Path(cfg.out) / "members"})
+
+
+def run_configs(cfg: CalibrateConfig, seed: int) -> dict[str, RunConfig]:
+    """The seed's runs: ``member<i>`` (early-stopped: the teacher stage's run) and each
+    student arm's folder; the students read the transfer split."""
+    out, first = Path(cfg.out) / f"seed{seed}", seed * cfg.members
+    stage = _member_stage(cfg)
+    configs = {}
+    for i in range(cfg.members):
+        train = cfg.train.model_copy(update={"seed": first + i})
+        configs[f"member{i}"] = (
+            RunConfig(data=cfg.data, model=cfg.model, train=train, out=out / f"member{i}")
+            if stage is None
+            else stage_run_config(cfg.data, cfg.model, train, stage, first + i)
+        )
+    members = [Path(configs[f"member{i}"].out) / "model" for i in range(cfg.members)]
+    split = "transfer" if cfg.transfer == "heldout" else "train"
+    data = cfg.data.model_copy(update={"train_split": split})
+    teachers = {
+        "ensemble": LiveTeacherSpec(path=members),
+        "mcdropout": MCDropoutTeacherSpec(path=members[0], samples=cfg.mc_samples),
+    }
+    for arm in student_arms(cfg):
+        configs[arm.folder] = RunConfig(
+            data=data,
+            model=cfg.model,
+            teacher=teachers[arm.teacher],
+            objectives=_objectives_at(cfg, arm.temperature),
+            train=cfg.train.model_copy(update={"seed": first}),
+            out=out / arm.folder,
+        )
+    return configs
 
 
 def _train_models(cfg: CalibrateConfig, seed: int, reuse: bool) -> dict[str, dict[str, Any]]:
     """The seed's members and students. With ``reuse``, finished runs with the same config are
     kept; students are retrained whenever a member was."""
-    out = Path(cfg.out) / f"seed{seed}"
-    base = {"data": cfg.data, "model": cfg.model}
+    stage = _member_stage(cfg)
     runs: dict[str, dict[str, Any]] = {}
-    first = seed * cfg.members
-    for i in range(cfg.members):
-        train = cfg.train.model_copy(update={"seed": first + i})
-        run_cfg = RunConfig(**base, train=train, out=out / f"member{i}")
-        summary, reused = run_or_reuse(run_cfg, f"s{seed}-member{i}", reuse=reuse)
-        runs[f"member{i}"] = {"out": run_cfg.out, **summary}
-        reuse = reuse and reused
-    members = [runs[f"member{i}"]["out"] / "model" for i in range(cfg.members)]
-    students = {
-        "student-ensemble": {"teacher": LiveTeacherSpec(path=members)},
-        "student-mcdropout": {
-            "teacher": MCDropoutTeacherSpec(path=members[0], samples=cfg.mc_samples)
-        },
-    }
-    for name, teacher in students.items():
-        run_cfg = RunConfig(
-            **base,
-            **teacher,
-            objectives=cfg.distill_objectives,
-            train=cfg.train.model_copy(update={"seed": first}),
-            out=out / name,
-        )
-        summary, _ = run_or_reuse(run_cfg, f"s{seed}-{name}", reuse=reuse)
-        runs[name] = {"out": run_cfg.out, **summary}
+    for name, run_cfg in run_configs(cfg, seed).items():
+        label = f"s{seed}-{name}"
+        if name.startswith("member") and stage is not None:
+            summary_path = Path(run_cfg.out) / "summary.json"
+            done = summary_path.is_file() and json.loads(summary_path.read_text()).get("finished")
+            summary, reused = converged_teacher(run_cfg, stage, reuse=reuse), bool(done)
+            summary = {**summary, "flops": summary["flops_trained"]}  # patience steps included
+        else:
+            summary, reused = run_or_reuse(run_cfg, label, reuse=reuse)
+        runs[name] = {"out": Path(run_cfg.out), **summary}
+        if name.startswith("member"):
+            reuse = reuse and reused
     return runs
 
 
@@ -143,14 +247,17 @@ def _evaluate_seed(
     seed: int,
     runs: dict[str, dict[str, Any]],
     pooled: dict[str, CalibrationStats],
-) -> dict[str, dict[str, float]]:
-    """Every predictor's metrics on the test split (and its cost), for one seed."""
+) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """Every predictor's metrics on the test split (and its cost), for one seed; and its
+    ``calibration_sums`` per test block, for the bootstrap."""
     device = resolve_device(cfg.train.device)
     member_dirs = [runs[f"member{i}"]["out"] / "model" for i in range(cfg.members)]
     tokenizer, val, test = prepare_data(cfg.data, DistEnv(), member_dirs[0], splits=("val", "test"))
     classes = getattr(test, "classes", None)
     cut = len(classes) if classes is not None else len(tokenizer)
     task = cfg.data.task
+    groups = prediction_groups(test, max_batches=cfg.eval_batches)
+    n_groups = int(groups.max()) + 1
 
     def live(folder: Path) -> LiveTeacher:
         return LiveTeacher(load_pretrained(folder, "model", task).to(device))
@@ -169,19 +276,16 @@ def _evaluate_seed(
         "single + temperature": (TemperatureScaled(single, temperature), 1),
         "MC dropout": (MCDropoutTeacher(single, cfg.mc_samples, vocab=cut), cfg.mc_samples),
         "deep ensemble": (EnsembleTeacher(members, vocab=cut), cfg.members),
-        "student ← ensemble": (live(runs["student-ensemble"]["out"] / "model"), 1),
-        "student ← MC dropout": (live(runs["student-mcdropout"]["out"] / "model"), 1),
     }
     member_flops = [runs[f"member{i}"]["flops"] for i in range(cfg.members)]
-    train_flops = {
-        "single": member_flops[0],
-        "single + temperature": member_flops[0],
-        "MC dropout": member_flops[0],
-        "deep ensemble": sum(member_flops),
-        "student ← ensemble": sum(member_flops) + runs["student-ensemble"]["flops"],
-        "student ← MC dropout": member_flops[0] + runs["student-mcdropout"]["flops"],
-    }
+    train_flops = {name: member_flops[0] for name in PREDICTORS[:3]}
+    train_flops["deep ensemble"] = sum(member_flops)
+    for arm in student_arms(cfg):
+        predictors[arm.name] = (live(runs[arm.folder]["out"] / "model"), 1)
+        behind = sum(member_flops) if arm.teacher == "ensemble" else member_flops[0]
+        train_flops[arm.name] = behind + runs[arm.folder]["flops"]
     out: dict[str, dict[str, float]] = {}
+    sums: dict[str, np.ndarray] = {}
     for name, (predictor, passes) in predictors.items():
         seed_everything(seed)  # MC dropout's masks are reproducible
         stats = CalibrationStats()
@@ -196,6 +300,7 @@ def _evaluate_seed(
                 stats=stats,
             )
         seconds = inference_seconds(predictor, test, device, cut)
+        sums[name] = calibration_sums(stats.table, groups, n_groups, cfg.n_bins)
         pooled.setdefault(name, CalibrationStats()).parts.extend(stats.parts)
         out[name] = {
             **{k: metrics[k] for k in ("accuracy", "ece", "mce", "brier")},
@@ -210,7 +315,22 @@ def _evaluate_seed(
     base = out["single"]["seconds"]
     for row in out.values():
         row["time_vs_single"] = row["seconds"] / base
-    return out
+    return out, sums
+
+
+def _training(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each run's steps, seconds, FLOPs; early-stopped members' best step and what stopped it."""
+    kept = ("steps", "steps_trained", "best_step", "stopped", "train_seconds", "flops")
+    return {name: {k: run[k] for k in kept if k in run} for name, run in runs.items()}
+
+
+def _train_blocks(cfg: CalibrateConfig, runs: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """How many training examples (token blocks) the members and the students read."""
+    tokenizer_dir = runs["member0"]["out"] / "model"
+    members = prepare_data(cfg.data, DistEnv(), tokenizer_dir, splits=("train",))[1]
+    student_data = run_configs(cfg, cfg.seeds[0])[student_arms(cfg)[0].folder].data
+    students = prepare_data(student_data, DistEnv(), tokenizer_dir, splits=("train",))[1]
+    return {"members": members.num_blocks, "students": students.num_blocks}
 
 
 def calibrate(cfg: CalibrateConfig, *, overwrite: bool = False) -> dict[str, Any]:
@@ -218,22 +338,33 @@ def calibrate(cfg: CalibrateConfig, *, overwrite: bool = False) -> dict[str, Any
     out = Path(cfg.out)
     prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
     pooled: dict[str, CalibrationStats] = {}
-    per_seed = {}
+    per_seed, sums, training = {}, {}, {}
     for seed in cfg.seeds:
         runs = _train_models(cfg, seed, reuse=not overwrite)
-        per_seed[seed] = _evaluate_seed(cfg, seed, runs, pooled)
+        per_seed[seed], sums[seed] = _evaluate_seed(cfg, seed, runs, pooled)
+        training[str(seed)] = _training(runs)
+    n_groups = sums[cfg.seeds[0]]["single"].shape[0]
+    weights = bootstrap_weights(n_groups, cfg.bootstrap_samples, cfg.bootstrap_seed)
+    single_sums = [sums[s]["single"] for s in cfg.seeds]
+    unit = "test examples" if cfg.data.task == "classify" else "test blocks"
     rows = {}
-    for name in PREDICTORS:
+    for name in predictor_names(cfg):
         values = [per_seed[s][name] for s in cfg.seeds]
         row: dict[str, Any] = {}
         keys = [*METRICS, *(["macro_f1"] if "macro_f1" in values[0] else [])]
         for key in [*keys, "time_vs_single", "train_flops"]:
             mean, std = mean_std([v[key] for v in values])
             row[key] = {"mean": mean, "std": std}
-        for key in ("nll", "ece"):  # paired with the single model of the same seed
+        for key in ("nll", "ece", "brier"):  # paired with the single model of the same seed
             diffs = [per_seed[s][name][key] - per_seed[s]["single"][key] for s in cfg.seeds]
             mean, std = mean_std(diffs)
             row[f"{key}_vs_single"] = {"mean": mean, "std": std}
+        mine = [sums[s][name] for s in cfg.seeds]
+        alone = bootstrap_calibration(mine, weights, unit=unit)
+        row["bootstrap"] = {k: v.as_dict() for k, v in alone.items()}
+        if name != "single":
+            paired = bootstrap_calibration(mine, weights, single_sums, unit=unit)
+            row["bootstrap_vs_single"] = {k: v.as_dict() for k, v in paired.items()}
         row["passes"] = values[0]["passes"]
         if name == "single + temperature":
             row["temperatures"] = [v["temperature"] for v in values]
@@ -246,15 +377,15 @@ def calibrate(cfg: CalibrateConfig, *, overwrite: bool = False) -> dict[str, Any
         "seeds": cfg.seeds,
         "members": cfg.members,
         "mc_samples": cfg.mc_samples,
+        "train_blocks": _train_blocks(cfg, runs),
         "n_bins": cfg.n_bins,
         "test_predictions": int(pooled["single"].table.shape[0] / len(cfg.seeds)),
+        "test_blocks": n_groups,  # what the bootstrap resamples (lm: blocks; classify: examples)
         "rows": rows,
         "per_seed": {str(s): v for s, v in per_seed.items()},
+        "training": training,
         "reliability": {
-            name: {
-                "width": stats.bins(cfg.n_bins, "width"),
-            }
-            for name, stats in pooled.items()
+            name: {"width": stats.bins(cfg.n_bins, "width")} for name, stats in pooled.items()
         },
         "config": cfg.model_dump(mode="json"),
     }
@@ -266,128 +397,3 @@ def calibrate(cfg: CalibrateConfig, *, overwrite: bool = False) -> dict[str, Any
         lambda folder: plot_reliability(result, folder / f"{cfg.name}-reliability.png"),
     )
     return result
-
-
-def _cell(value: dict[str, float], digits: int) -> str:
-    return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
-
-
-def _delta(value: dict[str, float], digits: int) -> str:
-    if value["mean"] == 0 and value["std"] == 0:
-        return "—"
-    return f"{value['mean']:+.{digits}f} ± {value['std']:.{digits}f}"
-
-
-def calibration_markdown(result: dict[str, Any]) -> str:
-    """The table (mean ± std over seeds) and a plain answer."""
-    rows, seeds = result["rows"], result["seeds"]
-    what = "next-token prediction" if result["task"] == "lm" else "topic classification"
-    f1 = "macro_f1" in rows["single"]
-    lines = [
-        f"# Calibration: {result['name']} ({what}; {result['hardware']}, seeds {seeds})",
-        "",
-        f"Test split, {result['test_predictions']} predictions per seed; ECE with "
-        f"{result['n_bins']} equal-width bins (ECE-mass: equal-mass bins); mean ± sample std "
-        f"over seeds. Deep ensemble of {result['members']} models, MC dropout with "
-        f"{result['mc_samples']} passes. Cost: forward passes per prediction and measured "
-        f"time relative to the single model (fastest of {TIMING_REPEATS} passes over "
-        f"{TIMING_BATCHES} test batches, side by side in the same run); training FLOPs of "
-        "everything behind the predictor. Δ: the difference from the single model of the same "
-        "seed (paired), mean ± std.",
-        "",
-        "| predictor | passes | time × | train FLOPs | accuracy |"
-        + (" macro-F1 |" if f1 else "")
-        + " NLL | Δ NLL | ECE | Δ ECE | ECE-mass | MCE | Brier |",
-        "|---|---:|---:|---:|---:|"
-        + ("---:|" if f1 else "")
-        + "---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, row in rows.items():
-        lines.append(
-            f"| {name} | {row['passes']} | {row['time_vs_single']['mean']:.2f} | "
-            f"{row['train_flops']['mean']:.3g} | {_cell(row['accuracy'], 3)} |"
-            + (f" {_cell(row['macro_f1'], 3)} |" if f1 else "")
-            + f" {_cell(row['nll'], 3)} | {_delta(row['nll_vs_single'], 3)} | "
-            f"{_cell(row['ece'], 4)} | {_delta(row['ece_vs_single'], 4)} | "
-            f"{_cell(row['ece_mass'], 4)} | "
-            f"{_cell(row['mce'], 3)} | {_cell(row['brier'], 4)} |"
-        )
-    temps = rows["single + temperature"]["temperatures"]
-    lines += ["", f"Fitted temperatures: {', '.join(f'{t:.3f}' for t in temps)}.", ""]
-    lines += _answer(rows, len(seeds))
-    return "\n".join(lines) + "\n"
-
-
-def _answer(rows: dict[str, Any], seeds: int) -> list[str]:
-    """Plain sentences: the ensemble student against the single model (paired by seed), the
-    ensemble and temperature scaling, on ECE and NLL."""
-    out = []
-    student, single = rows["student ← ensemble"], rows["single"]
-    for metric, label, digits in (("ece", "ECE", 4), ("nll", "NLL", 3)):
-        paired = student[f"{metric}_vs_single"]
-        said = summary_verdict(
-            paired["mean"], paired["std"], seeds, lower_is_better=True, digits=digits
-        )
-        out.append(
-            f"- {label}: the student distilled from the ensemble against the single model, "
-            f"paired by seed: {said} ({single[metric]['mean']:.{digits}f} → "
-            f"{student[metric]['mean']:.{digits}f}). The ensemble itself: "
-            f"{rows['deep ensemble'][metric]['mean']:.{digits}f}; temperature scaling: "
-            f"{rows['single + temperature'][metric]['mean']:.{digits}f}; the MC-dropout "
-            f"student: {rows['student ← MC dropout'][metric]['mean']:.{digits}f}."
-        )
-    return out
-
-
-def plot_reliability(result: dict[str, Any], dest: Path) -> None:
-    """Per predictor: a reliability diagram (accuracy per confidence bin against the diagonal)
-    over a confidence histogram, seeds pooled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(result["reliability"])
-    n_bins = result["n_bins"]
-    fig, axes = plt.subplots(
-        2,
-        len(names),
-        figsize=(2.6 * len(names), 5.2),
-        sharex=True,
-        gridspec_kw={"height_ratios": [3, 1.2]},
-        squeeze=False,
-    )
-    width = 1.0 / n_bins
-    for col, name in enumerate(names):
-        bins = result["reliability"][name]["width"]
-        top, bottom = axes[0][col], axes[1][col]
-        lefts = [b["lower"] for b in bins]
-        top.bar(lefts, [b["accuracy"] for b in bins], width=width, align="edge",
-                edgecolor="black", linewidth=0.5, label="accuracy")  # fmt: skip
-        top.bar(
-            lefts,
-            [abs(b["confidence"] - b["accuracy"]) for b in bins],
-            bottom=[min(b["confidence"], b["accuracy"]) for b in bins],
-            width=width,
-            align="edge",
-            color="tab:red",
-            alpha=0.3,
-            label="gap to confidence",
-        )
-        centres = [b["lower"] + width / 2 for b in bins]
-        top.plot(centres, [b["confidence"] for b in bins], "k_", markersize=9, label="confidence")
-        top.plot([0, 1], [0, 1], "k--", linewidth=0.8)
-        top.set(xlim=(0, 1), ylim=(0, 1), title=name)
-        ece = result["rows"][name]["ece"]["mean"]
-        top.text(0.03, 0.9, f"ECE {ece:.3f}", fontsize=8, transform=top.transAxes)
-        bottom.bar(lefts, [b["share"] for b in bins], width=width, align="edge",
-                   color="tab:gray", edgecolor="black", linewidth=0.5)  # fmt: skip
-        bottom.set(xlim=(0, 1), xlabel="confidence")
-        if col == 0:
-            top.set_ylabel("accuracy")
-            bottom.set_ylabel("share")
-            top.legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{result['name']} ({result['hardware']}): reliability, seeds pooled")
-    fig.tight_layout()
-    fig.savefig(dest, dpi=100)
-    plt.close(fig)

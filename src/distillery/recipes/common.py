@@ -120,6 +120,25 @@ def once_per_job(env: DistEnv, fn: Callable[[], T], *, everyone: bool = True) ->
     return fn() if everyone else None
 
 
+def _split(cfg: DataConfig) -> tuple[dict[str, Any], list[str]]:
+    """The splits of the data (labelled pairs, or documents) and the texts a BPE trains on."""
+    if cfg.task == "classify":
+        labelled = split_labelled(
+            load_labelled(cfg.source, cfg.text_field, cfg.label_field),
+            cfg.val_fraction,
+            cfg.test_fraction,
+            cfg.transfer_fraction,
+        )
+        return labelled, [text for text, _ in labelled["train"]]
+    parts = split_documents(
+        load_documents(cfg.source, cfg.text_field),
+        cfg.val_fraction,
+        cfg.test_fraction,
+        transfer_fraction=cfg.transfer_fraction,
+    )
+    return parts, parts["train"]
+
+
 def prepare_data(
     cfg: DataConfig,
     env: DistEnv,
@@ -138,25 +157,16 @@ def prepare_data(
     (``LabelledExamples``, laid out for an ``encoder`` or a decoder; the classes are the
     training split's labels). The tokenizer is ``cfg.tokenizer``, else ``tokenizer_dir`` (the
     teacher's), else a byte-level BPE trained on the training split and cached by content (for
-    masked-LM runs with a mask token added).
+    masked-LM runs with a mask token added). ``"train"`` in ``splits`` is the split runs train
+    on, ``cfg.train_split``: the held-out ``transfer`` split when it says so (the tokenizer and
+    the classes still come from the training split proper).
     """
     classify = cfg.task == "classify"
+    names = tuple(cfg.train_split if name == "train" else name for name in splits)
 
     def build() -> tuple[Any, Any]:
-        if classify:
-            labelled = split_labelled(
-                load_labelled(cfg.source, cfg.text_field, cfg.label_field),
-                cfg.val_fraction,
-                cfg.test_fraction,
-            )
-            parts: dict[str, Any] = labelled
-            train_texts = [text for text, _ in labelled["train"]]
-        else:
-            parts = split_documents(
-                load_documents(cfg.source, cfg.text_field), cfg.val_fraction, cfg.test_fraction
-            )
-            train_texts = parts["train"]
-        for name in splits:
+        parts, train_texts = _split(cfg)
+        for name in names:
             if not parts[name]:
                 raise DistilleryError(
                     f"data {cfg.source}: the {name} split is empty; raise data.{name}_fraction "
@@ -184,9 +194,9 @@ def prepare_data(
         classes = class_names(built["train"])
         return tokenizer, *(
             encode_labelled(built[name], tokenizer, cfg.seq_len, classes, name, encoder=encoder)
-            for name in splits
+            for name in names
         )
-    blocks = [PackedTokens(built, name, cfg.seq_len) for name in splits]
+    blocks = [PackedTokens(built, name, cfg.seq_len) for name in names]
     if cfg.task == "mlm":
         blocks = [  # type: ignore[misc]
             MaskedBlocks(

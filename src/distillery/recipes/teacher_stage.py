@@ -169,7 +169,8 @@ def _train_to_convergence(cfg: RunConfig, stage: TeacherStage, *, reuse: bool) -
         if step > 0 and step not in [h["step"] for h in state["history"]]:
             metrics = engine.evaluate()
             loss = float(metrics["val_loss"])
-            state["history"].append({"step": step, "val_loss": loss, "val_ppl": metrics["val_ppl"]})
+            ppl = metrics.get("val_ppl")  # None for a classifier (the calibration study's)
+            state["history"].append({"step": step, "val_loss": loss, "val_ppl": ppl})
             if state["best_loss"] is None or loss < state["best_loss"] - stage.min_delta:
                 export_model(parts.model, parts.tokenizer, out / "model")
                 state.update(best_step=step, best_loss=loss, best_flops=engine.progress.flops)
