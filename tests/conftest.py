@@ -37,6 +37,13 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture(scope="session")
+def stage_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``teacher_stage.root`` for converged tiny teachers: their folders are keyed by content,
+    so the tests naming the same stage train them once and reuse them."""
+    return tmp_path_factory.mktemp("stage")
+
+
 def tiny_run(
     corpus: Path, cache_dir: Path, out: Path, *, teacher: Path | None = None, **train: object
 ) -> RunConfig:

@@ -173,3 +173,48 @@ def test_iit_experiment_at_equal_flops(corpus: Path, cache_dir: Path, tmp_path: 
     for row in rows.values():
         assert 0.0 <= row["interchange_agreement"]["mean"] <= 1.0
     assert "At equal FLOPs, adding IIT" in (tmp_path / "results" / "iit.md").read_text()
+
+
+def test_iit_study_reads_converged_teachers_and_checks_them(
+    corpus: Path, cache_dir: Path, stage_root: Path, tmp_path: Path
+):
+    from distillery.config import build_config
+    from distillery.recipes.iit import IITStudyConfig, iit_study
+    from tests.conftest import tiny_recipe
+
+    # no final-report extras; the teachers are those of tests/test_modes.py (the same stage)
+    small = "{steps: 4, batch_size: 4, eval_batches: 1, tensorboard: false, checkpoint_every: 0, "
+    small += "generation_tokens: 0, draft_prompts: 0}"
+    stage = f"{{seeds: [0, 1], eval_every: 2, patience: 1, max_steps: 4, root: {stage_root}}}"
+    cfg = build_config(
+        IITStudyConfig,
+        overrides=[
+            *tiny_recipe(corpus, cache_dir),
+            "data.val_fraction=0.01",  # every run ends with a whole-split evaluation
+            "teacher.overrides.num_hidden_layers=4",
+            f"teacher_train={small}",
+            f"student_train={small}",
+            f"teacher_stage={stage}",
+            "iit.layers=[[1, 2]]",
+            "eval_batches=1",
+            "seeds=[0, 1]",
+            f"out={tmp_path / 'runs'}",
+            f"results={tmp_path / 'results'}",
+        ],
+    )
+    result = iit_study(cfg)
+    teacher = result["teacher"]
+    assert teacher["converged"] and [t["seed"] for t in teacher["teachers"]] == [0, 1]
+    assert not (tmp_path / "runs" / "teacher").exists()  # the stage's folders, not the study's
+    models = [Path(t["model"]) for t in teacher["teachers"]]
+    for row in result["rows"].values():  # student seed index i learns from teacher i mod 2
+        assert [Path(r["teacher"]) for r in row["runs"]] == [models[i % 2] for i in range(2)]
+    saved = json.loads((tmp_path / "results" / "iit.json").read_text())
+    assert saved["teacher"]["teachers"] == teacher["teachers"]
+    table = (tmp_path / "results" / "iit.md").read_text()
+    assert "converged (early-stopped)" in table
+    assert "over 2 teacher seeds; best distilled student" in table
+    worst = max(t["val_ppl"] for t in teacher["teachers"])
+    best = min(r["val_ppl"] for row in result["rows"].values() for r in row["runs"])
+    assert ("the teacher is clearly better" in table) == (worst < best)
+    assert ("**not clearly better" in table) == (worst >= best)

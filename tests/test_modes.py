@@ -225,3 +225,86 @@ def test_a_finished_run_is_reused_when_its_config_reads_back_equal(corpus, cache
     changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 3})})
     summary, reused = run_or_reuse(changed, "old")
     assert not reused and summary["steps"] == 3 and summary["val_ppl"] != 1.0
+
+
+STAGE = "teacher_stage={seeds: [0, 1], eval_every: 2, patience: 1, max_steps: 4, root: %s}"
+# no final-report extras (generation speed, drafting) and a small validation split (every run
+# ends with a whole-split evaluation): these tests check pairing and accounting
+FAST = SMALL.replace("}", ", generation_tokens: 0, draft_prompts: 0}")
+
+
+def _staged(corpus, cache_dir, tmp_path, mode: str, root: Path, *extra: str) -> ModesConfig:
+    """A mode reading the converged tiny teachers in ``root``."""
+    return _config(corpus, cache_dir, tmp_path, mode, STAGE % root, "data.val_fraction=0.01",
+                   f"teacher_train={FAST % 4}", f"student_train={FAST % 4}", *extra)  # fmt: skip
+
+
+def _teacher_check_agrees(result: dict, table: str) -> None:
+    """The table says the teacher is clearly better exactly when its worst seed beats every
+    final model."""
+    worst = max(t["val_ppl"] for t in result["teacher"]["teachers"])
+    finals = [r["val_ppl"] for arm in result["arms"].values() for r in arm["stages"][-1]["runs"]]
+    assert ("the teacher is clearly better" in table) == (worst < min(finals))
+    assert ("**not clearly better" in table) == (worst >= min(finals))
+
+
+def test_two_step_with_a_teacher_stage_pairs_seed_i_with_teacher_i_mod_n(
+    corpus, cache_dir, tmp_path, stage_root
+):
+    cfg = _staged(corpus, cache_dir, tmp_path, "two-step", stage_root, "seeds=[0, 1, 2]")
+    result = compare_modes(cfg)
+    out = tmp_path / "two-step"
+    stage = result["teacher"]
+    assert stage["converged"] and [t["seed"] for t in stage["teachers"]] == [0, 1]
+    assert not (out / "teacher").exists()  # the stage's folders, not the mode's own
+    assert result["seed_teachers"] == [0, 1, 0]
+    models = [Path(t["model"]) for t in result["teachers"]]
+    assert models == [Path(t["model"]) for t in stage["teachers"]]
+    for seed, own in zip((0, 1, 2), (0, 1, 0), strict=True):
+        for run_ in ("two-step/task", "two-step/soft-targets", "from-start/distill"):
+            assert Path(_run_config(out / run_ / f"seed-{seed}")["teacher"]["path"]) == models[own]
+    table = (tmp_path / "results" / "two-step.md").read_text()
+    assert "converged (early-stopped)" in table and "learns from teacher i mod 2" in table
+    assert "over 2 teacher seeds; best distilled student" in table
+    _teacher_check_agrees(result, table)
+    saved = json.loads((tmp_path / "results" / "two-step.json").read_text())
+    assert saved["teacher"]["teachers"] == stage["teachers"]
+
+
+def test_multi_teacher_distils_the_distinct_stage_teachers(corpus, cache_dir, tmp_path, stage_root):
+    with pytest.raises(DistilleryError, match=r"mode.teachers: .*set mode.teachers=2") as err:
+        _staged(corpus, cache_dir, tmp_path, "multi-teacher", stage_root)  # 3 by default
+    assert "\n" not in str(err.value)
+    cfg = _staged(corpus, cache_dir, tmp_path, "multi-teacher", stage_root, "mode.teachers=2",
+                  "seeds=[0, 1]")  # fmt: skip
+    result = compare_modes(cfg)
+    out = tmp_path / "multi-teacher"
+    models = [t["model"] for t in result["teachers"]]
+    assert len(set(models)) == 2 and not (out / "teacher-1").exists()
+    for seed in (0, 1):  # the ensemble: both stage teachers; single arms: the seed's own
+        assert _run_config(out / "ensemble/student" / f"seed-{seed}")["teacher"]["path"] == models
+        for arm in ("single", "single-same-steps"):
+            config = _run_config(out / arm / "student" / f"seed-{seed}")
+            assert config["teacher"]["path"] == models[seed]
+
+
+def test_born_again_starts_from_the_stage_teacher_and_is_charged_its_cost(
+    corpus, cache_dir, tmp_path, stage_root
+):
+    cfg = _staged(corpus, cache_dir, tmp_path, "self-distill", stage_root, "mode.generations=1",
+                  "mode.steps=2", "seeds=[0, 1]")  # fmt: skip
+    result = compare_modes(cfg)
+    out = tmp_path / "self-distill"
+    gen1 = result["arms"]["born-again"]["stages"][0]
+    assert [r["steps"] for r in gen1["runs"]] == [2, 2]  # mode.steps, not the stage's cap
+    for seed, run_ in zip((0, 1), gen1["runs"], strict=True):
+        teacher = result["teachers"][seed]  # generation 0: the seed's own stage teacher
+        config = _run_config(out / "born-again/gen-1" / f"seed-{seed}")
+        assert config["teacher"]["path"] == teacher["model"]
+        # generation 0 is charged at what its stage spent, patience included
+        spent = json.loads((Path(teacher["model"]).parent / "summary.json").read_text())
+        assert teacher["flops"] == spent["flops_trained"]
+        assert run_["arm_flops"] == pytest.approx(teacher["flops"] + run_["flops"])
+    _equal_compute(result, "born-again", "plain")
+    table = (tmp_path / "results" / "self-distill.md").read_text()
+    assert "best no-teacher student" in table  # the plain arm learns nothing from a teacher

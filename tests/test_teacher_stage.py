@@ -116,7 +116,7 @@ def test_stage_config_is_checked() -> None:
         TeacherStage(seeds=[1, 1])
     with pytest.raises(ValueError):
         TeacherStage(patience=0)
-    from distillery.recipes.iit import IITStudyConfig  # a study that cannot use one refuses it
+    from distillery.recipes.quickstart import QuickstartConfig  # a recipe that cannot use one
 
     with pytest.raises(ValueError, match="does not train converged teachers yet"):
-        IITStudyConfig.model_validate({"teacher_stage": {}})
+        QuickstartConfig.model_validate({"teacher_stage": {}})

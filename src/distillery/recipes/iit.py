@@ -16,6 +16,7 @@ Writes ``iit.{md,json}`` to the output folder and to ``results`` when set.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,6 +30,7 @@ from distillery.config import (
     ModelSpec,
     ObjectiveConfig,
     RunConfig,
+    TrainConfig,
 )
 from distillery.distributed import DistEnv, resolve_device
 from distillery.eval import interchange_agreement
@@ -107,6 +109,36 @@ def _held_out_agreement(
     )
 
 
+def _arm(
+    cfg: IITStudyConfig,
+    teacher_dir: Path,
+    objectives: list[Any],
+    train: TrainConfig,
+    folder: str,
+    *,
+    reuse: bool,
+) -> dict[str, Any]:
+    """One arm's run for ``train.seed``, distilled from ``teacher_dir``; its kept metrics."""
+    seed = train.seed
+    run_cfg = RunConfig(
+        data=cfg.data.model_copy(update={"tokenizer": teacher_dir}),
+        model=ModelSpec(
+            preset=cfg.teacher.preset,
+            overrides={**cfg.teacher.overrides, "num_hidden_layers": cfg.student_layers},
+            init_from_teacher="every_other",
+        ),
+        teacher=teacher_dir,
+        objectives=objectives,
+        train=train,
+        out=Path(cfg.out) / folder / f"seed-{seed}",
+    )
+    summary, _ = run_or_reuse(run_cfg, f"{folder}/seed-{seed}", reuse=reuse)
+    # Every arm measured on the same held-out interventions (the IIT runs' own summary has it
+    # too, over the whole split).
+    summary |= _held_out_agreement(cfg, run_cfg.out / "model", teacher_dir)
+    return {"seed": seed, "teacher": str(teacher_dir), **{k: summary[k] for k in METRICS}}
+
+
 def iit_study(cfg: IITStudyConfig, *, overwrite: bool = False) -> dict[str, Any]:
     """Run every arm × seed into ``cfg.out``; return the table's data. Seed i of every arm
     learns from the same teacher (``study_teachers``), so arms are compared paired by seed."""
@@ -114,37 +146,11 @@ def iit_study(cfg: IITStudyConfig, *, overwrite: bool = False) -> dict[str, Any]
     prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
     teachers = study_teachers(cfg, out, reuse=not overwrite)
     reuse = teachers.reused  # students of another teacher (retrained now) are never reused
-    student = ModelSpec(
-        preset=cfg.teacher.preset,
-        overrides={**cfg.teacher.overrides, "num_hidden_layers": cfg.student_layers},
-        init_from_teacher="every_other",
-    )
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     with_iit = [*cfg.objectives, cfg.iit]
     for index, seed in enumerate(cfg.seeds):
         train = cfg.student_train.model_copy(update={"seed": seed})
-        teacher_dir = teachers.folders(index)
-        data = cfg.data.model_copy(update={"tokenizer": teacher_dir})
-
-        def arm(
-            objectives: list[Any], train_cfg: Any, folder: str, seed: int = seed,
-            teacher_dir: Path = teacher_dir, data: Any = data,
-        ) -> dict:  # fmt: skip
-            run_cfg = RunConfig(
-                data=data,
-                model=student,
-                teacher=teacher_dir,
-                objectives=objectives,
-                train=train_cfg,
-                out=out / folder / f"seed-{seed}",
-            )
-            summary, _ = run_or_reuse(run_cfg, f"{folder}/seed-{seed}", reuse=reuse)
-            # Every arm measured on the same held-out interventions (the IIT runs' own summary
-            # has it too, over the whole split).
-            summary |= _held_out_agreement(cfg, run_cfg.out / "model", teacher_dir)
-            return {"seed": seed, "teacher": str(teacher_dir),
-                    **{k: summary[k] for k in METRICS}}  # fmt: skip
-
+        arm = partial(_arm, cfg, teachers.folders(index), reuse=reuse)
         standard = arm(cfg.objectives, train, "standard")
         budget = train.model_copy(update={"flops_budget": standard["flops"]})
         runs["standard"].append(standard)
@@ -172,12 +178,16 @@ def iit_study(cfg: IITStudyConfig, *, overwrite: bool = False) -> dict[str, Any]
 
 def iit_markdown(result: dict[str, Any]) -> str:
     """The table (mean ± std over seeds) and a plain answer at equal FLOPs."""
-    rows, iit = result["rows"], result["iit"]
+    rows, iit, teacher = result["rows"], result["iit"], result["teacher"]
+    students = [r for row in rows.values() for r in row["runs"]]
+    regime = "converged (early-stopped)" if teacher.get("converged") else "not converged"
     lines = [
         f"# Interchange intervention training ({result['hardware']}, seeds {result['seeds']})",
         "",
-        f"Teacher: {result['teacher']['layers']} layers, validation perplexity "
-        f"{result['teacher']['val_ppl']:.1f}. Student: {result['student_layers']} layers "
+        f"Teacher: {teacher['layers']} layers, {regime}, trained with {teacher['flops']:.3g} "
+        f"FLOPs. {teacher_check(teacher, students, against='distilled')}",
+        "",
+        f"Student: {result['student_layers']} layers "
         f"(every other teacher layer). IIT: layers {iit['layers']}, positions {iit['positions']} "
         f"(fraction {iit['fraction']:g}), {iit['divergence']} at T={iit['temperature']:g}, weight "
         f"{iit['weight']:g}. Interchange agreement: counterfactual top-1 equal to the teacher's "

@@ -3,8 +3,8 @@
 Every mode is a set of *arms*, each a chain of runs of the one engine (``recipes.run``); a run
 is initialised from and/or distilled from the run before it:
 
-- ``multi-teacher``: K teachers (seeds ``teacher_train.seed + i``) → one student, vs the first
-  teacher alone;
+- ``multi-teacher``: K teachers (seeds ``teacher_train.seed + i``, or the stage's converged
+  ones) → one student, vs the seed's own teacher alone;
 - ``self-distill``: born-again generations of the teacher's architecture (random init, each
   distilled from the previous, generation 0 being the teacher), vs that architecture trained
   plainly;
@@ -17,11 +17,17 @@ The comparison arm's step count comes from a FLOPs budget (``train.flops_budget`
 the mode's arm spent for the same seed, as the engine's meter counts it (6·N per trained token
 plus 2·N per teacher-forwarded token); training the teacher(s) is shared and reported apart,
 except for self-distillation, where generation 0 is part of the chain and is charged to it.
-Finished runs of an unchanged config are reused, so an interrupted call continues.
+
+With ``teacher_stage`` the teachers are converged ones shared with other studies (``study.
+study_teachers``): seed index i's own teacher is stage teacher i mod n, and a charged teacher
+costs what its stage spent (``flops_trained``, patience included). Without, the mode trains its
+own for ``teacher_train`` steps and teacher 0 is every seed's own. Finished runs of an unchanged
+config are reused (never those of a teacher retrained now), so an interrupted call continues.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,7 @@ from distillery.config import (
     ModelSpec,
     RunConfig,
     TrainConfig,
+    needs_teacher,
 )
 from distillery.recipes.common import prepare_out_dir
 from distillery.recipes.modes_config import (
@@ -44,18 +51,29 @@ from distillery.recipes.modes_config import (
     TwoStepMode,
 )
 from distillery.recipes.quickstart import teacher_config
-from distillery.recipes.study import hardware, mean_std, paired_verdict, run_or_reuse, write_study
+from distillery.recipes.study import (
+    hardware,
+    mean_std,
+    paired_verdict,
+    run_or_reuse,
+    study_teachers,
+    teacher_check,
+    write_study,
+)
 
 METRICS = ("val_ppl", "val_loss", "accuracy", "agreement")
 KEPT = (*METRICS, "steps", "flops", "train_seconds")
-PREVIOUS = "previous"  # the run before this one in the arm (the first teacher for the first)
+OWN = "own"  # the seed's own teacher: stage teacher i mod n for seed index i, else teacher 0
+PREVIOUS = "previous"  # the run before this one in the arm (the seed's own teacher for the first)
+TEACHER_KEPT = ("seed", "model", "val_ppl", "accuracy", "layers", "params", "flops")
 
 
 @dataclass(frozen=True)
 class Stage:
     """One run of an arm: a model of ``layers`` layers (``init``: ``every_other`` from its
     first teacher, ``random``, or ``previous`` = continue the previous run's model) trained with
-    ``objectives`` from ``teachers`` (indices of the recipe's teachers, or ``PREVIOUS``)."""
+    ``objectives`` from ``teachers`` (indices of the recipe's teachers, ``OWN`` or
+    ``PREVIOUS``)."""
 
     name: str
     layers: int
@@ -79,7 +97,7 @@ class Arm:
 def plan(cfg: ModesConfig) -> dict[str, Arm]:
     """The mode's arms, the mode's own first and the equal-compute comparison after it."""
     mode, student, objectives = cfg.mode, cfg.student_layers, cfg.objectives
-    plain = Stage("student", student, objectives, (0,), "every_other", cfg.student_train)
+    plain = Stage("student", student, objectives, (OWN,), "every_other", cfg.student_train)
     if isinstance(mode, MultiTeacherMode):
         ensemble = {"weights": mode.weights, "combine": mode.ensemble}
         teachers = tuple(range(mode.teachers))
@@ -88,20 +106,22 @@ def plan(cfg: ModesConfig) -> dict[str, Arm]:
                 [replace(plain, teachers=teachers, teacher_fields=ensemble)],
                 label=f"{mode.teachers} teachers ({mode.ensemble})",
             ),
-            "single": Arm([replace(plain, match="ensemble")], label="teacher 0, same FLOPs"),
-            "single-same-steps": Arm([plain], label="teacher 0, same steps"),
+            "single": Arm([replace(plain, match="ensemble")], label="own teacher, same FLOPs"),
+            "single-same-steps": Arm([plain], label="own teacher, same steps"),
         }
     if isinstance(mode, SelfDistillMode):
-        depth = cfg.teacher_layers
+        depth, stage = cfg.teacher_layers, cfg.teacher_stage
+        steps = mode.steps or (stage.max_steps if stage else cfg.teacher_train.steps)
+        train = cfg.teacher_train.model_copy(update={"steps": steps})
         gens = [
-            Stage(f"gen-{k}", depth, objectives, (PREVIOUS,), "random", cfg.teacher_train)
+            Stage(f"gen-{k}", depth, objectives, (PREVIOUS,), "random", train)
             for k in range(1, mode.generations + 1)
         ]
         ce = [CrossEntropyObjective()]
         return {
             "born-again": Arm(gens, charged=True, label="gen 0 = the teacher"),
             "plain": Arm(
-                [Stage("plain", depth, ce, (0,), "random", cfg.teacher_train, match="born-again")],
+                [Stage("plain", depth, ce, (OWN,), "random", train, match="born-again")],
                 label="task loss only",
             ),
         }
@@ -127,8 +147,8 @@ def plan(cfg: ModesConfig) -> dict[str, Arm]:
     return {
         "two-step": Arm(
             [
-                Stage("task", student, [CrossEntropyObjective()], (0,), "every_other", task),
-                Stage("soft-targets", student, mode.finetune_objectives, (0,), PREVIOUS, soft),
+                Stage("task", student, [CrossEntropyObjective()], (OWN,), "every_other", task),
+                Stage("soft-targets", student, mode.finetune_objectives, (OWN,), PREVIOUS, soft),
             ],
             label="task loss, then soft targets",
         ),
@@ -146,15 +166,16 @@ def _stage_config(
     seed: int,
     out: Path,
     teachers: list[Path],
+    own: Path,
     previous: Path | None,
     budget: float | None,
 ) -> RunConfig:
-    """The engine's config for one stage of one seed."""
+    """The engine's config for one stage of one seed (``own``: the seed's own teacher)."""
 
     def folder(ref: int | str) -> Path:
         if ref == PREVIOUS:
-            return previous if previous is not None else teachers[0]
-        return teachers[int(ref)]
+            return previous if previous is not None else own
+        return own if ref == OWN else teachers[int(ref)]
 
     paths = [folder(ref) for ref in stage.teachers]
     if stage.init == PREVIOUS:
@@ -167,7 +188,7 @@ def _stage_config(
         )
     fields = {k: v for k, v in stage.teacher_fields.items() if v is not None}
     return RunConfig(
-        data=cfg.data.model_copy(update={"tokenizer": teachers[0]}),
+        data=cfg.data.model_copy(update={"tokenizer": own}),
         model=model,
         teacher=LiveTeacherSpec(path=paths[0] if len(paths) == 1 else paths, **fields),
         objectives=stage.objectives,
@@ -176,18 +197,35 @@ def _stage_config(
     )
 
 
-def _teachers(cfg: ModesConfig, out: Path, overwrite: bool) -> tuple[list[dict[str, Any]], bool]:
-    """Train (or reuse) the mode's teachers; (summaries with ``model`` paths, all reused)."""
+def _teachers(
+    cfg: ModesConfig, out: Path, overwrite: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any], bool]:
+    """Train (or reuse) the mode's teachers: (each one's ``TEACHER_KEPT``, ``flops`` being what
+    training it cost; the summary ``study.teacher_check`` reads; whether all were reused).
+    With ``teacher_stage``: the stage's converged teachers, the summary ``study_teachers``'s."""
+    if cfg.teacher_stage is not None:
+        stage = study_teachers(cfg, out, reuse=not overwrite)
+        teachers = []
+        for t in stage.info["teachers"]:
+            saved = json.loads((Path(t["model"]).parent / "summary.json").read_text())
+            kept = {k: saved[k] for k in TEACHER_KEPT if k in saved} | {"model": t["model"]}
+            teachers.append(kept | {"flops": t["flops_trained"], "flops_to_best": t["flops"]})
+        return teachers, stage.info, stage.reused
     count = cfg.mode.teachers if isinstance(cfg.mode, MultiTeacherMode) else 1
-    summaries, all_reused = [], True
+    teachers, all_reused = [], True
     for i in range(count):
         name = "teacher" if i == 0 else f"teacher-{i}"
         train = cfg.teacher_train.model_copy(update={"seed": cfg.teacher_train.seed + i})
         teacher_cfg = teacher_config(cfg, out / name).model_copy(update={"train": train})
         summary, reused = run_or_reuse(teacher_cfg, name, reuse=not overwrite)
-        summaries.append({**summary, "model": str(out / name / "model")})
+        summary |= {"seed": train.seed, "model": str(out / name / "model")}
+        teachers.append({k: summary[k] for k in TEACHER_KEPT})
         all_reused &= reused
-    return summaries, all_reused
+    ppl, std = mean_std([float(t["val_ppl"]) for t in teachers])
+    info = {"val_ppl": ppl, "val_ppl_std": std, "layers": teachers[0]["layers"],
+            "flops": teachers[0]["flops"], "converged": False,
+            "teachers": [{k: t[k] for k in ("seed", "val_ppl")} for t in teachers]}  # fmt: skip
+    return teachers, info, all_reused
 
 
 def compare_modes(cfg: ModesConfig, *, overwrite: bool = False) -> dict[str, Any]:
@@ -195,18 +233,19 @@ def compare_modes(cfg: ModesConfig, *, overwrite: bool = False) -> dict[str, Any
     (and to ``cfg.results``); return the table's data."""
     out = Path(cfg.out)
     prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
-    teachers, reuse = _teachers(cfg, out, overwrite)  # students of retrained teachers rerun
+    teachers, info, reuse = _teachers(cfg, out, overwrite)  # students of retrained ones rerun
     teacher_paths = [Path(t["model"]) for t in teachers]
+    staged = cfg.teacher_stage is not None
+    own = [i % len(teachers) if staged else 0 for i in range(len(cfg.seeds))]
     arms = plan(cfg)
-    charged = float(teachers[0]["flops"])
 
     runs: dict[str, list[list[dict[str, Any]]]] = {
         a: [[] for _ in arm.stages] for a, arm in arms.items()
     }
-    for seed in cfg.seeds:
+    for seed, mine in zip(cfg.seeds, own, strict=True):
         totals: dict[str, float] = {}
         for arm_name, arm in arms.items():
-            spent, previous = charged if arm.charged else 0.0, None
+            spent, previous = float(teachers[mine]["flops"]) if arm.charged else 0.0, None
             for i, stage in enumerate(arm.stages):
                 budget = totals[stage.match] - spent if stage.match else None
                 where = out / arm_name / stage.name / f"seed-{seed}"
@@ -216,6 +255,7 @@ def compare_modes(cfg: ModesConfig, *, overwrite: bool = False) -> dict[str, Any
                     seed=seed,
                     out=where,
                     teachers=teacher_paths,
+                    own=teacher_paths[mine],
                     previous=previous,
                     budget=budget,
                 )
@@ -234,10 +274,9 @@ def compare_modes(cfg: ModesConfig, *, overwrite: bool = False) -> dict[str, Any
         "hardware": hardware(),
         "torch": torch.__version__,
         "seeds": cfg.seeds,
-        "teachers": [
-            {k: t[k] for k in ("val_ppl", "accuracy", "layers", "params", "flops")}
-            for t in teachers
-        ],
+        "teacher": info,
+        "teachers": teachers,
+        "seed_teachers": own,  # seed index i's own teacher (an index into teachers)
         "arms": _arm_tables(arms, runs),
         "config": cfg.model_dump(mode="json"),
     }
@@ -253,6 +292,10 @@ def _arm_tables(
         name: {
             "label": arm.label,
             "charged_teacher": arm.charged,
+            "no_teacher": all(  # learns nothing from a teacher: random init, task loss only
+                s.init == "random" and not any(needs_teacher(o) for o in s.objectives)
+                for s in arm.stages
+            ),
             "stages": [
                 {
                     "name": stage.name,
@@ -277,35 +320,53 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "std": std}
 
 
+def _teacher_line(result: dict[str, Any]) -> str:
+    """The teachers: depth, regime, perplexity, cost, which seed learns from which, and whether
+    they are clearly better than the arms' final models (``study.teacher_check``)."""
+    teachers, info, arms = result["teachers"], result["teacher"], result["arms"].values()
+    converged = info.get("converged")
+    ppl = ", ".join(f"{t['val_ppl']:.1f}" for t in teachers)
+    flops = ", ".join(f"{t['flops']:.3g}" for t in teachers)
+    line = (
+        f"Teacher{'s' if len(teachers) > 1 else ''}: {teachers[0]['layers']} layers, "
+        f"{'converged (early-stopped)' if converged else 'not converged'}, validation "
+        f"perplexity {ppl}, trained with {flops} FLOPs"
+    )
+    if converged:
+        line += f" (patience included); seed index i learns from teacher i mod {len(teachers)}"
+    elif len(teachers) > 1:
+        line += "; single-teacher runs learn from teacher 0"
+    no_teacher = [r for arm in arms if arm["no_teacher"] for r in arm["stages"][-1]["runs"]]
+    if no_teacher:  # e.g. self-distillation's plain arm: the teacher's size, task loss only
+        return f"{line}. {teacher_check(info, no_teacher)}"
+    finals = [r for arm in arms for r in arm["stages"][-1]["runs"]]
+    return f"{line}. {teacher_check(info, finals, against='distilled')}"
+
+
 def modes_markdown(result: dict[str, Any]) -> str:
     """One row per stage of every arm (mean ± std over seeds) and the final comparison."""
-    teacher = result["teachers"][0]
-    others = result["teachers"][1:]
-    other_ppl = ", ".join(f"{t['val_ppl']:.1f}" for t in others)
     lines = [
         f"# Mode `{result['mode']}` ({result['hardware']}, seeds {result['seeds']})",
         "",
-        f"Teacher: {teacher['layers']} layers, validation perplexity {teacher['val_ppl']:.1f}, "
-        f"trained with {teacher['flops']:.3g} FLOPs"
-        + (
-            f"; other teachers {other_ppl} ({len(others)} × {others[0]['flops']:.3g} FLOPs more)"
-            if others
-            else ""
-        )
-        + ". Mean ± sample std over seeds; agreement is with each run's own teacher "
-        "(top-1 next token); arm FLOPs are cumulative along the arm.",
+        _teacher_line(result),
+        "",
+        "Mean ± sample std over seeds; agreement is with each run's own teacher (top-1 next "
+        "token); arm FLOPs are cumulative along the arm.",
         "",
         "| arm | run | layers | init | objectives | steps | arm FLOPs | val ppl | top-1 acc "
         "| agreement |",
         "|---|---|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     finals = {}
+    # generation 0 of a charged arm: each seed's own teacher
+    gen0 = [result["teachers"][i] for i in result["seed_teachers"]]
     for name, arm in result["arms"].items():
         if arm["charged_teacher"]:
+            ppl, acc = (_stats([float(t[k]) for t in gen0]) for k in ("val_ppl", "accuracy"))
             lines.append(
-                f"| {name} | gen-0 (teacher) | {teacher['layers']} | random | 1·ce | – | "
-                f"{teacher['flops']:.3g} | {teacher['val_ppl']:.1f} | {teacher['accuracy']:.3f} "
-                "| – |"
+                f"| {name} | gen-0 (teacher) | {gen0[0]['layers']} | random | 1·ce | – | "
+                f"{_stats([float(t['flops']) for t in gen0])['mean']:.3g} | {ppl['mean']:.1f} ± "
+                f"{ppl['std']:.1f} | {acc['mean']:.3f} ± {acc['std']:.3f} | – |"
             )
         for stage in arm["stages"]:
             ppl, acc, agree = stage["val_ppl"], stage["accuracy"], stage["agreement"]

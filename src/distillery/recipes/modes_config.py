@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -14,7 +14,10 @@ from distillery.recipes.study import SeededStudy, TeacherStudentRecipe
 
 class MultiTeacherMode(Strict):
     """Several teachers (trained with seeds ``teacher_train.seed + i``) distilled together into
-    one student, against the student distilled from the first teacher alone at equal FLOPs."""
+    one student, against the student distilled from the first teacher alone at equal FLOPs.
+    With ``teacher_stage`` the teachers are the stage's converged ones, one per stage seed
+    (``teachers`` must equal their number), and seed index i's single-teacher arms learn from
+    teacher i mod K."""
 
     kind: Literal["multi-teacher"] = "multi-teacher"
     teachers: int = Field(3, ge=2)
@@ -35,6 +38,9 @@ class SelfDistillMode(Strict):
 
     kind: Literal["self-distill"] = "self-distill"
     generations: int = Field(2, ge=1)
+    # each generation's steps (with teacher_train's other settings); unset: teacher_train.steps,
+    # or with teacher_stage the stage's max_steps (the converged teacher's cap)
+    steps: int | None = Field(None, gt=0)
 
 
 class RoundsMode(Strict):
@@ -66,7 +72,8 @@ MODES = ("multi-teacher", "self-distill", "rounds", "two-step")
 
 class ModesConfig(TeacherStudentRecipe, SeededStudy):
     """``distillery mode NAME``: one distillation mode against plain distillation at equal
-    compute, over several seeds (the teacher is trained once and shared by every seed)."""
+    compute, over several seeds (the teacher is trained once and shared by every seed; with
+    ``teacher_stage``, seed index i learns from the stage's converged teacher i mod n)."""
 
     mode: ModeConfig = Field(default_factory=SelfDistillMode)
     objectives: list[ObjectiveConfig] = Field(
@@ -76,12 +83,19 @@ class ModesConfig(TeacherStudentRecipe, SeededStudy):
         ],
         min_length=1,
     )
+    uses_teacher_stage: ClassVar[bool] = True
     out: Path = Path("runs/modes")
 
     @model_validator(mode="after")
     def _mode_fits(self) -> ModesConfig:
         if not any(o.kind != "ce" for o in self.objectives):
             raise ValueError("objectives: give at least one teacher objective (e.g. forward_kl)")
+        mode, stage = self.mode, self.teacher_stage
+        if isinstance(mode, MultiTeacherMode) and stage and mode.teachers != len(stage.seeds):
+            raise ValueError(
+                f"mode.teachers: with teacher_stage the teachers are the stage's converged "
+                f"ones, one per seed {stage.seeds}; set mode.teachers={len(stage.seeds)}"
+            )
         if isinstance(self.mode, RoundsMode):
             sizes = [self.teacher_layers, *self.mode.assistants, self.student_layers]
             for big, small in itertools.pairwise(sizes):
