@@ -1,35 +1,39 @@
-"""``distillery experiment codistill``: does codistillation reach the solo loss in fewer steps?
+"""``distillery experiment codistill``: does codistillation reach the solo loss in fewer steps,
+and how does it compare with one model on all the data and with synchronous data-parallel?
 
-Per seed, every pool has two peers, each on its own half of the training blocks:
+Per seed and pool size N (``peers``: 2 by default, or a list such as ``[2, 4]``), every pool has
+N peers, each on its own 1/N of the training blocks:
 
 - ``solo``: each peer trained alone (``exchange.mode: none``), one process per peer: the
-  baselines (``model`` on shards 0 and 1, and ``small`` on shard 1);
-- ``predictions``: two ``model`` peers exchanging top-k predictions every
+  baselines (``model`` on every shard, and ``small`` on shards 1..N-1);
+- ``predictions``: N ``model`` peers exchanging top-k predictions every
   ``prediction_every`` steps (lockstep, under torchrun);
-- ``checkpoints``: two ``model`` peers exchanging weights every ``exchange.every`` steps;
-- ``unequal``: ``model`` and ``small``, exchanging weights.
+- ``checkpoints``: N ``model`` peers exchanging weights every ``exchange.every`` steps;
+- ``unequal``: ``model`` with N-1 ``small`` peers, exchanging weights;
+- ``all-data`` and ``data-parallel``: one model on all the data, alone or under DDP with the
+  pool's global batch (``recipes/codistill_baselines``).
 
 For each peer: the final validation loss; the first evaluated step (and its FLOPs) at which it
 reaches the final validation loss of the same peer trained alone (the speed-up is the solo's
 steps over those); bytes exchanged and time waiting. Churn: the share of held-out next-token
-predictions on which a pool's two peers disagree (top-1), against two peers trained alone.
-Writes ``codistill.{md,json}`` and ``codistill.png`` (validation loss per step, mean over seeds).
+predictions on which a pool's peers 0 and 1 disagree (top-1), against two peers trained alone.
+With a baseline arm, also steps and seconds to a target loss with paired differences against
+data-parallel. Writes ``codistill.{md,json}`` and ``codistill.png`` (validation loss per step,
+mean over seeds). Pools of 2 keep their folder names (``seedS/ARM``); others ``seedS/ARM-N``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from distillery.config import (
     CodistillConfig,
@@ -44,6 +48,17 @@ from distillery.errors import DistilleryError
 from distillery.eval import evaluate_model
 from distillery.files import atomic_write_text
 from distillery.models import load_pretrained
+from distillery.recipes.codistill_baselines import (
+    baselines_markdown,
+    baselines_summary,
+    check_baselines,
+    finished_in,
+    free_port,
+    reach,
+    run_baselines,
+    threads_per_process,
+    timed_curve,
+)
 from distillery.recipes.common import prepare_data, prepare_out_dir
 from distillery.recipes.study import SeededStudy, hardware, mean_std, write_study
 from distillery.report import read_metrics
@@ -53,9 +68,10 @@ CODISTILL_ARMS = ("predictions", "checkpoints", "unequal")
 
 
 class CodistillStudyConfig(SeededStudy):
-    """``distillery experiment codistill``: two-peer pools against each peer trained alone
+    """``distillery experiment codistill``: pools against each peer trained alone
     (``recipes/codistill_study``): ``predictions`` and ``checkpoints`` exchange between equal
-    peers, and ``unequal`` (``model`` with ``small``, checkpoints)."""
+    peers, and ``unequal`` (``model`` with ``small`` ones, checkpoints); ``all-data`` and
+    ``data-parallel``: one model on all the data (``recipes/codistill_baselines``)."""
 
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -67,28 +83,45 @@ class CodistillStudyConfig(SeededStudy):
     )
     exchange: ExchangeSpec = Field(default_factory=ExchangeSpec)  # its mode is set per arm
     prediction_every: int = Field(1, gt=0)  # exchange.every for the predictions arm
-    arms: list[Literal["predictions", "checkpoints", "unequal"]] = Field(
-        default_factory=lambda: list(CODISTILL_ARMS), min_length=1
+    arms: list[Literal["predictions", "checkpoints", "unequal", "all-data", "data-parallel"]] = (
+        Field(default_factory=lambda: list(CODISTILL_ARMS), min_length=1)
     )
+    # Pool sizes: each pool arm (and data-parallel, with as many processes) runs once per size.
+    peers: list[Annotated[int, Field(ge=2, le=64)]] = Field(
+        default_factory=lambda: [2], min_length=1
+    )
+    # The loss whose steps and seconds to reach are reported; None: the seed's all-data loss.
+    target_loss: float | None = Field(None, gt=0.0)
     out: Path = Path("runs/codistill-study")
+
+    @field_validator("peers", mode="before")
+    @classmethod
+    def _one_size(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int) else value
 
     @model_validator(mode="after")
     def _evaluated(self) -> CodistillStudyConfig:
         if not self.train.eval_every:
             raise ValueError("train.eval_every: the study needs validation curves (set it > 0)")
+        if len(set(self.peers)) != len(self.peers):
+            raise ValueError("peers: give each pool size once")
         # What each pool's CodistillConfig checks, refused here before any run starts.
-        _pool_config(self, "predictions", 0, Path("."))
+        for n in self.peers:
+            _pool_config(self, "predictions", 0, Path("."), n)
+        check_baselines(self)
         return self
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _label(arm: str, n: int) -> str:
+    """An arm's name and folder for pools of ``n`` (pools of 2 keep the plain name)."""
+    return arm if n == 2 else f"{arm}-{n}"
 
 
-def _pool_config(cfg: CodistillStudyConfig, arm: str, seed: int, out: Path) -> CodistillConfig:
-    peers = [cfg.model, cfg.small if arm in ("unequal", "solo-small") else cfg.model]
+def _pool_config(
+    cfg: CodistillStudyConfig, arm: str, seed: int, out: Path, n: int = 2
+) -> CodistillConfig:
+    other = cfg.small if arm in ("unequal", "solo-small") else cfg.model
+    peers = [cfg.model] + [other] * (n - 1)
     mode = {"predictions": "predictions", "checkpoints": "checkpoints", "unequal": "checkpoints"}
     exchange = cfg.exchange.model_copy(update={"mode": mode.get(arm, "none")})
     if arm == "predictions":
@@ -104,18 +137,7 @@ def _pool_config(cfg: CodistillStudyConfig, arm: str, seed: int, out: Path) -> C
 
 def _finished(pool: CodistillConfig, peers: list[int]) -> bool:
     """Whether these peers of ``pool`` finished before with exactly this config."""
-    for i in peers:
-        folder = Path(pool.out) / f"peer{i}"
-        try:
-            saved = CodistillConfig.model_validate(
-                yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
-            )
-            done = json.loads((folder / "summary.json").read_text(encoding="utf-8"))["finished"]
-        except (OSError, ValueError, KeyError, yaml.YAMLError):
-            return False
-        if saved != pool or not done:
-            return False
-    return True
+    return finished_in(pool, [Path(pool.out) / f"peer{i}" for i in peers])
 
 
 def _launch(pool: CodistillConfig, peers: list[int] | None, name: str) -> None:
@@ -132,7 +154,7 @@ def _launch(pool: CodistillConfig, peers: list[int] | None, name: str) -> None:
         n = str(len(pool.peers))
         cmds = [
             [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", n,
-             "--master-port", str(_free_port()), *base]
+             "--master-port", str(free_port()), *base]
         ]  # fmt: skip
     else:
         cmds = [[sys.executable, *base, "--peer", str(i)] for i in peers]
@@ -159,14 +181,6 @@ def _curve(folder: Path) -> list[tuple[int, float, float]]:
     return [(step, flops_at.get(step, float("nan")), loss) for step, loss in points]
 
 
-def _reach(curve: list[tuple[int, float, float]], target: float) -> tuple[int | None, float | None]:
-    """The first evaluated (step, FLOPs) with validation loss at or below ``target``."""
-    for step, flops, loss in curve:
-        if loss <= target:
-            return step, flops
-    return None, None
-
-
 def _churn(cfg: CodistillStudyConfig, a: Path, b: Path) -> float:
     """Share of validation next-token predictions where the two models' top-1 differ."""
     device = resolve_device(cfg.train.device)
@@ -177,62 +191,81 @@ def _churn(cfg: CodistillStudyConfig, a: Path, b: Path) -> float:
     return 1.0 - metrics["agreement"]
 
 
+def _peer_result(
+    pool: CodistillConfig, i: int, kind: str, base_dir: Path, n: int
+) -> dict[str, Any]:
+    """Peer ``i`` of a finished pool of ``n``, beside the same peer trained alone."""
+    folder = Path(pool.out) / f"peer{i}"
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    base = json.loads((base_dir / "summary.json").read_text(encoding="utf-8"))
+    step, flops = reach(_curve(folder), base["val_loss"])
+    timed = timed_curve(folder)
+    return {
+        "peer": i,
+        "model": kind,
+        "layers": summary["layers"],
+        "pool": n,
+        "processes": n,
+        "threads": threads_per_process(n, torchrun=True),
+        "batch": pool.train.batch_size,
+        "val_loss": summary["val_loss"],
+        "solo_val_loss": base["val_loss"],
+        "solo_steps": base["steps"],
+        "solo_flops": base["flops"],
+        "steps_to_solo": step,
+        "flops_to_solo": flops,
+        "flops": summary["flops"],
+        "bytes": summary["bytes_sent"] + summary["bytes_received"],
+        "wait_seconds": summary["wait_seconds"],
+        "seconds": timed[-1][1] if timed else None,
+        "curve": _curve(folder),
+        "timed": timed,
+        "solo_curve": _curve(base_dir),
+    }
+
+
+def _pools(
+    cfg: CodistillStudyConfig, seed: int, root: Path, n: int, churn: dict[str, float]
+) -> dict[str, list[dict[str, Any]]]:
+    """The seed's pools of ``n`` (each pool arm, after each peer alone), by arm label; the
+    churn of each equal pool (and of peers 0 and 1 alone) goes into ``churn``."""
+    arms = [a for a in cfg.arms if a in CODISTILL_ARMS]
+    solo = _pool_config(cfg, "solo", seed, root / _label("solo", n), n)
+    _launch(solo, list(range(n)), f"s{seed}-{_label('solo', n)}")
+    alone = {("model", i): Path(solo.out) / f"peer{i}" for i in range(n)}
+    if "unequal" in arms:
+        small = _pool_config(cfg, "solo-small", seed, root / _label("solo-small", n), n)
+        _launch(small, list(range(1, n)), f"s{seed}-{_label('solo-small', n)}")
+        alone |= {("small", i): Path(small.out) / f"peer{i}" for i in range(1, n)}
+    churn[_label("solo", n)] = _churn(cfg, *(alone[("model", i)] / "model" for i in (0, 1)))
+    found = {}
+    for arm in arms:
+        label = _label(arm, n)
+        pool = _pool_config(cfg, arm, seed, root / label, n)
+        _launch(pool, None, f"s{seed}-{label}")
+        kinds = ["small" if arm == "unequal" and i else "model" for i in range(n)]
+        found[label] = [
+            _peer_result(pool, i, kind, alone[(kind, i)], n) for i, kind in enumerate(kinds)
+        ]
+        if arm != "unequal":
+            dirs = (Path(pool.out) / f"peer{i}" / "model" for i in (0, 1))
+            churn[label] = _churn(cfg, *dirs)
+    return found
+
+
 def codistill_study(cfg: CodistillStudyConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """Run every arm and seed; return the table's data."""
+    """Run every arm, pool size and seed; return the table's data."""
     out = Path(cfg.out)
     prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
     prepare_data(cfg.data, DistEnv())  # the token cache, once, before processes start
     per_seed: list[dict[str, Any]] = []
+    with_pools = any(a in CODISTILL_ARMS for a in cfg.arms)
     for seed in cfg.seeds:
         root = out / f"seed{seed}"
-        solo = _pool_config(cfg, "solo", seed, root / "solo")
-        small = _pool_config(cfg, "solo-small", seed, root / "solo-small")
-        _launch(solo, [0, 1], f"s{seed}-solo")
-        if "unequal" in cfg.arms:
-            _launch(small, [1], f"s{seed}-solo-small")
-        baselines = {
-            ("model", 0): root / "solo" / "peer0",
-            ("model", 1): root / "solo" / "peer1",
-            ("small", 1): root / "solo-small" / "peer1",
-        }
-        result: dict[str, Any] = {
-            "seed": seed,
-            "churn": {"solo": _churn(cfg, *(baselines[("model", i)] / "model" for i in (0, 1)))},
-            "arms": {},
-        }
-        for arm in cfg.arms:
-            pool = _pool_config(cfg, arm, seed, root / arm)
-            _launch(pool, None, f"s{seed}-{arm}")
-            peers = []
-            for i in range(2):
-                kind = "small" if arm == "unequal" and i == 1 else "model"
-                folder = Path(pool.out) / f"peer{i}"
-                summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-                base_dir = baselines[(kind, i)]
-                base = json.loads((base_dir / "summary.json").read_text(encoding="utf-8"))
-                step, flops = _reach(_curve(folder), base["val_loss"])
-                peers.append(
-                    {
-                        "peer": i,
-                        "model": kind,
-                        "layers": summary["layers"],
-                        "val_loss": summary["val_loss"],
-                        "solo_val_loss": base["val_loss"],
-                        "solo_steps": base["steps"],
-                        "solo_flops": base["flops"],
-                        "steps_to_solo": step,
-                        "flops_to_solo": flops,
-                        "flops": summary["flops"],
-                        "bytes": summary["bytes_sent"] + summary["bytes_received"],
-                        "wait_seconds": summary["wait_seconds"],
-                        "curve": _curve(folder),
-                        "solo_curve": _curve(base_dir),
-                    }
-                )
-            result["arms"][arm] = peers
-            if arm != "unequal":
-                dirs = (Path(pool.out) / f"peer{i}" / "model" for i in (0, 1))
-                result["churn"][arm] = _churn(cfg, *dirs)
+        result: dict[str, Any] = {"seed": seed, "churn": {}, "arms": {}}
+        for n in cfg.peers if with_pools else []:
+            result["arms"] |= _pools(cfg, seed, root, n, result["churn"])
+        result["baselines"] = run_baselines(cfg, seed, root)
         per_seed.append(result)
     summary = _summarise(cfg, per_seed)
     write_study(
@@ -247,9 +280,9 @@ def codistill_study(cfg: CodistillStudyConfig, *, overwrite: bool = False) -> di
 
 def _summarise(cfg: CodistillStudyConfig, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     rows = []
-    for arm in cfg.arms:
-        for i in range(2):
-            peers = [s["arms"][arm][i] for s in per_seed]
+    for label, first in per_seed[0]["arms"].items():
+        for i in range(len(first)):
+            peers = [s["arms"][label][i] for s in per_seed]
             loss = mean_std([p["val_loss"] for p in peers])
             solo = mean_std([p["solo_val_loss"] for p in peers])
             reached = [p for p in peers if p["steps_to_solo"] is not None]
@@ -257,7 +290,7 @@ def _summarise(cfg: CodistillStudyConfig, per_seed: list[dict[str, Any]]) -> dic
             flops_ratio = [p["solo_flops"] / p["flops_to_solo"] for p in reached]
             rows.append(
                 {
-                    "arm": arm,
+                    "arm": label,
                     "peer": i,
                     "model": peers[0]["model"],
                     "layers": peers[0]["layers"],
@@ -281,30 +314,34 @@ def _summarise(cfg: CodistillStudyConfig, per_seed: list[dict[str, Any]]) -> dic
         "seeds": cfg.seeds,
         "steps": cfg.train.steps,
         "eval_every": cfg.train.eval_every,
+        "pool_sizes": cfg.peers,
         "rows": rows,
         "churn": churn,
+        "baselines": baselines_summary(cfg, per_seed),
         "per_seed": per_seed,
         "config": cfg.model_dump(mode="json"),
     }
 
 
 def codistill_markdown(result: dict[str, Any]) -> str:
-    """The table and a plain answer."""
+    """The tables and a plain answer."""
     seeds = result["seeds"]
-    lines = [
-        f"# Codistillation ({result['hardware']}, seeds {seeds})",
-        "",
-        f"Two peers per pool, each on its own half of the training blocks, {result['steps']} "
-        f"steps; validation loss every {result['eval_every']} steps. 'Steps to solo loss': the "
-        "first evaluated step at which the peer reaches the final validation loss of the same "
-        "peer trained alone (per seed); speed-up = solo steps / those steps, and the same in "
-        "FLOPs (a pool's FLOPs include its teacher-side forwards), averaged over the seeds that "
-        "reached it. Bytes: sent + received per peer. Mean ± sample std over seeds.",
-        "",
-        "| arm | peer | layers | val loss | alone | steps to solo loss | speed-up (steps) "
-        "| speed-up (FLOPs) | bytes | wait s |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
-    ]
+    lines = [f"# Codistillation ({result['hardware']}, seeds {seeds})", ""]
+    if result["rows"]:
+        sizes = " or ".join(str(n) for n in result["pool_sizes"])
+        lines += [
+            f"{sizes} peers per pool (arm-N: pools of N), each on its own 1/N of the training "
+            f"blocks, {result['steps']} steps; validation loss every {result['eval_every']} "
+            "steps. 'Steps to solo loss': the first evaluated step at which the peer reaches "
+            "the final validation loss of the same peer trained alone (per seed); speed-up = "
+            "solo steps / those steps, and the same in FLOPs (a pool's FLOPs include its "
+            "teacher-side forwards), averaged over the seeds that reached it. Bytes: sent + "
+            "received per peer. Mean ± sample std over seeds.",
+            "",
+            "| arm | peer | layers | val loss | alone | steps to solo loss | speed-up (steps) "
+            "| speed-up (FLOPs) | bytes | wait s |",
+            "|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        ]
     for row in result["rows"]:
         steps = ", ".join("–" if s is None else str(s) for s in row["steps_to_solo"])
         sp = row["speedup_steps"]
@@ -316,18 +353,21 @@ def codistill_markdown(result: dict[str, Any]) -> str:
             f"{'–' if sp is None else f'{sp:.2f}×'} | {'–' if fp is None else f'{fp:.2f}×'} | "
             f"{row['bytes']:.3g} | {row['wait_seconds']:.1f} |"
         )
-    churn = result["churn"]
-    lines += [
-        "",
-        "Churn (top-1 disagreement between the two peers on validation tokens): "
-        + "; ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in churn.items())
-        + ".",
-    ]
+    if churn := result["churn"]:
+        lines += [
+            "",
+            "Churn (top-1 disagreement between peers 0 and 1 on validation tokens): "
+            + "; ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in churn.items())
+            + ".",
+        ]
+    if result["baselines"]:
+        lines += ["", baselines_markdown(result["baselines"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
 def plot_codistill(result: dict[str, Any], dest: Path) -> None:
-    """Validation loss per step of peer 0 in each arm and alone (mean over seeds)."""
+    """Validation loss per step of peer 0 in each arm, alone, and of the all-data and
+    data-parallel models (mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,15 +376,18 @@ def plot_codistill(result: dict[str, Any], dest: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     per_seed = result["per_seed"]
     arms = list(per_seed[0]["arms"])
-    curves = {"alone": [s["arms"][arms[0]][0]["solo_curve"] for s in per_seed]}
+    curves = {"alone": [s["arms"][arms[0]][0]["solo_curve"] for s in per_seed]} if arms else {}
     for arm in arms:
         curves[arm] = [s["arms"][arm][0]["curve"] for s in per_seed]
+    for key in per_seed[0]["baselines"]:
+        curves[key] = [s["baselines"][key]["timed"] for s in per_seed]
     for name, runs in curves.items():
         length = min(len(c) for c in runs)
         xs = [runs[0][i][0] for i in range(length)]
         ys = [statistics.fmean(c[i][2] for c in runs) for i in range(length)]
-        ax.plot(xs, ys, marker=".", label=name, linestyle="--" if name == "alone" else "-")
-    ax.set(xlabel="step", ylabel="validation loss (peer 0)", title="codistillation vs alone")
+        style = "-" if name in arms else "--"
+        ax.plot(xs, ys, marker=".", label=name, linestyle=style)
+    ax.set(xlabel="step", ylabel="validation loss (peer 0)", title="codistillation vs baselines")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
