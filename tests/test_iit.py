@@ -13,6 +13,7 @@ from distillery.config import RunConfig
 from distillery.data import PackedTokens, shift_labels
 from distillery.errors import DistilleryError
 from distillery.eval import interchange_agreement
+from distillery.recipes.study import teacher_regime
 from distillery.step import DistillStep, terms_from_config
 from distillery.teachers import EnsembleTeacher, LiveTeacher
 from tests.conftest import tiny_llama, tiny_run
@@ -212,7 +213,8 @@ def test_iit_study_reads_converged_teachers_and_checks_them(
     saved = json.loads((tmp_path / "results" / "iit.json").read_text())
     assert saved["teacher"]["teachers"] == teacher["teachers"]
     table = (tmp_path / "results" / "iit.md").read_text()
-    assert "converged (early-stopped)" in table
+    assert f"4 layers, {teacher_regime(saved['teacher'])}" in table
+    assert "teacher stage:" in table or "early-stopped by patience" in table
     assert "over 2 teacher seeds; best distilled student" in table
     worst = max(t["val_ppl"] for t in teacher["teachers"])
     best = min(r["val_ppl"] for row in result["rows"].values() for r in row["runs"])

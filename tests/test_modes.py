@@ -264,7 +264,8 @@ def test_two_step_with_a_teacher_stage_pairs_seed_i_with_teacher_i_mod_n(
         for run_ in ("two-step/task", "two-step/soft-targets", "from-start/distill"):
             assert Path(_run_config(out / run_ / f"seed-{seed}")["teacher"]["path"]) == models[own]
     table = (tmp_path / "results" / "two-step.md").read_text()
-    assert "converged (early-stopped)" in table and "learns from teacher i mod 2" in table
+    assert "teacher stage:" in table or "early-stopped by patience" in table
+    assert "learns from teacher i mod 2" in table
     assert "over 2 teacher seeds; best distilled student" in table
     _teacher_check_agrees(result, table)
     saved = json.loads((tmp_path / "results" / "two-step.json").read_text())

@@ -120,3 +120,14 @@ def test_stage_config_is_checked() -> None:
 
     with pytest.raises(ValueError, match="does not train converged teachers yet"):
         QuickstartConfig.model_validate({"teacher_stage": {}})
+
+
+def test_teacher_regime_says_how_the_teachers_stopped() -> None:
+    from distillery.recipes.study import teacher_regime
+
+    def info(*stopped: str) -> dict:
+        return {"converged": True, "teachers": [{"stopped": s} for s in stopped]}
+
+    assert teacher_regime(info("patience", "patience")) == "converged (early-stopped by patience)"
+    assert "1 of 2 stopped at the step cap" in teacher_regime(info("patience", "cap"))
+    assert "not converged" in teacher_regime({"converged": False, "teachers": [{"seed": 0}]})

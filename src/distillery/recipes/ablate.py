@@ -37,6 +37,7 @@ from distillery.recipes.study import (
     run_or_reuse,
     study_teachers,
     teacher_check,
+    teacher_regime,
     write_study,
 )
 from distillery.recipes.tuning import Tuning, tuned
@@ -241,7 +242,7 @@ def ablation_markdown(result: dict[str, Any]) -> str:
         if result.get("student_flops_budget")
         else f"{result['student_steps']} steps per run"
     )
-    regime = "converged (early-stopped)" if teacher.get("converged") else "not converged"
+    regime = teacher_regime(teacher)
     lines = [
         f"# Ablation ({result['hardware']}, seeds {result['seeds']})",
         "",

@@ -47,6 +47,7 @@ from distillery.recipes.study import (
     run_or_reuse,
     study_teachers,
     teacher_check,
+    teacher_regime,
     write_study,
 )
 
@@ -180,7 +181,7 @@ def iit_markdown(result: dict[str, Any]) -> str:
     """The table (mean ± std over seeds) and a plain answer at equal FLOPs."""
     rows, iit, teacher = result["rows"], result["iit"], result["teacher"]
     students = [r for row in rows.values() for r in row["runs"]]
-    regime = "converged (early-stopped)" if teacher.get("converged") else "not converged"
+    regime = teacher_regime(teacher)
     lines = [
         f"# Interchange intervention training ({result['hardware']}, seeds {result['seeds']})",
         "",

@@ -58,6 +58,7 @@ from distillery.recipes.study import (
     run_or_reuse,
     study_teachers,
     teacher_check,
+    teacher_regime,
     write_study,
 )
 
@@ -329,7 +330,7 @@ def _teacher_line(result: dict[str, Any]) -> str:
     flops = ", ".join(f"{t['flops']:.3g}" for t in teachers)
     line = (
         f"Teacher{'s' if len(teachers) > 1 else ''}: {teachers[0]['layers']} layers, "
-        f"{'converged (early-stopped)' if converged else 'not converged'}, validation "
+        f"{teacher_regime(info)}, validation "
         f"perplexity {ppl}, trained with {flops} FLOPs"
     )
     if converged:

@@ -43,6 +43,7 @@ from distillery.recipes.study import (
     paired_verdict,
     run_or_reuse,
     study_teachers,
+    teacher_regime,
     write_study,
 )
 from distillery.step.on_policy import completion_rows
@@ -230,7 +231,7 @@ def on_policy_markdown(result: dict[str, Any]) -> str:
         worst = max(r["val_ppl"] for r in result["teacher_reference"].values())
         best = min(r["val_ppl"] for row in result["rows"].values() for r in row["runs"])
         lines += [
-            f"Teachers: {'converged' if result['teacher'].get('converged') else 'not converged'}"
+            f"Teachers: {teacher_regime(result['teacher'])}"
             f" (val ppl {result['teacher']['val_ppl']:.1f} on LM blocks); "
             f"worst teacher's reference ppl {worst:.1f} against the best student run's "
             f"{best:.1f}: the teacher is "

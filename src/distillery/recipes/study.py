@@ -127,6 +127,18 @@ def _finished(cfg: TeacherStudentRecipe, seed: int) -> bool:
     return summary.is_file() and bool(json.loads(summary.read_text()).get("finished"))
 
 
+def teacher_regime(teacher: dict[str, Any]) -> str:
+    """How the teachers were trained: early-stopped by patience, stopped at the stage's cap
+    (still improving there), or a fixed number of steps (no stage)."""
+    stopped = [t.get("stopped") for t in teacher.get("teachers", [])]
+    if not teacher.get("converged") or not stopped:
+        return "trained for fixed steps (not converged)"
+    if all(s == "patience" for s in stopped):
+        return "converged (early-stopped by patience)"
+    capped = sum(s == "cap" for s in stopped)
+    return f"teacher stage: {capped} of {len(stopped)} stopped at the step cap, still improving"
+
+
 def teacher_check(
     teacher: dict[str, Any],
     no_teacher_runs: list[dict[str, Any]] | None,
