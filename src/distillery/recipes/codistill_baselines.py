@@ -328,9 +328,9 @@ def baselines_markdown(result: dict[str, Any]) -> str:
     ]
     for row in rows:
         steps = ", ".join("–" if s is None else str(s) for s in row["steps_to_target"])
-        secs = ", ".join("–" if s is None else f"{s:.0f}" for s in row["seconds_to_target"])
+        secs = ", ".join("–" if s is None else f"{s:.1f}" for s in row["seconds_to_target"])
         peer = "–" if row["peer"] is None else f"{row['peer']} ({row['model']})"
-        total = "–" if row["seconds"] is None else f"{row['seconds']:.0f}"
+        total = "–" if row["seconds"] is None else f"{row['seconds']:.1f}"
         delta = [
             (row[k] or {}).get("text", "–") for k in ("delta_val_loss", "delta_seconds_to_target")
         ]

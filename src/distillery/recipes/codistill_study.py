@@ -328,7 +328,7 @@ def codistill_markdown(result: dict[str, Any]) -> str:
     seeds = result["seeds"]
     lines = [f"# Codistillation ({result['hardware']}, seeds {seeds})", ""]
     if result["rows"]:
-        sizes = " or ".join(str(n) for n in result["pool_sizes"])
+        sizes = " or ".join(str(n) for n in result.get("pool_sizes", [2]))
         lines += [
             f"{sizes} peers per pool (arm-N: pools of N), each on its own 1/N of the training "
             f"blocks, {result['steps']} steps; validation loss every {result['eval_every']} "
@@ -360,7 +360,7 @@ def codistill_markdown(result: dict[str, Any]) -> str:
             + "; ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in churn.items())
             + ".",
         ]
-    if result["baselines"]:
+    if result.get("baselines"):
         lines += ["", baselines_markdown(result["baselines"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
