@@ -46,11 +46,11 @@ from distillery.config import (
     TrainConfig,
 )
 from distillery.recipes.common import prepare_out_dir
+from distillery.recipes.distill_expand_report import expand_markdown, plot_expand
 from distillery.recipes.study import (
     SeededStudy,
     hardware,
     mean_std,
-    paired_verdict,
     run_or_reuse,
     write_study,
 )
@@ -296,104 +296,3 @@ def distill_expand(cfg: DistillExpandConfig, *, overwrite: bool = False) -> dict
         lambda folder: plot_expand(result, folder),
     )
     return result
-
-
-def expand_markdown(result: dict[str, Any]) -> str:
-    """The table (final validation loss at budget B, mean ± std) and the plain answer."""
-    rows = result["rows"]
-    lines = [
-        f"# Distill-expand ({result['hardware']}, seeds {result['seeds']})",
-        "",
-        f"Every arm ends in a {result['layers']}-layer model after at most "
-        f"B = {result['budget_flops']:.3g} FLOPs on the same data stream. Mean ± sample std "
-        "over seeds; Δ against the best baseline (lowest mean loss over its learning rates).",
-        "",
-        "| arm | lr | f_train | f_distill | phases (layers × steps) | step cost vs 2n "
-        "| FLOPs / B | val loss | Δ loss | val ppl |",
-        "|---|---:|---:|---:|---|---|---:|---:|---:|---:|",
-    ]
-    plain = _plain_step(rows)
-    baselines = [k for k, row in rows.items() if row["arm"] == "baseline"]
-    base_name = min(baselines, key=lambda k: rows[k]["val_loss"]["mean"]) if baselines else None
-    base = rows[base_name] if base_name else None
-    for label, row in rows.items():
-        loss, ppl = row["val_loss"], row["val_ppl"]
-        delta = f"{loss['mean'] - base['val_loss']['mean']:+.3f}" if base else "–"
-        phases = " → ".join(f"{p['layers']}×{p['steps']}" for p in row["phases"])
-        cost = " → ".join(
-            f"{p['flops_per_step'] / plain:.2f}" if plain and "flops_per_step" in p else "–"
-            for p in row["phases"]
-        )
-        f_t = f"{row['f_train']:g}" if row["f_train"] is not None else "–"
-        f_d = f"{row['f_distill']:g}" if row["f_distill"] is not None else "–"
-        lines.append(
-            f"| {label} | {row['lr']:g} | {f_t} | {f_d} | {phases} | {cost} | "
-            f"{row['flops'] / result['budget_flops']:.3f} "
-            f"| {loss['mean']:.3f} ± {loss['std']:.3f} | {delta} | "
-            f"{ppl['mean']:.1f} ± {ppl['std']:.1f} |"
-        )
-    best = min(rows, key=lambda k: rows[k]["val_loss"]["mean"])
-    if base and rows[best]["arm"] != "baseline":
-        said = paired_verdict(
-            rows[best]["runs"], base["runs"], "val_loss", lower_is_better=True, digits=3
-        )
-        lines += [
-            "",
-            f"Best at B (lowest mean): **{best}**; its validation loss against the best baseline "
-            f"({base_name}), paired by seed: {said}.",
-        ]
-    elif base:
-        lines += ["", f"Best at B: **{best}** (plain end-to-end training)."]
-    return "\n".join(lines) + "\n"
-
-
-def _plain_step(rows: dict[str, Any]) -> float | None:
-    """FLOPs of one plain 2n-layer training step (the first phase of any arm that starts 2n)."""
-    for row in rows.values():
-        first = row["phases"][0]
-        if row["arm"] != "stacking" and "flops_per_step" in first:
-            return float(first["flops_per_step"])
-    return None
-
-
-def plot_expand(result: dict[str, Any], folder: Path) -> None:
-    """``final_loss.png`` (final validation loss per arm, ± std) and ``loss_vs_flops.png``
-    (validation loss against cumulative FLOPs, mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.5))
-    names = list(rows)
-    ax.errorbar(
-        [rows[n]["val_loss"]["mean"] for n in names],
-        range(len(names)),
-        xerr=[rows[n]["val_loss"]["std"] for n in names],
-        fmt="o",
-        capsize=3,
-    )
-    ax.set_yticks(range(len(names)), names)
-    ax.invert_yaxis()
-    ax.set(xlabel="final validation loss (mean ± std over seeds)", title="at equal FLOPs B")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(folder / "final_loss.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, row in rows.items():
-        curves = [r["curve"] for r in row["runs"]]
-        if not curves or not curves[0]:
-            continue
-        length = min(len(c) for c in curves)
-        xs = [statistics.fmean(c[i][0] for c in curves) for i in range(length)]
-        ys = [statistics.fmean(c[i][1] for c in curves) for i in range(length)]
-        ax.plot(xs, ys, marker=".", label=name)
-    ax.set(xlabel="FLOPs (cumulative)", ylabel="validation loss", title="loss vs compute")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "loss_vs_flops.png", dpi=110)
-    plt.close(fig)
