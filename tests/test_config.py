@@ -121,6 +121,7 @@ def _study_class(path: Path) -> type:
     from distillery.config import CodistillConfig
     from distillery.recipes.calibrate import CalibrateConfig
     from distillery.recipes.classifiers import ClassifiersConfig
+    from distillery.recipes.codistill_hetero import CodistillHeteroConfig
     from distillery.recipes.codistill_study import CodistillStudyConfig
     from distillery.recipes.cross_tokenizer import CrossTokenizerStudyConfig
     from distillery.recipes.distill_expand import DistillExpandConfig
@@ -135,7 +136,9 @@ def _study_class(path: Path) -> type:
         "iit": IITStudyConfig,
         "calibration": CalibrateConfig,
         "classifiers": ClassifiersConfig,
-        "codistill": CodistillConfig if path.name == "pool.yaml" else CodistillStudyConfig,
+        "codistill": {"pool.yaml": CodistillConfig, "hetero.yaml": CodistillHeteroConfig}.get(
+            path.name, CodistillStudyConfig
+        ),
         "on_policy": OnPolicyStudyConfig,
         "cross_tokenizer": CrossTokenizerStudyConfig,
         "prune": PruneStudyConfig,

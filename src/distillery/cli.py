@@ -141,6 +141,7 @@ def cmd_mode(args: argparse.Namespace) -> int:
 # ``--quick`` they run their first seed only.
 STUDIES = {
     "codistill": ("codistill_study", "CodistillStudyConfig", "codistill_study"),
+    "codistill-hetero": ("codistill_hetero", "CodistillHeteroConfig", "codistill_hetero"),
     "classifiers": ("classifiers", "ClassifiersConfig", "classifiers"),
     "iit": ("iit", "IITStudyConfig", "iit_study"),
     "on-policy": ("on_policy", "OnPolicyStudyConfig", "on_policy_study"),
@@ -289,6 +290,8 @@ def _study_commands(sub: Any) -> None:
         "experiment",
         help="a lab experiment: distill-expand (distil mid-training, grow back), iit "
         "(interchange intervention training at equal compute), codistill (pools vs alone), "
+        "codistill-hetero (unequal peers on their own cores, a slowed worker, a "
+        "kill-and-rejoin), "
         "classifiers (DistilBERT's recipe: retained-performance table), on-policy (GKD vs "
         "supervised and sequence-level KD), cross-tokenizer (ULD from a teacher with another "
         "tokenizer)",

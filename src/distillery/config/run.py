@@ -326,6 +326,9 @@ class CodistillConfig(Strict):
     peers: list[ModelSpec] = Field(min_length=2)  # one model per peer (sizes may differ)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(checkpoint_every=50))
     exchange: ExchangeSpec = Field(default_factory=ExchangeSpec)
+    # Seconds each peer sleeps before every step (one per peer; empty: none): a slowed worker,
+    # whose sleep counts in its wall-clock (the engine's logged tokens/s).
+    delays: list[Annotated[float, Field(ge=0.0)]] = Field(default_factory=list)
     out: Path = Path("runs/codistill")
 
     @model_validator(mode="after")
@@ -335,6 +338,10 @@ class CodistillConfig(Strict):
                 raise ValueError(f"peers.{i}: codistilling peers are built from presets")
         if self.data.task != "lm":
             raise ValueError("data.task: codistillation is for language models (task: lm)")
+        if self.delays and len(self.delays) != len(self.peers):
+            raise ValueError(
+                f"delays: give one per peer ({len(self.peers)} peers, {len(self.delays)} delays)"
+            )
         every = self.exchange.every
         if self.exchange.mode == "predictions" and self.train.checkpoint_every % every:
             raise ValueError(

@@ -13,12 +13,14 @@ restarted with ``--peer I --resume``, it continues from its own checkpoint and r
 ``torchrun --max-restarts K`` a failure restarts the pool and every peer resumes from the newest
 checkpoint they all have. Writes ``peerI/`` (a run folder: metrics, checkpoints, ``model/``,
 ``summary.json`` with the exchange's accounts) and ``pool/peerI/`` (published weights).
+``delays[I]`` (seconds slept before each step) makes peer I a slowed worker.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -197,7 +199,11 @@ def codistill(
             name=f"peer{index}",
         )
 
+        delay = cfg.delays[index] if cfg.delays else 0.0
+
         def before_step(step: int) -> None:
+            if delay:  # a slowed worker: inside the engine's logged wall-clock (tokens/s)
+                time.sleep(delay)
             extra = exchange.before_step(step, train_cfg.batch_size)
             distil.teacher_enabled = exchange.active  # the task loss alone until peers teach
             engine.flops_per_token = 6.0 * n_params + extra
