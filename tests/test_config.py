@@ -128,13 +128,14 @@ def _study_class(path: Path) -> type:
     from distillery.recipes.iit import IITStudyConfig
     from distillery.recipes.modes_config import ModesConfig
     from distillery.recipes.on_policy import OnPolicyStudyConfig
+    from distillery.recipes.pool_ensemble import PoolEnsembleConfig
     from distillery.recipes.prune_study import PruneStudyConfig
 
     by_folder = {
         "modes": ModesConfig,
         "distill-expand": DistillExpandConfig,
         "iit": IITStudyConfig,
-        "calibration": CalibrateConfig,
+        "calibration": {"pool-ensemble.yaml": PoolEnsembleConfig}.get(path.name, CalibrateConfig),
         "classifiers": ClassifiersConfig,
         "codistill": {"pool.yaml": CodistillConfig, "hetero.yaml": CodistillHeteroConfig}.get(
             path.name, CodistillStudyConfig

@@ -147,6 +147,7 @@ STUDIES = {
     "on-policy": ("on_policy", "OnPolicyStudyConfig", "on_policy_study"),
     "cross-tokenizer": ("cross_tokenizer", "CrossTokenizerStudyConfig", "cross_tokenizer_study"),
     "prune": ("prune_study", "PruneStudyConfig", "prune_study"),
+    "pool-ensemble": ("pool_ensemble", "PoolEnsembleConfig", "pool_ensemble"),
 }
 
 
@@ -294,7 +295,8 @@ def _study_commands(sub: Any) -> None:
         "kill-and-rejoin), "
         "classifiers (DistilBERT's recipe: retained-performance table), on-policy (GKD vs "
         "supervised and sequence-level KD), cross-tokenizer (ULD from a teacher with another "
-        "tokenizer)",
+        "tokenizer), pool-ensemble (a codistilled pool vs independent peers as ensembles, and "
+        "students distilled from each)",
     )
     p.add_argument(
         "experiment",
