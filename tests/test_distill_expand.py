@@ -138,3 +138,36 @@ def test_continued_schedule_and_no_distillation_point(corpus, cache_dir, tmp_pat
     slices = [window(f) for f in phases]
     assert slices[0] == [0.0, 0.25] and slices[-1][1] == 1.0
     assert all(a[1] >= b[0] > a[0] for a, b in itertools.pairwise(slices))
+
+
+def test_carried_moments_make_restart_only_plain_training(corpus, cache_dir, tmp_path):
+    """With one schedule over B and AdamW's moments carried, restart-only's phases are one
+    uninterrupted run: its final loss is the baseline's; restarting the moments changes it.
+    Distill-expand carries through the shrink and the growth (each phase but the last leaves
+    its moments for the next)."""
+    from distillery.engine.moments import MOMENTS_FILE
+    from distillery.models import build_model, compute_params
+
+    step_flops = 6 * compute_params(build_model("tiny", 512, {"num_hidden_layers": 4})) * 4 * 32
+    cfg = _config(corpus, cache_dir, tmp_path, 8 * step_flops).model_copy(
+        update={
+            "arms": ["baseline", "distill-expand", "restart-only"],
+            "continue_schedule": True,
+            "baseline_lrs": [],
+            "optimizer": ["restart", "carry"],
+        }
+    )
+    result = distill_expand(cfg)
+    rows = result["rows"]
+    base = rows["baseline"]["val_loss"]["mean"]
+    assert abs(rows["restart-only-0.25-0.25-carry"]["val_loss"]["mean"] - base) < 1e-4
+    assert abs(rows["restart-only-0.25-0.25"]["val_loss"]["mean"] - base) > 1e-3
+    assert rows["distill-expand-0.25-0.25-carry"]["optimizer"] == "carry"
+    dx = tmp_path / "dx" / "seed-0"
+    carried = dx / "distill-expand-0.25-0.25-carry"
+    assert (dx / "train-2n-0.25-carry" / MOMENTS_FILE).is_file()
+    assert (carried / "distill-n" / MOMENTS_FILE).is_file()
+    assert not (carried / "train-2n" / MOMENTS_FILE).exists()
+    assert not (dx / "train-2n-0.25" / MOMENTS_FILE).exists()  # restarted arms save none
+    table = (tmp_path / "results" / "distill-expand.md").read_text()
+    assert "AdamW's moments carried across the phase boundaries" in table

@@ -169,6 +169,12 @@ class TrainConfig(Strict):
         tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(gt=0.0, le=1.0)]]
         | None
     ) = None
+    # AdamW's moments: written at the end (``optimizer-moments.safetensors`` in the run folder)
+    # and read at the start from such a run folder, each parameter taking those of the one it
+    # was made from (the same name, the teacher layer it was copied from; grown blocks start
+    # afresh: ``engine.moments``), instead of zero moments. Not with parallel=fsdp.
+    save_moments: bool = False
+    moments_from: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = Field(100, ge=0, le=MAX_STEPS)  # 0: only at the end
     keep_checkpoints: int = Field(2, ge=1, le=1000)
@@ -185,6 +191,8 @@ class TrainConfig(Strict):
     def _fsdp_not_compiled(self) -> TrainConfig:
         if self.parallel == "fsdp" and self.compile:
             raise ValueError("train.parallel=fsdp does not combine with train.compile yet")
+        if self.parallel == "fsdp" and (self.save_moments or self.moments_from is not None):
+            raise ValueError("train.save_moments / moments_from do not combine with parallel=fsdp")
         if self.schedule_slice is not None and self.schedule_slice[0] >= self.schedule_slice[1]:
             raise ValueError(
                 f"train.schedule_slice={list(self.schedule_slice)}: give (start, end) with "

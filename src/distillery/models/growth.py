@@ -82,19 +82,30 @@ def grow_layers(
         raise DistilleryError(
             f"grow_layers: n={n} must be ≥1 (and ≤{len(old)} to interleave with {len(old)} blocks)"
         )
-    new = [_fresh_layer(model, old[-1], identity) for _ in range(n)]
-    if where == "top":
-        merged, order = old + new, [*range(len(old)), *[len(old) - 1] * n]
-    else:
-        merged, order = [], []
-        for i, layer in enumerate(old):
-            merged.append(layer)
-            order.append(i)
-            if i < n:
-                merged.append(new[i])
-                order.append(i)
+    sources = layer_sources(len(old), n, where)
+    fresh = iter([_fresh_layer(model, old[-1], identity) for _ in range(n)])
+    merged = [old[i] if i is not None else next(fresh) for i in sources]
+    order, below = [], 0  # a fresh block takes the per-layer config of the old block below it
+    for i in sources:
+        below = i if i is not None else below
+        order.append(below)
     _set_layers(model, merged, order)
     return model
+
+
+def layer_sources(
+    before: int, n: int, where: Literal["top", "interleave", "stack"]
+) -> list[int | None]:
+    """The blocks after growing ``before`` blocks by ``n`` (``stack``: by ``before``): each the
+    index of the old block it is (or copies), None for a fresh one."""
+    if where == "stack":
+        return [*range(before)] * 2
+    if where == "top":
+        return [*range(before), *[None] * n]
+    out: list[int | None] = []
+    for i in range(before):
+        out += [i, None] if i < n else [i]
+    return out
 
 
 def stack_layers(model: PreTrainedModel) -> PreTrainedModel:

@@ -27,12 +27,13 @@ from distillery.data import (
 )
 from distillery.distributed import DistEnv
 from distillery.engine import list_checkpoints
+from distillery.engine.moments import MOMENTS_FILE
 from distillery.errors import DistilleryError
 from distillery.files import publish_folder, temp_folder_next_to
 
 # What a run leaves; the first three are worth keeping (resumable or finished).
 KEPT_ITEMS = ("checkpoints", "model", "summary.json")
-RUN_ITEMS = (*KEPT_ITEMS, "metrics.jsonl", "tensorboard", "report.html")
+RUN_ITEMS = (*KEPT_ITEMS, "metrics.jsonl", "tensorboard", "report.html", MOMENTS_FILE)
 T = TypeVar("T")
 
 

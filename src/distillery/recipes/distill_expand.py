@@ -16,9 +16,12 @@ stream (each phase starts where the previous one stopped, ``train.data_offset``)
    the distillation step itself, not the restarts.
 
 ``continue_schedule``: every phase takes its slice of one warmup + cosine schedule over B
-(``train.schedule_slice``) instead of warming up and decaying again; AdamW's moments still start
-afresh in each phase (the shrunk and grown models have other parameters). ``f_distill = 0`` is
-shrink-expand at that f_train (the same runs) and, for restart-only, one restart at f_train.
+(``train.schedule_slice``) instead of warming up and decaying again. ``optimizer``: each swept arm
+runs once per entry — ``restart`` (AdamW from zero moments in every phase) or ``carry`` (each
+phase starts from the previous phase's moments, through the shrink and the growth:
+``engine.moments``; grown blocks start afresh; rows and folders end in ``-carry``).
+``f_distill = 0`` is shrink-expand at that f_train (the same runs) and, for restart-only, one
+restart at f_train.
 
 Each phase's FLOPs per step against a plain 2n-layer step is in the table: a distillation
 phase is cheap only where the layers, not the output layer, dominate the compute.
@@ -83,6 +86,10 @@ class DistillExpandConfig(SeededStudy):
     )
     stack_fraction: float = Field(0.5, gt=0.0, lt=1.0)  # stacking: n layers for this share of B
     continue_schedule: bool = False  # phases follow one schedule over B (no re-warmup)
+    # The swept arms' AdamW state at phase boundaries: restarted, carried, or each (two rows).
+    optimizer: list[Literal["restart", "carry"]] = Field(
+        default_factory=lambda: ["restart"], min_length=1
+    )
     # More learning rates for the baseline (a tuned baseline); the answer is against the best.
     baseline_lrs: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=list)
     arms: list[
@@ -109,8 +116,8 @@ class DistillExpandConfig(SeededStudy):
 class _Arm:
     """The phases of one arm for one seed, run in order on one data stream."""
 
-    def __init__(self, cfg: DistillExpandConfig, seed: int, name: str) -> None:
-        self.cfg, self.seed, self.name = cfg, seed, name
+    def __init__(self, cfg: DistillExpandConfig, seed: int, name: str, carry: bool) -> None:
+        self.cfg, self.seed, self.name, self.carry = cfg, seed, name, carry
         self.phases: list[dict[str, Any]] = []
 
     @property
@@ -131,7 +138,8 @@ class _Arm:
         teacher: Path | None = None,
         objectives: list[Any] | None = None,
     ) -> Path:
-        """Run (or reuse) one phase with ``share``·B FLOPs (None: what is left of B)."""
+        """Run (or reuse) one phase with ``share``·B FLOPs (None: what is left of B); carrying,
+        it starts from the previous phase's AdamW moments and leaves its own for the next."""
         budget = self.cfg.budget_flops
         flops = share * budget if share is not None else budget - self.spent
         start = self.spent / budget
@@ -142,6 +150,10 @@ class _Arm:
                 "flops_budget": flops,
                 "data_offset": sum(p["steps"] for p in self.phases),
                 "schedule_slice": window,
+                "save_moments": self.carry and share is not None,  # not the last phase
+                "moments_from": Path(self.phases[-1]["dir"])
+                if self.carry and self.phases
+                else None,
             }
         )
         run_cfg = RunConfig(
@@ -169,16 +181,17 @@ def run_arm(
     point: tuple[float, float],
     seed: int,
     lr: float | None = None,
+    carry: bool = False,
 ) -> _Arm:
-    """One arm (at sweep ``point`` = (f_train, f_distill); the baseline at ``lr``) for one
-    seed."""
+    """One arm (at sweep ``point`` = (f_train, f_distill); the baseline at ``lr``; ``carry``:
+    AdamW's moments across its phases) for one seed."""
     n = (cfg.model.preset_layers or 0) // 2  # a preset with 2n layers: checked by the config
     f_train, f_distill = point
     root = Path(cfg.out) / f"seed-{seed}"
-    label = arm_label(arm, point, lr)
+    label, tail = arm_label(arm, point, lr, carry), "-carry" if carry else ""
     if lr is not None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": lr})})
-    a = _Arm(cfg, seed, label)
+    a = _Arm(cfg, seed, label, carry)
     if arm == "baseline":
         a.phase("train-2n", root / label, a.spec(2 * n), 1.0)
     elif arm == "stacking":
@@ -187,9 +200,9 @@ def run_arm(
         a.phase("stack-train-2n", root / "stacking" / "train-2n", stacked, None)
     else:
         # The first phase is the same run for every arm at one f_train: run once, reused.
-        big = a.phase("train-2n", root / f"train-2n-{f_train:g}", a.spec(2 * n), f_train)
+        big = a.phase("train-2n", root / f"train-2n-{f_train:g}{tail}", a.spec(2 * n), f_train)
         if arm == "distill-expand" and f_distill == 0.0:  # no distillation: shrink-expand
-            arm, label = "shrink-expand", arm_label("shrink-expand", point)
+            arm, label = "shrink-expand", arm_label("shrink-expand", point, carry=carry)
         where = root / label
         grow = GrowSpec(kind="top", layers=n)
         if arm == "restart-only":  # distill-expand's boundaries, the 2n layers throughout
@@ -219,16 +232,20 @@ def run_arm(
     return a
 
 
-def arm_label(arm: str, point: tuple[float, float], lr: float | None = None) -> str:
-    """Folder and row name of an arm at a sweep point (a baseline at another ``lr``)."""
+def arm_label(
+    arm: str, point: tuple[float, float], lr: float | None = None, carry: bool = False
+) -> str:
+    """Folder and row name of an arm at a sweep point (a baseline at another ``lr``; a swept
+    arm carrying AdamW's moments ends in ``-carry``)."""
+    tail = "-carry" if carry and arm in SWEPT else ""
     if arm == "baseline" and lr is not None:
         return f"baseline-lr{lr:g}"
     if arm == "distill-expand":
-        return f"distill-expand-{point[0]:g}-{point[1]:g}"
+        return f"distill-expand-{point[0]:g}-{point[1]:g}{tail}"
     if arm == "shrink-expand":
-        return f"shrink-expand-{point[0]:g}"
+        return f"shrink-expand-{point[0]:g}{tail}"
     if arm == "restart-only":
-        return f"restart-only-{point[0]:g}-{point[1]:g}"
+        return f"restart-only-{point[0]:g}-{point[1]:g}{tail}"
     return arm
 
 
@@ -236,17 +253,18 @@ def distill_expand(cfg: DistillExpandConfig, *, overwrite: bool = False) -> dict
     """Run every arm × sweep point × seed into ``cfg.out``; write the table and plots."""
     out = Path(cfg.out)
     prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
-    plan: dict[str, tuple[str, tuple[float, float], float | None]] = {}
+    plan: dict[str, tuple[str, tuple[float, float], float | None, bool]] = {}
     for arm in cfg.arms:
-        for point in cfg.sweep if arm in SWEPT else [(0.0, 0.0)]:
-            plan.setdefault(arm_label(arm, point), (arm, point, None))
+        for carry in sorted({opt == "carry" for opt in cfg.optimizer}) if arm in SWEPT else [False]:
+            for point in cfg.sweep if arm in SWEPT else [(0.0, 0.0)]:
+                plan.setdefault(arm_label(arm, point, carry=carry), (arm, point, None, carry))
         if arm == "baseline":
             for lr in cfg.baseline_lrs:
-                plan.setdefault(arm_label(arm, (0.0, 0.0), lr), (arm, (0.0, 0.0), lr))
+                plan.setdefault(arm_label(arm, (0.0, 0.0), lr), (arm, (0.0, 0.0), lr, False))
 
     rows: dict[str, Any] = {}
-    for label, (arm, point, lr) in plan.items():
-        seeds = [run_arm(cfg, arm, point, seed, lr) for seed in cfg.seeds]
+    for label, (arm, point, lr, carry) in plan.items():
+        seeds = [run_arm(cfg, arm, point, seed, lr, carry) for seed in cfg.seeds]
         finals = [s.phases[-1] for s in seeds]
         loss = mean_std([f["val_loss"] for f in finals])
         ppl = mean_std([f["val_ppl"] for f in finals])
@@ -255,6 +273,7 @@ def distill_expand(cfg: DistillExpandConfig, *, overwrite: bool = False) -> dict
             "lr": lr if lr is not None else cfg.train.lr,
             "f_train": point[0] if arm in SWEPT else None,
             "f_distill": point[1] if arm in ("distill-expand", "restart-only") else None,
+            "optimizer": "carry" if carry else "restart",
             "val_loss": {"mean": loss[0], "std": loss[1]},
             "val_ppl": {"mean": ppl[0], "std": ppl[1]},
             "flops": statistics.fmean(s.spent for s in seeds),

@@ -81,8 +81,11 @@ def expand_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _point(row: dict[str, Any]) -> tuple[float, float]:
-    return (row["f_train"], row["f_distill"])
+_DONE = {"restart": "restarted", "carry": "carried"}
+
+
+def _point(row: dict[str, Any]) -> tuple[float, float, str]:
+    return (row["f_train"], row["f_distill"], row.get("optimizer", "restart"))
 
 
 def _against_restarts(rows: dict[str, Any]) -> list[str]:
@@ -97,25 +100,55 @@ def _against_restarts(rows: dict[str, Any]) -> list[str]:
         "Distill-expand against restart-only at the same phase boundaries (the same restarts "
         "of warmup, schedule and AdamW, no shrink), paired by seed:",
         "",
-        "| f_train | f_distill | Δ loss [95% CI] | verdict |",
-        "|---:|---:|---|---|",
+        "| f_train | f_distill | AdamW at boundaries | Δ loss [95% CI] | verdict |",
+        "|---:|---:|---|---|---|",
     ]
     for row, control in pairs:
         delta, said = _vs(row["runs"], control["runs"])
-        lines.append(f"| {row['f_train']:g} | {row['f_distill']:g} | {delta} | {said} |")
+        lines.append(
+            f"| {row['f_train']:g} | {row['f_distill']:g} | {_point(row)[2]} | {delta} | {said} |"
+        )
+    return lines + _carry_vs_restart(rows)
+
+
+def _carry_vs_restart(rows: dict[str, Any]) -> list[str]:
+    """Each swept arm with AdamW's moments carried − the same arm restarting them."""
+    restarted = {(r["arm"], *_point(r)[:2]): r for r in rows.values() if _point(r)[2] == "restart"}
+    pairs = [(r, restarted.get((r["arm"], *_point(r)[:2]))) for r in rows.values()
+             if _point(r)[2] == "carry"]  # fmt: skip
+    if not any(control for _, control in pairs):
+        return []
+    lines = [
+        "",
+        "AdamW's moments carried across the phase boundaries against restarted (same arm and "
+        "point), paired by seed:",
+        "",
+        "| arm | f_train | f_distill | Δ loss [95% CI] | verdict |",
+        "|---|---:|---:|---|---|",
+    ]
+    for row, control in pairs:
+        if control is not None:
+            delta, said = _vs(row["runs"], control["runs"])
+            f_d = f"{row['f_distill']:g}" if row["f_distill"] is not None else "–"
+            lines.append(f"| {row['arm']} | {row['f_train']:g} | {f_d} | {delta} | {said} |")
     return lines
 
 
 def _grid(rows: dict[str, Any], base: dict[str, Any] | None) -> list[str]:
     """Mean Δ loss of distill-expand against the best baseline over f_train × f_distill."""
-    cells = {_point(r): r for r in rows.values() if r["arm"] == "distill-expand"}
+    kinds = {_point(r)[2] for r in rows.values() if r["arm"] == "distill-expand"}
+    kind = "restart" if "restart" in kinds else "carry"  # one grid: restarted moments first
+    cells = {_point(r)[:2]: r for r in rows.values()
+             if r["arm"] == "distill-expand" and _point(r)[2] == kind}  # fmt: skip
     if not base or len(cells) < 2:
         return []
     trains = sorted({p[0] for p in cells})
     distils = sorted({p[1] for p in cells})
     lines = [
         "",
-        "The split (mean Δ loss of distill-expand against the best baseline; – not run):",
+        f"The split (mean Δ loss of distill-expand, AdamW's moments {_DONE[kind]} at phase "
+        "boundaries, against the "
+        "best baseline; – not run):",
         "",
         "| f_train \\ f_distill | " + " | ".join(f"{d:g}" for d in distils) + " |",
         "|---:|" + "---:|" * len(distils),

@@ -17,6 +17,7 @@ from distillery.config import RunConfig, config_to_yaml
 from distillery.data import PackedTokens, global_batch_indices
 from distillery.distributed import DistEnv, init_distributed, resolve_device, shutdown_distributed
 from distillery.engine import Engine, seed_everything, steps_for_budget
+from distillery.engine.moments import carry_run_moments, moments_file, save_moments
 from distillery.eval import evaluate_model, folder_size, generation_speed, interchange_agreement
 from distillery.eval.drafts import draft_metrics
 from distillery.files import atomic_write_text, write_json
@@ -306,6 +307,8 @@ def _finish(
     (``model/README.md``) and ``report.html``."""
     out, model = Path(cfg.out), parts.model
     export_model(model, parts.tokenizer, out / "model")
+    if cfg.train.save_moments:
+        save_moments(engine.optimizer, model, out)
     copy_vocab_map(cfg.model.path, out / "model")  # a trimmed student's map goes with it
     metrics = _final_metrics(
         model, parts.step, parts.live, parts.val, device, parts.vocab, cfg.train.draft_prompts
@@ -346,11 +349,17 @@ def run(
             everyone=False,
         )
         if not resume:
-            check_inputs_outside(out, [*cfg.teacher_paths, cfg.model.path, _cache_of(cfg)])
+            check_inputs_outside(
+                out, [*cfg.teacher_paths, cfg.model.path, _cache_of(cfg), cfg.train.moments_from]
+            )
+            if cfg.train.moments_from is not None:
+                moments_file(cfg.train.moments_from)
         parts = _assemble(cfg, env, device)
         if not resume:  # every input is checked: only now does an earlier run make way
             once_per_job(env, lambda: clear_out_dir(out), everyone=False)
         engine = _engine(cfg, parts, env, device, name)
+        if cfg.train.moments_from is not None and not resume:  # a resume has its own state
+            carry_run_moments(cfg, engine.optimizer, engine.model)
         _say_truncated(env, parts.train, cfg)
         written: list[bool] = []
         policy = _on_policy_hook(cfg, parts, engine) if cfg.on_policy is not None else None
