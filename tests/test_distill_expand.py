@@ -153,21 +153,27 @@ def test_carried_moments_make_restart_only_plain_training(corpus, cache_dir, tmp
         update={
             "arms": ["baseline", "distill-expand", "restart-only"],
             "continue_schedule": True,
-            "baseline_lrs": [],
+            "baseline_lrs": [0.001],
+            "swept_lrs": [0.001],  # the swept arms at the other baseline's lr only
             "optimizer": ["restart", "carry"],
         }
     )
     result = distill_expand(cfg)
     rows = result["rows"]
-    base = rows["baseline"]["val_loss"]["mean"]
-    assert abs(rows["restart-only-0.25-0.25-carry"]["val_loss"]["mean"] - base) < 1e-4
-    assert abs(rows["restart-only-0.25-0.25"]["val_loss"]["mean"] - base) > 1e-3
-    assert rows["distill-expand-0.25-0.25-carry"]["optimizer"] == "carry"
+    assert sorted(rows) == sorted(
+        ["baseline", "baseline-lr0.001"]
+        + [f"{arm}-0.25-0.25-lr0.001{tail}" for arm in ("distill-expand", "restart-only")
+           for tail in ("", "-carry")]
+    )  # fmt: skip
+    base = rows["baseline-lr0.001"]["val_loss"]["mean"]
+    assert abs(rows["restart-only-0.25-0.25-lr0.001-carry"]["val_loss"]["mean"] - base) < 1e-4
+    assert abs(rows["restart-only-0.25-0.25-lr0.001"]["val_loss"]["mean"] - base) > 1e-3
+    assert rows["distill-expand-0.25-0.25-lr0.001-carry"]["optimizer"] == "carry"
     dx = tmp_path / "dx" / "seed-0"
-    carried = dx / "distill-expand-0.25-0.25-carry"
-    assert (dx / "train-2n-0.25-carry" / MOMENTS_FILE).is_file()
+    carried = dx / "distill-expand-0.25-0.25-lr0.001-carry"
+    assert (dx / "train-2n-0.25-lr0.001-carry" / MOMENTS_FILE).is_file()
     assert (carried / "distill-n" / MOMENTS_FILE).is_file()
     assert not (carried / "train-2n" / MOMENTS_FILE).exists()
-    assert not (dx / "train-2n-0.25" / MOMENTS_FILE).exists()  # restarted arms save none
+    assert not (dx / "train-2n-0.25-lr0.001" / MOMENTS_FILE).exists()  # restarted: none
     table = (tmp_path / "results" / "distill-expand.md").read_text()
     assert "AdamW's moments carried across the phase boundaries" in table

@@ -92,6 +92,9 @@ class DistillExpandConfig(SeededStudy):
     )
     # More learning rates for the baseline (a tuned baseline); the answer is against the best.
     baseline_lrs: list[Annotated[float, Field(gt=0.0)]] = Field(default_factory=list)
+    # The swept arms' learning rates (default: train.lr); rows and folders at another lr end
+    # in ``-lrLR``, so each arm can be compared at its own best lr.
+    swept_lrs: list[Annotated[float, Field(gt=0.0)]] | None = None
     arms: list[
         Literal["baseline", "distill-expand", "shrink-expand", "stacking", "restart-only"]
     ] = Field(default_factory=lambda: list(EXPAND_ARMS[:4]), min_length=1)
@@ -188,7 +191,8 @@ def run_arm(
     n = (cfg.model.preset_layers or 0) // 2  # a preset with 2n layers: checked by the config
     f_train, f_distill = point
     root = Path(cfg.out) / f"seed-{seed}"
-    label, tail = arm_label(arm, point, lr, carry), "-carry" if carry else ""
+    label = arm_label(arm, point, lr, carry)
+    tail = (f"-lr{lr:g}" if lr is not None else "") + ("-carry" if carry else "")
     if lr is not None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": lr})})
     a = _Arm(cfg, seed, label, carry)
@@ -202,7 +206,7 @@ def run_arm(
         # The first phase is the same run for every arm at one f_train: run once, reused.
         big = a.phase("train-2n", root / f"train-2n-{f_train:g}{tail}", a.spec(2 * n), f_train)
         if arm == "distill-expand" and f_distill == 0.0:  # no distillation: shrink-expand
-            arm, label = "shrink-expand", arm_label("shrink-expand", point, carry=carry)
+            arm, label = "shrink-expand", arm_label("shrink-expand", point, lr, carry)
         where = root / label
         grow = GrowSpec(kind="top", layers=n)
         if arm == "restart-only":  # distill-expand's boundaries, the 2n layers throughout
@@ -235,9 +239,10 @@ def run_arm(
 def arm_label(
     arm: str, point: tuple[float, float], lr: float | None = None, carry: bool = False
 ) -> str:
-    """Folder and row name of an arm at a sweep point (a baseline at another ``lr``; a swept
-    arm carrying AdamW's moments ends in ``-carry``)."""
-    tail = "-carry" if carry and arm in SWEPT else ""
+    """Folder and row name of an arm at a sweep point (at another ``lr`` than train.lr, ends
+    in ``-lrLR``; a swept arm carrying AdamW's moments ends in ``-carry``)."""
+    tail = (f"-lr{lr:g}" if lr is not None else "") + ("-carry" if carry else "")
+    tail = tail if arm in SWEPT else ""
     if arm == "baseline" and lr is not None:
         return f"baseline-lr{lr:g}"
     if arm == "distill-expand":
@@ -255,9 +260,12 @@ def distill_expand(cfg: DistillExpandConfig, *, overwrite: bool = False) -> dict
     prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
     plan: dict[str, tuple[str, tuple[float, float], float | None, bool]] = {}
     for arm in cfg.arms:
-        for carry in sorted({opt == "carry" for opt in cfg.optimizer}) if arm in SWEPT else [False]:
-            for point in cfg.sweep if arm in SWEPT else [(0.0, 0.0)]:
-                plan.setdefault(arm_label(arm, point, carry=carry), (arm, point, None, carry))
+        swept = arm in SWEPT
+        lrs = [None if lr == cfg.train.lr else lr for lr in cfg.swept_lrs or [cfg.train.lr]]
+        for lr in lrs if swept else [None]:
+            for carry in sorted({opt == "carry" for opt in cfg.optimizer}) if swept else [False]:
+                for point in cfg.sweep if swept else [(0.0, 0.0)]:
+                    plan.setdefault(arm_label(arm, point, lr, carry), (arm, point, lr, carry))
         if arm == "baseline":
             for lr in cfg.baseline_lrs:
                 plan.setdefault(arm_label(arm, (0.0, 0.0), lr), (arm, (0.0, 0.0), lr, False))

@@ -84,8 +84,9 @@ def expand_markdown(result: dict[str, Any]) -> str:
 _DONE = {"restart": "restarted", "carry": "carried"}
 
 
-def _point(row: dict[str, Any]) -> tuple[float, float, str]:
-    return (row["f_train"], row["f_distill"], row.get("optimizer", "restart"))
+def _point(row: dict[str, Any]) -> tuple[float, float, str, float]:
+    """Where a swept row sits: (f_train, f_distill, AdamW at boundaries, lr)."""
+    return (row["f_train"], row["f_distill"], row.get("optimizer", "restart"), row["lr"])
 
 
 def _against_restarts(rows: dict[str, Any]) -> list[str]:
@@ -100,22 +101,24 @@ def _against_restarts(rows: dict[str, Any]) -> list[str]:
         "Distill-expand against restart-only at the same phase boundaries (the same restarts "
         "of warmup, schedule and AdamW, no shrink), paired by seed:",
         "",
-        "| f_train | f_distill | AdamW at boundaries | Δ loss [95% CI] | verdict |",
-        "|---:|---:|---|---|---|",
+        "| f_train | f_distill | AdamW at boundaries | lr | Δ loss [95% CI] | verdict |",
+        "|---:|---:|---|---:|---|---|",
     ]
     for row, control in pairs:
         delta, said = _vs(row["runs"], control["runs"])
-        lines.append(
-            f"| {row['f_train']:g} | {row['f_distill']:g} | {_point(row)[2]} | {delta} | {said} |"
-        )
+        f_t, f_d, kind, lr = _point(row)
+        lines.append(f"| {f_t:g} | {f_d:g} | {kind} | {lr:g} | {delta} | {said} |")
     return lines + _carry_vs_restart(rows)
 
 
 def _carry_vs_restart(rows: dict[str, Any]) -> list[str]:
     """Each swept arm with AdamW's moments carried − the same arm restarting them."""
-    restarted = {(r["arm"], *_point(r)[:2]): r for r in rows.values() if _point(r)[2] == "restart"}
-    pairs = [(r, restarted.get((r["arm"], *_point(r)[:2]))) for r in rows.values()
-             if _point(r)[2] == "carry"]  # fmt: skip
+
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return (r["arm"], r["f_train"], r["f_distill"], r["lr"])
+
+    restarted = {key(r): r for r in rows.values() if _point(r)[2] == "restart"}
+    pairs = [(r, restarted.get(key(r))) for r in rows.values() if _point(r)[2] == "carry"]
     if not any(control for _, control in pairs):
         return []
     lines = [
@@ -123,31 +126,35 @@ def _carry_vs_restart(rows: dict[str, Any]) -> list[str]:
         "AdamW's moments carried across the phase boundaries against restarted (same arm and "
         "point), paired by seed:",
         "",
-        "| arm | f_train | f_distill | Δ loss [95% CI] | verdict |",
-        "|---|---:|---:|---|---|",
+        "| arm | f_train | f_distill | lr | Δ loss [95% CI] | verdict |",
+        "|---|---:|---:|---:|---|---|",
     ]
     for row, control in pairs:
         if control is not None:
             delta, said = _vs(row["runs"], control["runs"])
             f_d = f"{row['f_distill']:g}" if row["f_distill"] is not None else "–"
-            lines.append(f"| {row['arm']} | {row['f_train']:g} | {f_d} | {delta} | {said} |")
+            lines.append(
+                f"| {row['arm']} | {row['f_train']:g} | {f_d} | {row['lr']:g} | {delta} | {said} |"
+            )
     return lines
 
 
 def _grid(rows: dict[str, Any], base: dict[str, Any] | None) -> list[str]:
     """Mean Δ loss of distill-expand against the best baseline over f_train × f_distill."""
-    kinds = {_point(r)[2] for r in rows.values() if r["arm"] == "distill-expand"}
-    kind = "restart" if "restart" in kinds else "carry"  # one grid: restarted moments first
-    cells = {_point(r)[:2]: r for r in rows.values()
-             if r["arm"] == "distill-expand" and _point(r)[2] == kind}  # fmt: skip
-    if not base or len(cells) < 2:
+    swept = [r for r in rows.values() if r["arm"] == "distill-expand"]
+    if not base or not swept:
+        return []
+    # One grid: the AdamW handling and lr of the best distill-expand row.
+    kind, lr = _point(min(swept, key=lambda r: r["val_loss"]["mean"]))[2:]
+    cells = {_point(r)[:2]: r for r in swept if _point(r)[2:] == (kind, lr)}
+    if len(cells) < 2:
         return []
     trains = sorted({p[0] for p in cells})
     distils = sorted({p[1] for p in cells})
     lines = [
         "",
-        f"The split (mean Δ loss of distill-expand, AdamW's moments {_DONE[kind]} at phase "
-        "boundaries, against the "
+        f"The split (mean Δ loss of distill-expand at lr {lr:g}, AdamW's moments {_DONE[kind]} "
+        "at phase boundaries, against the "
         "best baseline; – not run):",
         "",
         "| f_train \\ f_distill | " + " | ".join(f"{d:g}" for d in distils) + " |",
