@@ -166,8 +166,10 @@ def test_carried_moments_make_restart_only_plain_training(corpus, cache_dir, tmp
            for tail in ("", "-carry")]
     )  # fmt: skip
     base = rows["baseline-lr0.001"]["val_loss"]["mean"]
-    assert abs(rows["restart-only-0.25-0.25-lr0.001-carry"]["val_loss"]["mean"] - base) < 1e-4
-    assert abs(rows["restart-only-0.25-0.25-lr0.001"]["val_loss"]["mean"] - base) > 1e-3
+    carried_gap = abs(rows["restart-only-0.25-0.25-lr0.001-carry"]["val_loss"]["mean"] - base)
+    restarted_gap = abs(rows["restart-only-0.25-0.25-lr0.001"]["val_loss"]["mean"] - base)
+    print(f"gap to the baseline: carried {carried_gap:.2e}, restarted {restarted_gap:.2e}")
+    assert carried_gap < 1e-5 and restarted_gap > 1e-4
     assert rows["distill-expand-0.25-0.25-lr0.001-carry"]["optimizer"] == "carry"
     dx = tmp_path / "dx" / "seed-0"
     carried = dx / "distill-expand-0.25-0.25-lr0.001-carry"
