@@ -98,8 +98,8 @@ def _against_restarts(rows: dict[str, Any]) -> list[str]:
         return []
     lines = [
         "",
-        "Distill-expand against restart-only at the same phase boundaries (the same restarts "
-        "of warmup, schedule and AdamW, no shrink), paired by seed:",
+        "Distill-expand against restart-only at the same phase boundaries, schedule, lr and "
+        "AdamW handling (the 2n layers throughout, no shrink), paired by seed:",
         "",
         "| f_train | f_distill | AdamW at boundaries | lr | Δ loss [95% CI] | verdict |",
         "|---:|---:|---|---:|---|---|",
