@@ -138,6 +138,9 @@ def test_continued_schedule_and_no_distillation_point(corpus, cache_dir, tmp_pat
     slices = [window(f) for f in phases]
     assert slices[0] == [0.0, 0.25] and slices[-1][1] == 1.0
     assert all(a[1] >= b[0] > a[0] for a, b in itertools.pairwise(slices))
+    table = (tmp_path / "results" / "distill-expand.md").read_text()
+    grow_only = table.split("against growing without distilling")[1].splitlines()
+    assert [r for r in grow_only if r.startswith("| 0.25 | 0.25 | restart |")]  # the paired row
 
 
 def test_carried_moments_make_restart_only_plain_training(corpus, cache_dir, tmp_path):

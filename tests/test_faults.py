@@ -147,6 +147,15 @@ def test_a_nul_byte_in_a_config_path_is_one_line(tmp_path: Path):
     _refused(["train", "--config", str(config)], tmp_path / "out", "contains a NUL byte")
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default, so Python raises KeyboardInterrupt on it. A
+    shell's background job (``cmd &``, as a CI runner may start the suite) ignores SIGINT,
+    and the child would inherit that and never see the signal."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_starting_is_one_line():
     """SIGINT a fraction of a second in, while torch and transformers are still importing."""
     import os
@@ -413,6 +422,7 @@ def test_sigint_mid_run_leaves_a_usable_checkpoint_and_one_line(
     proc = subprocess.Popen(
         [sys.executable, "-m", "distillery", *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=_default_sigint,
     )  # fmt: skip
 
     def checkpointed() -> bool:  # any finished checkpoint at step 4 or later (older ones go)

@@ -108,7 +108,31 @@ def _against_restarts(rows: dict[str, Any]) -> list[str]:
         delta, said = _vs(row["runs"], control["runs"])
         f_t, f_d, kind, lr = _point(row)
         lines.append(f"| {f_t:g} | {f_d:g} | {kind} | {lr:g} | {delta} | {said} |")
-    return lines + _carry_vs_restart(rows)
+    return lines + _carry_vs_restart(rows) + _against_grow_only(rows)
+
+
+def _against_grow_only(rows: dict[str, Any]) -> list[str]:
+    """Distill-expand − f_distill = 0 (shrink and grow, no distillation) at the same f_train,
+    lr and AdamW handling: what the distillation phase adds."""
+    swept = [r for r in rows.values() if r["arm"] == "distill-expand"]
+    plain = {(r["f_train"], *_point(r)[2:]): r for r in swept if r["f_distill"] == 0.0}
+    pairs = [(r, plain[(r["f_train"], *_point(r)[2:])]) for r in swept
+             if r["f_distill"] > 0.0 and (r["f_train"], *_point(r)[2:]) in plain]  # fmt: skip
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "Distill-expand against growing without distilling (f_distill = 0: the kept layers "
+        "grown at once) at the same f_train, lr and AdamW handling, paired by seed:",
+        "",
+        "| f_train | f_distill | AdamW at boundaries | lr | Δ loss [95% CI] | verdict |",
+        "|---:|---:|---|---:|---|---|",
+    ]
+    for row, control in pairs:
+        delta, said = _vs(row["runs"], control["runs"])
+        f_t, f_d, kind, lr = _point(row)
+        lines.append(f"| {f_t:g} | {f_d:g} | {kind} | {lr:g} | {delta} | {said} |")
+    return lines
 
 
 def _carry_vs_restart(rows: dict[str, Any]) -> list[str]:
