@@ -67,7 +67,8 @@ def expand_markdown(result: dict[str, Any]) -> str:
             f"| {loss['mean']:.3f} ± {loss['std']:.3f} | {delta} | {said} | "
             f"{ppl['mean']:.1f} ± {ppl['std']:.1f} |"
         )
-    lines += _against_restarts(rows) + _grid(rows, base)
+    lines += _against_restarts(rows) + _carry_vs_restart(rows) + _against_grow_only(rows)
+    lines += _grid(rows, base)
     best = min(rows, key=lambda k: rows[k]["val_loss"]["mean"])
     if base and best != base_name:
         delta, said = _vs(rows[best]["runs"], base["runs"])
@@ -108,7 +109,7 @@ def _against_restarts(rows: dict[str, Any]) -> list[str]:
         delta, said = _vs(row["runs"], control["runs"])
         f_t, f_d, kind, lr = _point(row)
         lines.append(f"| {f_t:g} | {f_d:g} | {kind} | {lr:g} | {delta} | {said} |")
-    return lines + _carry_vs_restart(rows) + _against_grow_only(rows)
+    return lines
 
 
 def _against_grow_only(rows: dict[str, Any]) -> list[str]:
