@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.errors import DistilleryError
+from distillery.interrupt import sigint_seen, watch_sigint
 
 
 def _model_spec(value: str) -> dict[str, Any]:
@@ -375,17 +376,23 @@ def _main(argv: list[str] | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    watch_sigint()
     try:  # everything, imports included: Ctrl-C in the first seconds is one line too
         return _main(argv)
     except DistilleryError as exc:
         print(f"distillery: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "distillery: interrupted; `--resume` continues from the last checkpoint",
-            file=sys.stderr,
-        )
-        return 130
+        return _interrupted()
+    except Exception:  # Ctrl-C inside a lazy import can surface as another error
+        if sigint_seen():
+            return _interrupted()
+        raise
+
+
+def _interrupted() -> int:
+    print("distillery: interrupted; `--resume` continues from the last checkpoint", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":
