@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "distillery"
 # Lower layers first. A module may import its own package or any package on a lower layer;
 # packages on the same layer may not import each other.
 LAYERS = [
-    {"errors", "files", "__init__"},
+    {"errors", "files", "interrupt", "__init__"},
     {"data", "distributed"},
     {"objectives"},
     {"models"},
