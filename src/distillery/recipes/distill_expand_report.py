@@ -95,12 +95,20 @@ def _against_restarts(rows: dict[str, Any]) -> list[str]:
     restarts = {_point(r): r for r in rows.values() if r["arm"] == "restart-only"}
     pairs = [(r, restarts[_point(r)]) for r in rows.values()
              if r["arm"] == "distill-expand" and _point(r) in restarts]  # fmt: skip
+    return _paired_rows(
+        "Distill-expand against restart-only at the same phase boundaries, schedule, lr and "
+        "AdamW handling (the 2n layers throughout, no shrink), paired by seed:",
+        pairs,
+    )
+
+
+def _paired_rows(title: str, pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[str]:
+    """A titled table of swept rows − their controls, paired by seed (none: no lines)."""
     if not pairs:
         return []
     lines = [
         "",
-        "Distill-expand against restart-only at the same phase boundaries, schedule, lr and "
-        "AdamW handling (the 2n layers throughout, no shrink), paired by seed:",
+        title,
         "",
         "| f_train | f_distill | AdamW at boundaries | lr | Δ loss [95% CI] | verdict |",
         "|---:|---:|---|---:|---|---|",
@@ -119,21 +127,11 @@ def _against_grow_only(rows: dict[str, Any]) -> list[str]:
     plain = {(r["f_train"], *_point(r)[2:]): r for r in swept if r["f_distill"] == 0.0}
     pairs = [(r, plain[(r["f_train"], *_point(r)[2:])]) for r in swept
              if r["f_distill"] > 0.0 and (r["f_train"], *_point(r)[2:]) in plain]  # fmt: skip
-    if not pairs:
-        return []
-    lines = [
-        "",
+    return _paired_rows(
         "Distill-expand against growing without distilling (f_distill = 0: the kept layers "
         "grown at once) at the same f_train, lr and AdamW handling, paired by seed:",
-        "",
-        "| f_train | f_distill | AdamW at boundaries | lr | Δ loss [95% CI] | verdict |",
-        "|---:|---:|---|---:|---|---|",
-    ]
-    for row, control in pairs:
-        delta, said = _vs(row["runs"], control["runs"])
-        f_t, f_d, kind, lr = _point(row)
-        lines.append(f"| {f_t:g} | {f_d:g} | {kind} | {lr:g} | {delta} | {said} |")
-    return lines
+        pairs,
+    )
 
 
 def _carry_vs_restart(rows: dict[str, Any]) -> list[str]:
