@@ -331,6 +331,53 @@ def test_classifiers_experiment_end_to_end(corpus: Path, cache_dir: Path, tmp_pa
     assert again.returncode == 0 and again.stdout.count("reusing") >= 1 + 2 * 8
 
 
+def test_classifiers_with_converged_teacher_bodies(corpus: Path, cache_dir: Path, tmp_path: Path):
+    """``teacher_stage``: one early-stopped body per stage seed; student seed i is taught by
+    body i mod n (its fine-tuned teacher, its distilled and initialised bodies), and the
+    teacher row is charged all its stage spent."""
+    short = {"steps": 3, "batch_size": 8, "checkpoint_every": 0, "eval_batches": 2}
+    spec = {
+        "data": {
+            "task": "classify", "source": str(corpus), "seq_len": 32, "vocab_size": 512,
+            "val_fraction": 0.15, "test_fraction": 0.15, "cache_dir": str(cache_dir),
+        },
+        "teacher": {"preset": "tiny", "overrides": {"num_hidden_layers": 4}},
+        "teacher_pretrain": short, "teacher_finetune": short, "general_train": short,
+        "finetune": short, "seeds": [0, 1, 2], "out": str(tmp_path / "out"),
+        "teacher_stage": {"seeds": [0, 1], "eval_every": 2, "patience": 1, "max_steps": 4,
+                          "eval_batches": 2, "root": str(tmp_path / "teachers")},
+    }  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    proc = run_cli("experiment", "classifiers", "--config", str(path), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "out" / "classifiers.json").read_text())
+    stage = [json.loads((d / "summary.json").read_text()) for d in
+             sorted((tmp_path / "teachers").iterdir())]  # fmt: skip
+    by_seed = {s["seed"]: s for s in stage}
+    assert sorted(by_seed) == [0, 1] and all(s["finished"] for s in stage)
+    pre = result["teacher_pretrain"]
+    assert pre["converged"] and [t["seed"] for t in pre["teachers"]] == [0, 1]
+    assert [t["val_ppl"] for t in pre["teachers"]] == [by_seed[0]["val_ppl"], by_seed[1]["val_ppl"]]
+    for i in range(3):
+        body = Path(by_seed[i % 2]["model"])
+        for stage_name in ("teacher", "body-distilled", "body-init"):
+            cfg = yaml.safe_load((tmp_path / f"out/{stage_name}/seed-{i}/config.yaml").read_text())
+            key = cfg["model"]["path"] if stage_name == "teacher" else cfg["teacher"]["path"]
+            assert Path(key) == body, (stage_name, i)
+        fine = json.loads((tmp_path / f"out/teacher/seed-{i}/summary.json").read_text())
+        assert result["rows"]["teacher"]["runs"][i]["flops"] == pytest.approx(
+            by_seed[i % 2]["flops_trained"] + fine["flops"]
+        )
+    assert "Teacher test accuracy" in (tmp_path / "out" / "classifiers.md").read_text()
+    # A pretrained folder and a stage are two answers to one question.
+    bad = {**spec, "teacher": {"path": str(tmp_path)}, "student": {"preset": "tiny"}}
+    path.write_text(json.dumps(bad), encoding="utf-8")
+    proc = run_cli("experiment", "classifiers", "--config", str(path))
+    assert proc.returncode == 2
+    assert "teacher_stage: the teacher is a pretrained folder" in proc.stderr
+
+
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

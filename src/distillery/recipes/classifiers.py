@@ -34,18 +34,25 @@ from distillery.config import (
     TrainConfig,
 )
 from distillery.distributed import DistEnv, resolve_device
+from distillery.errors import DistilleryError
 from distillery.eval import evaluate_model
 from distillery.eval.metrics import inference_seconds
 from distillery.models import load_pretrained, num_params, spec_is_encoder
+from distillery.recipes.classifiers_report import classifiers_markdown
 from distillery.recipes.common import prepare_data, prepare_out_dir
 from distillery.recipes.study import (
     SeededStudy,
     distilbert_mix,
     hardware,
     mean_std,
-    paired_verdict,
     run_or_reuse,
     write_study,
+)
+from distillery.recipes.teacher_stage import (
+    TeacherStage,
+    stage_finished,
+    teacher_for,
+    train_teachers,
 )
 from distillery.teachers import LiveTeacher
 
@@ -68,6 +75,10 @@ class ClassifiersConfig(SeededStudy):
     teacher_pretrain: TrainConfig = Field(
         default_factory=lambda: TrainConfig(steps=600, lr=1e-3, warmup_steps=40)
     )
+    # Set: the body is a converged teacher (``recipes.teacher_stage``: ``teacher_pretrain``'s
+    # settings, trained until validation stops improving), one per stage seed; student seed i
+    # uses body i mod len(seeds). Unset: one body, ``teacher_pretrain`` steps, for every seed.
+    teacher_stage: TeacherStage | None = None
     teacher_finetune: TrainConfig = Field(
         default_factory=lambda: TrainConfig(steps=100, lr=5e-4, warmup_steps=10)
     )
@@ -99,6 +110,8 @@ class ClassifiersConfig(SeededStudy):
             raise ValueError("data.task: the labelled texts must be data.task=classify")
         if self.teacher.init_from_teacher is not None or self.teacher.grow is not None:
             raise ValueError("teacher: a preset or a pretrained folder, nothing else")
+        if self.teacher.path is not None and self.teacher_stage is not None:
+            raise ValueError("teacher_stage: the teacher is a pretrained folder; drop one of them")
         if self.teacher.path is not None and self.student is None:
             raise ValueError("student: give the student's preset when the teacher is a folder")
         if self.student is not None and self.student.path is not None:
@@ -135,13 +148,28 @@ def _student_spec(cfg: ClassifiersConfig, *, init: bool) -> ModelSpec:
     return base.model_copy(update={"init_from_teacher": "every_other" if init else None})
 
 
-def _pretrained_body(
+def _pretrained_bodies(
     cfg: ClassifiersConfig, out: Path, texts: Any, *, reuse: bool
-) -> tuple[Path, dict[str, Any], bool]:
-    """(the teacher's pretrained body, its run's summary, whether it was reused): the folder
-    given, or pretrained by the lab on ``texts``. Its tokenizer serves every later run."""
+) -> tuple[list[Path], list[dict[str, Any]], bool]:
+    """(the teacher's pretrained bodies, their summaries, whether every one was reused): the
+    folder given, the stage's converged teachers, or one body pretrained by the lab on
+    ``texts``. The first body's tokenizer serves every later run (the stage's teachers share
+    theirs: one data config, one tokenizer)."""
     if cfg.teacher.path is not None:
-        return Path(cfg.teacher.path), {"flops": 0.0}, reuse
+        return [Path(cfg.teacher.path)], [{"flops": 0.0, "val_ppl": None}], reuse
+    if cfg.teacher_stage is not None:
+        stage, pre = cfg.teacher_stage, cfg.teacher_pretrain
+        before = all(stage_finished(texts, cfg.teacher, pre, stage, s) for s in stage.seeds)
+        result = train_teachers(texts, cfg.teacher, pre, stage, reuse=reuse)
+        bodies = [teacher_for(result, i) for i in range(len(stage.seeds))]
+        tokenizers = {(b / "tokenizer.json").read_bytes() for b in bodies}
+        if len(tokenizers) != 1:  # a student seed must read the tokens its teacher read
+            raise DistilleryError(f"the stage's teachers ({bodies}) have different tokenizers")
+        summaries = [
+            {**t, "steps": t["best_step"], "flops": t["flops_trained"]}  # all the stage spent
+            for t in result["teachers"]
+        ]
+        return bodies, summaries, reuse and before
     summary, reused = run_or_reuse(
         RunConfig(
             data=texts,
@@ -153,7 +181,7 @@ def _pretrained_body(
         "teacher-pretrain",
         reuse=reuse,
     )
-    return out / "teacher-pretrain" / "model", summary, reused
+    return [out / "teacher-pretrain" / "model"], [summary], reused
 
 
 def _seed_runs(
@@ -261,7 +289,8 @@ def classifiers(cfg: ClassifiersConfig, *, overwrite: bool = False) -> dict[str,
     prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
     encoder = spec_is_encoder(cfg.teacher)
     texts = cfg.data.model_copy(update={"task": "mlm" if encoder else "lm"})
-    body, pretrain, reuse = _pretrained_body(cfg, out, texts, reuse=not overwrite)
+    bodies_in, pretrains, reuse = _pretrained_bodies(cfg, out, texts, reuse=not overwrite)
+    body = bodies_in[0]  # its tokenizer reads every text
     data = {
         "texts": texts.model_copy(update={"tokenizer": body}),
         "labelled": cfg.data.model_copy(update={"tokenizer": body}),
@@ -269,12 +298,13 @@ def classifiers(cfg: ClassifiersConfig, *, overwrite: bool = False) -> dict[str,
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key in ROWS}
     folders: dict[str, dict[int, Path]] = {key: {} for key in ROWS}
     bodies: dict[str, list[dict[str, Any]]] = {"distilled": [], "init": [], "no-teacher": []}
-    for seed in cfg.seeds:
-        summaries, seed_folders = _seed_runs(cfg, seed, out, body, data, reuse)
+    for i, seed in enumerate(cfg.seeds):
+        k = i % len(bodies_in)  # seed index i: body i mod n, as in every staged study
+        summaries, seed_folders = _seed_runs(cfg, seed, out, bodies_in[k], data, reuse)
         bodies["distilled"].append(summaries["body-distilled"])
         bodies["no-teacher"].append(summaries["body-no-teacher"])
         bodies["init"].append(summaries["body-init"])
-        runs["teacher"].append({"flops": pretrain["flops"] + summaries["teacher"]["flops"]})
+        runs["teacher"].append({"flops": pretrains[k]["flops"] + summaries["teacher"]["flops"]})
         for name in list(ROWS)[1:]:
             runs[name].append({"flops": summaries[name]["flops"]})
         for name, folder in seed_folders.items():
@@ -287,7 +317,7 @@ def classifiers(cfg: ClassifiersConfig, *, overwrite: bool = False) -> dict[str,
         "family": "encoder (masked LM)" if encoder else "decoder (next tokens)",
         "test_examples": test.num_blocks,
         "classes": test.classes,
-        "teacher_pretrain": {k: pretrain.get(k) for k in ("val_ppl", "steps", "flops")},
+        "teacher_pretrain": _pretrain_info(cfg, pretrains),
         # The student bodies' held-out masked/next-token perplexity (and agreement).
         "bodies": {
             name: {
@@ -304,78 +334,23 @@ def classifiers(cfg: ClassifiersConfig, *, overwrite: bool = False) -> dict[str,
     return result
 
 
+def _pretrain_info(cfg: ClassifiersConfig, pretrains: list[dict[str, Any]]) -> dict[str, Any]:
+    """The teacher bodies' held-out LM perplexity (mean, spread, each), steps and FLOPs."""
+    ppl = [p.get("val_ppl") for p in pretrains]
+    known = [float(v) for v in ppl if v is not None]
+    return {
+        "val_ppl": mean_std(known)[0] if known else None,
+        "val_ppl_std": mean_std(known)[1] if known else None,
+        "converged": cfg.teacher_stage is not None,
+        "teachers": [
+            {k: p.get(k) for k in ("seed", "val_ppl", "steps", "flops", "stopped")}
+            for p in pretrains
+        ],
+        "steps": pretrains[0].get("steps"),
+        "flops": pretrains[0].get("flops"),
+    }
+
+
 def _spread(values: list[float]) -> dict[str, float]:
     mean, std = mean_std(values)
     return {"mean": mean, "std": std}
-
-
-def _pm(value: dict[str, float], scale: float = 1.0, digits: int = 3) -> str:
-    return f"{scale * value['mean']:.{digits}f} ± {scale * value['std']:.{digits}f}"
-
-
-def classifiers_markdown(result: dict[str, Any]) -> str:
-    """DistilBERT-style table (mean ± std over seeds) and a plain answer."""
-    rows, cfg = result["rows"], result["config"]
-    bodies = result["bodies"]
-    lines = [
-        f"# Retained performance of distilled classifiers ({result['hardware']}, "
-        f"seeds {result['seeds']})",
-        "",
-        f"Task: {len(result['classes'])}-class topics ({', '.join(result['classes'])}), "
-        f"{result['test_examples']} test texts (held out of every stage). Family: "
-        f"{result['family']}. Accuracy and macro-F1 on the test split, mean ± sample std over "
-        "seeds; retained % = the student's mean over the teacher's mean; speed-up = the "
-        "teacher's time over the model's to classify the first test batches (fastest of 3 "
-        "passes, timed side by side in one process); FLOPs = everything that row's model cost "
-        "(the teacher's pretraining + fine-tuning; a student's pretraining + fine-tuning, "
-        "teacher forwards included, not the teacher's own training).",
-        "",
-        "| model | layers | params | accuracy | macro-F1 | retained acc % | retained F1 % | "
-        "agreement w/ teacher | speed-up | FLOPs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows.values():
-        lines.append(
-            f"| {row['label']} | {row['layers']} | {row['params']:,} | "
-            f"{_pm(row['accuracy'])} | {_pm(row['macro_f1'])} | "
-            f"{row['retained_accuracy']:.1f} | {row['retained_macro_f1']:.1f} | "
-            f"{_pm(row['agreement'])} | {row['speedup']:.2f}× | {row['flops']['mean']:.3g} |"
-        )
-    d_body, f_body, i_body = bodies["distilled"], bodies["no-teacher"], bodies.get("init")
-    lines += [
-        "",
-        f"Pretraining ({cfg['general_train']['steps']} steps for each student body): held-out "
-        f"{'masked-token' if 'masked' in result['family'] else 'next-token'} perplexity "
-        f"{d_body['val_ppl']['mean']:.1f} ± {d_body['val_ppl']['std']:.1f} distilled vs "
-        f"{f_body['val_ppl']['mean']:.1f} ± {f_body['val_ppl']['std']:.1f} without the teacher"
-        + (
-            f", {i_body['val_ppl']['mean']:.1f} ± {i_body['val_ppl']['std']:.1f} "
-            "teacher-initialised with the LM loss alone"
-            if i_body
-            else ""
-        )
-        + f" (teacher: {result['teacher_pretrain']['val_ppl'] or float('nan'):.1f}).",
-    ]
-    if "init-labels" in rows:  # what distilling adds over the teacher's layers alone
-        said = paired_verdict(rows["distilled-labels"]["runs"], rows["init-labels"]["runs"],
-                              "accuracy", lower_is_better=False, digits=3)  # fmt: skip
-        lines.append(f"- Distilled body vs teacher-initialised body (both on labels): "
-                     f"accuracy {said}.")  # fmt: skip
-    best = max(("distilled", "distilled-labels"), key=lambda k: rows[k]["accuracy"]["mean"])
-    for key, what in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
-        said = paired_verdict(
-            rows[best]["runs"], rows["no-teacher"]["runs"], key, lower_is_better=False, digits=3
-        )
-        lines.append(
-            f"- {rows[best]['label']} vs the student without the teacher, paired by seed: "
-            f"{what} {said}."
-        )
-    said = paired_verdict(
-        rows["distilled"]["runs"],
-        rows["distilled-labels"]["runs"],
-        "accuracy",
-        lower_is_better=False,
-        digits=3,
-    )
-    lines.append(f"- Task distillation on top of the distilled body: accuracy {said}.")
-    return "\n".join(lines) + "\n"

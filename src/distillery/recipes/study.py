@@ -31,7 +31,12 @@ from distillery.distributed import is_main_process
 from distillery.errors import DistilleryError
 from distillery.eval.stats import Interval, paired_t, t_interval, verdict
 from distillery.files import atomic_write_text, write_json
-from distillery.recipes.teacher_stage import TeacherStage, teacher_for, train_teachers
+from distillery.recipes.teacher_stage import (
+    TeacherStage,
+    stage_finished,
+    teacher_for,
+    train_teachers,
+)
 from distillery.report.html import first_heading, referenced_images, write_html
 
 
@@ -99,7 +104,8 @@ def study_teachers(cfg: TeacherStudentRecipe, out: Path, *, reuse: bool = True) 
         info["teachers"] = [{"seed": cfg.teacher_train.seed, "val_ppl": summary["val_ppl"],
                              "val_loss": summary["val_loss"]}]  # fmt: skip
         return StudyTeachers(info, lambda _: out / "teacher" / "model", reused)
-    before = {t: _finished(cfg, t) for t in cfg.teacher_stage.seeds}
+    before = [stage_finished(cfg.data, cfg.teacher, cfg.teacher_train, cfg.teacher_stage, t)
+              for t in cfg.teacher_stage.seeds]  # fmt: skip
     stage = train_teachers(cfg.data, cfg.teacher, cfg.teacher_train, cfg.teacher_stage, reuse=reuse)
     first = json.loads((Path(stage["teachers"][0]["model"]).parent / "summary.json").read_text())
     info = {
@@ -114,17 +120,7 @@ def study_teachers(cfg: TeacherStudentRecipe, out: Path, *, reuse: bool = True) 
         "seeds": cfg.teacher_stage.seeds,
         "teachers": stage["teachers"],
     }
-    return StudyTeachers(info, lambda i: teacher_for(stage, i), reuse and all(before.values()))
-
-
-def _finished(cfg: TeacherStudentRecipe, seed: int) -> bool:
-    """Whether the stage teacher of ``seed`` has converged before (its summary is finished)."""
-    from distillery.recipes.teacher_stage import stage_run_config
-
-    assert cfg.teacher_stage is not None
-    out = stage_run_config(cfg.data, cfg.teacher, cfg.teacher_train, cfg.teacher_stage, seed).out
-    summary = Path(out) / "summary.json"
-    return summary.is_file() and bool(json.loads(summary.read_text()).get("finished"))
+    return StudyTeachers(info, lambda i: teacher_for(stage, i), reuse and all(before))
 
 
 def teacher_regime(teacher: dict[str, Any]) -> str:

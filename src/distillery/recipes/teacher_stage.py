@@ -241,6 +241,14 @@ def train_teachers(
     }
 
 
+def stage_finished(
+    data: DataConfig, model: ModelSpec, train: TrainConfig, stage: TeacherStage, seed: int
+) -> bool:
+    """Whether the stage teacher of ``seed`` has converged before (its summary is finished)."""
+    summary = Path(stage_run_config(data, model, train, stage, seed).out) / "summary.json"
+    return summary.is_file() and bool(json.loads(summary.read_text()).get("finished"))
+
+
 def teacher_for(stage_result: dict[str, Any], index: int) -> Path:
     """The teacher folder of the ``index``-th student seed: the teachers taken in turn, so every
     arm's seed ``i`` learns from the same teacher (paired) and teacher spread enters the
