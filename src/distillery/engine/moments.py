@@ -15,7 +15,6 @@ metadata. Not for sharded (FSDP) runs: their state lives in slices.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from torch import nn
 from distillery.config import RunConfig
 from distillery.errors import DistilleryError
 from distillery.models.growth import layer_sources
-from distillery.models.surgery import decoder_layers, every_other
+from distillery.models.surgery import decoder_layers, every_other, source_name
 
 MOMENTS_FILE = "optimizer-moments.safetensors"
 _KEYS = ("exp_avg", "exp_avg_sq", "step")
@@ -137,18 +136,12 @@ def load_moments(
         raise DistilleryError(
             f"moments: {len(origins)} layer origins for a model of {len(layers)} blocks"
         )
-    pattern = re.compile(rf"^{re.escape(path)}\.(\d+)\.(.*)$")
     carried = fresh = 0
     with safe_open(str(file), framework="pt") as f:
         meta = f.metadata() or {}
         src_path, names = meta.get("layer_path", path), set(f.keys())
         for name, p in model.named_parameters():
-            match = pattern.match(name)
-            if match:
-                origin = origins[int(match.group(1))]
-                src = None if origin is None else f"{src_path}.{origin}.{match.group(2)}"
-            else:
-                src = name.replace(path, src_path, 1)
+            src = source_name(name, path, src_path, origins)
             if src is None or f"exp_avg/{src}" not in names:
                 fresh += 1
                 continue

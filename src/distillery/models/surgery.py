@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -41,6 +42,19 @@ def every_other(n_teacher_layers: int, n_student_layers: int) -> list[int]:
     return layers
 
 
+def source_name(
+    name: str, path: str, source_path: str, origins: Sequence[int | None]
+) -> str | None:
+    """The name in the source model of parameter ``name``: in block ``i`` (under ``path``) that
+    of source block ``origins[i]`` (under ``source_path``; None: a new block, no source), the
+    rest (embeddings, norms, head) the same name under ``source_path``."""
+    match = re.match(rf"^{re.escape(path)}\.(\d+)\.(.*)$", name)
+    if not match:
+        return name.replace(path, source_path, 1)
+    origin = origins[int(match.group(1))]
+    return None if origin is None else f"{source_path}.{origin}.{match.group(2)}"
+
+
 @torch.no_grad()
 def init_from_teacher(student: nn.Module, teacher: nn.Module, layer_map: list[int]) -> None:
     """Copy embeddings, norms, head and teacher layer ``layer_map[i]`` into student layer ``i``.
@@ -59,14 +73,8 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, layer_map: list[in
             f"init_from_teacher: teacher has layers 0..{len(t_layers) - 1}, not {bad}"
         )
     teacher_state = teacher.state_dict()
-    pattern = re.compile(rf"^{re.escape(s_path)}\.(\d+)\.(.*)$")
     for name, tensor in student.state_dict().items():
-        match = pattern.match(name)
-        source = (
-            f"{t_path}.{layer_map[int(match.group(1))]}.{match.group(2)}"
-            if match
-            else name.replace(s_path, t_path, 1)
-        )
+        source = str(source_name(name, s_path, t_path, layer_map))  # every block has a source
         if source not in teacher_state or teacher_state[source].shape != tensor.shape:
             shape = tuple(teacher_state[source].shape) if source in teacher_state else "missing"
             raise DistilleryError(
