@@ -288,16 +288,25 @@ def test_encoder_errors_are_one_line(teacher_dir: Path, corpus: Path, cache_dir:
     assert "needs a tokenizer with a mask token" in proc.stderr
 
 
-def test_classifiers_experiment_end_to_end(corpus: Path, cache_dir: Path, tmp_path: Path):
-    stage = {"steps": 4, "batch_size": 8, "checkpoint_every": 0, "eval_batches": 2}
-    spec = {
+def _classifiers_spec(
+    corpus: Path, cache_dir: Path, tmp_path: Path, preset: str, steps: int, seeds: list[int]
+) -> dict:
+    """A classifiers study of 4-layer tiny teachers, every stage ``steps`` long."""
+    stage = {"steps": steps, "batch_size": 8, "checkpoint_every": 0, "eval_batches": 2}
+    return {
         "data": {
             "task": "classify", "source": str(corpus), "seq_len": 32, "vocab_size": 512,
             "val_fraction": 0.15, "test_fraction": 0.15, "cache_dir": str(cache_dir),
         },
-        "teacher": {"preset": "bert-tiny", "overrides": {"num_hidden_layers": 4}},
+        "teacher": {"preset": preset, "overrides": {"num_hidden_layers": 4}},
         "teacher_pretrain": stage, "teacher_finetune": stage, "general_train": stage,
-        "finetune": stage, "seeds": [0, 1], "out": str(tmp_path / "out"),
+        "finetune": stage, "seeds": seeds, "out": str(tmp_path / "out"),
+    }  # fmt: skip
+
+
+def test_classifiers_experiment_end_to_end(corpus: Path, cache_dir: Path, tmp_path: Path):
+    spec = {
+        **_classifiers_spec(corpus, cache_dir, tmp_path, "bert-tiny", 4, [0, 1]),
         "results": str(tmp_path / "results"),
     }  # fmt: skip
     path = tmp_path / "c.yaml"
@@ -335,15 +344,8 @@ def test_classifiers_with_converged_teacher_bodies(corpus: Path, cache_dir: Path
     """``teacher_stage``: one early-stopped body per stage seed; student seed i is taught by
     body i mod n (its fine-tuned teacher, its distilled and initialised bodies), and the
     teacher row is charged all its stage spent."""
-    short = {"steps": 3, "batch_size": 8, "checkpoint_every": 0, "eval_batches": 2}
     spec = {
-        "data": {
-            "task": "classify", "source": str(corpus), "seq_len": 32, "vocab_size": 512,
-            "val_fraction": 0.15, "test_fraction": 0.15, "cache_dir": str(cache_dir),
-        },
-        "teacher": {"preset": "tiny", "overrides": {"num_hidden_layers": 4}},
-        "teacher_pretrain": short, "teacher_finetune": short, "general_train": short,
-        "finetune": short, "seeds": [0, 1, 2], "out": str(tmp_path / "out"),
+        **_classifiers_spec(corpus, cache_dir, tmp_path, "tiny", 3, [0, 1, 2]),
         "teacher_stage": {"seeds": [0, 1], "eval_every": 2, "patience": 1, "max_steps": 4,
                           "eval_batches": 2, "root": str(tmp_path / "teachers")},
     }  # fmt: skip
