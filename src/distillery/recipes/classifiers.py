@@ -338,9 +338,10 @@ def _pretrain_info(cfg: ClassifiersConfig, pretrains: list[dict[str, Any]]) -> d
     """The teacher bodies' held-out LM perplexity (mean, spread, each), steps and FLOPs."""
     ppl = [p.get("val_ppl") for p in pretrains]
     known = [float(v) for v in ppl if v is not None]
+    mean, std = mean_std(known) if known else (None, None)
     return {
-        "val_ppl": mean_std(known)[0] if known else None,
-        "val_ppl_std": mean_std(known)[1] if known else None,
+        "val_ppl": mean,
+        "val_ppl_std": std,
         "converged": cfg.teacher_stage is not None,
         "teachers": [
             {k: p.get(k) for k in ("seed", "val_ppl", "steps", "flops", "stopped")}
