@@ -204,3 +204,22 @@ def test_compute_panel_charges_the_teachers_training(tmp_path: Path, monkeypatch
     by_flops = {label: xs for label, xs in drawn[1::2]}  # step panel, then compute panel
     assert by_flops["distilled"] == [1e9 + 1e6, 1e9 + 2e6, 1e9 + 3e6]
     assert by_flops["scratch"] == [1e6, 2e6, 3e6]
+
+
+def test_seed_band_draws_the_mean_and_one_std_either_side():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from distillery.report import plot_seed_band
+
+    fig, (two, one) = plt.subplots(1, 2)
+    seeds = [[(1.0, 4.0), (2.0, 3.0), (3.0, 9.0)], [(3.0, 6.0), (4.0, 5.0)]]  # second is shorter
+    assert plot_seed_band(two, seeds) == ([2.0, 3.0], [5.0, 4.0])
+    (band,) = two.collections
+    low, high = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[:, 1].max()
+    assert (low, high) == pytest.approx((4.0 - 2**0.5, 5.0 + 2**0.5))  # sample std √2
+    plot_seed_band(one, seeds[:1])
+    assert not one.collections  # one seed: no spread to show
+    plt.close(fig)

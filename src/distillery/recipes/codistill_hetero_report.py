@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.recipes.study import mean_std, paired_interval, paired_verdict
+from distillery.report import LOSS_UNIT, plot_seed_band
 
 MEANS = ("seconds", "solo_seconds", "process_seconds", "solo_process_seconds", "steps_per_second",
          "solo_steps_per_second", "bytes", "wait_seconds", "mean_copy_lag_steps")  # fmt: skip
@@ -156,17 +157,9 @@ def hetero_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mean_curve(curves: list[list[Any]]) -> tuple[list[float], list[float]]:
-    """(mean seconds, mean loss) at each evaluation all seeds have."""
-    length = min(len(c) for c in curves)
-    xs = [statistics.fmean(c[k][1] for c in curves) for k in range(length)]
-    ys = [statistics.fmean(c[k][2] for c in curves) for k in range(length)]
-    return xs, ys
-
-
 def plot_hetero(result: dict[str, Any], dest: Path) -> None:
-    """Validation loss against wall-clock seconds per peer: pool solid, alone dashed (mean
-    over seeds)."""
+    """Validation loss against wall-clock seconds per peer: pool solid, alone dashed (mean ±
+    std over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,10 +171,11 @@ def plot_hetero(result: dict[str, Any], dest: Path) -> None:
         color = f"C{i}"
         label = f"peer {i} ({row['layers']} layers, +{row['delay']:g} s/step)"
         for key, style, suffix in (("timed", "-", "pool"), ("solo_timed", "--", "alone")):
-            xs, ys = _mean_curve([s["peers"][i][key] for s in per_seed])
-            ax.plot(xs, ys, style, color=color, marker=".", label=f"{label} {suffix}")
-    ax.set(xlabel="wall-clock seconds", ylabel="validation loss",
-           title="heterogeneous pool (solid) vs alone (dashed)")  # fmt: skip
+            timed = [[(sec, loss) for _, sec, loss in s["peers"][i][key]] for s in per_seed]
+            plot_seed_band(ax, timed, linestyle=style, color=color, marker=".",
+                           label=f"{label} {suffix}")  # fmt: skip
+    ax.set(xlabel="wall-clock seconds", ylabel=f"validation loss ({LOSS_UNIT})",
+           title="heterogeneous pool (solid) vs alone (dashed), mean ± std over seeds")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

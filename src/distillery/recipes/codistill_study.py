@@ -61,7 +61,7 @@ from distillery.recipes.codistill_baselines import (
 )
 from distillery.recipes.common import prepare_data, prepare_out_dir
 from distillery.recipes.study import SeededStudy, hardware, mean_std, write_study
-from distillery.report import read_metrics
+from distillery.report import LOSS_UNIT, plot_seed_band, read_metrics
 from distillery.teachers import LiveTeacher
 
 CODISTILL_ARMS = ("predictions", "checkpoints", "unequal")
@@ -367,7 +367,7 @@ def codistill_markdown(result: dict[str, Any]) -> str:
 
 def plot_codistill(result: dict[str, Any], dest: Path) -> None:
     """Validation loss per step of peer 0 in each arm, alone, and of the all-data and
-    data-parallel models (mean over seeds)."""
+    data-parallel models where the study ran them (mean ± std over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -379,15 +379,14 @@ def plot_codistill(result: dict[str, Any], dest: Path) -> None:
     curves = {"alone": [s["arms"][arms[0]][0]["solo_curve"] for s in per_seed]} if arms else {}
     for arm in arms:
         curves[arm] = [s["arms"][arm][0]["curve"] for s in per_seed]
-    for key in per_seed[0]["baselines"]:
+    for key in per_seed[0].get("baselines", {}):  # older studies ran none
         curves[key] = [s["baselines"][key]["timed"] for s in per_seed]
     for name, runs in curves.items():
-        length = min(len(c) for c in runs)
-        xs = [runs[0][i][0] for i in range(length)]
-        ys = [statistics.fmean(c[i][2] for c in runs) for i in range(length)]
+        steps = [[(step, loss) for step, _, loss in c] for c in runs]  # FLOPs or seconds dropped
         style = "-" if name in arms else "--"
-        ax.plot(xs, ys, marker=".", label=name, linestyle=style)
-    ax.set(xlabel="step", ylabel="validation loss (peer 0)", title="codistillation vs baselines")
+        plot_seed_band(ax, steps, marker=".", label=name, linestyle=style)
+    ax.set(xlabel="step", ylabel=f"validation loss of peer 0 ({LOSS_UNIT})",
+           title="codistillation vs baselines (mean ± std over seeds)")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

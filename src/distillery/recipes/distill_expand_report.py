@@ -9,12 +9,12 @@ f_train × f_distill with its best cell.
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Any
 
 from distillery.eval.stats import verdict
 from distillery.recipes.study import paired_interval
+from distillery.report import LOSS_UNIT, plot_seed_band
 
 
 def _vs(runs: list[dict[str, Any]], against: list[dict[str, Any]]) -> tuple[str, str]:
@@ -211,7 +211,7 @@ def _plain_step(rows: dict[str, Any]) -> float | None:
 
 def plot_expand(result: dict[str, Any], folder: Path) -> None:
     """``final_loss.png`` (final validation loss per arm, ± std) and ``loss_vs_flops.png``
-    (validation loss against cumulative FLOPs, mean over seeds)."""
+    (validation loss against cumulative FLOPs, mean ± std over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,7 +229,8 @@ def plot_expand(result: dict[str, Any], folder: Path) -> None:
     )
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
-    ax.set(xlabel="final validation loss (mean ± std over seeds)", title="at equal FLOPs B")
+    ax.set(xlabel=f"final validation loss ({LOSS_UNIT}, mean ± std over seeds)",
+           title="at equal FLOPs B")  # fmt: skip
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(folder / "final_loss.png", dpi=110)
@@ -238,13 +239,10 @@ def plot_expand(result: dict[str, Any], folder: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, row in rows.items():
         curves = [r["curve"] for r in row["runs"]]
-        if not curves or not curves[0]:
-            continue
-        length = min(len(c) for c in curves)
-        xs = [statistics.fmean(c[i][0] for c in curves) for i in range(length)]
-        ys = [statistics.fmean(c[i][1] for c in curves) for i in range(length)]
-        ax.plot(xs, ys, marker=".", label=name)
-    ax.set(xlabel="FLOPs (cumulative)", ylabel="validation loss", title="loss vs compute")
+        if curves and curves[0]:
+            plot_seed_band(ax, curves, marker=".", label=name)
+    ax.set(xlabel="FLOPs (cumulative)", ylabel=f"validation loss ({LOSS_UNIT})",
+           title="loss vs compute (mean ± std over seeds)")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

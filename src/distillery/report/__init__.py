@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import io
 import json
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydantic import BaseModel
 
 from distillery.files import atomic_write_text, write_json
 from distillery.report.card import as_dict, cost_rows, metric_rows, rows_markdown
 from distillery.report.html import write_html
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+LOSS_UNIT = "nats/token"  # every loss the plots show is a mean natural-log loss per token
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -29,12 +35,32 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def plot_seed_band(
+    ax: Axes, curves: Sequence[Sequence[tuple[float, float]]], **style: Any
+) -> tuple[list[float], list[float]]:
+    """Draw the mean over seeds of ``curves`` (one list of ``(x, y)`` points per seed) as a
+    line, with a ±1 sample-std band of y where there are two seeds or more; ``style`` goes to
+    the line. Points are matched by index up to the shortest curve, x averaged too (wall-clock
+    x differs by seed). Returns the mean ``(xs, ys)``."""
+    length = min(len(c) for c in curves)
+    points = [[c[k] for c in curves] for k in range(length)]  # (seeds,) per evaluation
+    xs = [statistics.fmean(x for x, _ in at) for at in points]
+    ys = [statistics.fmean(y for _, y in at) for at in points]
+    (line,) = ax.plot(xs, ys, **style)
+    if len(curves) > 1:
+        std = [statistics.stdev(y for _, y in at) for at in points]
+        low = [m - s for m, s in zip(ys, std, strict=True)]
+        high = [m + s for m, s in zip(ys, std, strict=True)]
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    return xs, ys
+
+
 def plot_loss_curves(
     curves: dict[str, list[dict[str, Any]]],
     dest: Path | BinaryIO,
     *,
     keys: Sequence[str] = ("ce",),
-    ylabel: str = "training cross-entropy",
+    ylabel: str = f"training cross-entropy ({LOSS_UNIT})",
     charged: dict[str, float] | None = None,
 ) -> Path | BinaryIO:
     """Training loss against step and against FLOPs (as the meter counts them: training plus
