@@ -182,3 +182,52 @@ def test_carried_moments_make_restart_only_plain_training(corpus, cache_dir, tmp
     assert not (dx / "train-2n-0.25-lr0.001" / MOMENTS_FILE).exists()  # restarted: none
     table = (tmp_path / "results" / "distill-expand.md").read_text()
     assert "AdamW's moments carried across the phase boundaries" in table
+
+
+def test_tuned_rows_each_run_at_their_own_best_grid_point(corpus, cache_dir, tmp_path):
+    """``tune``: every row trains the lr × warmup grid on the tuning seed, then runs its
+    reported seeds at the point with the lowest validation loss, in that setting's folder
+    (the baseline only: every arm goes through the same ``_tuned``; 7 runs)."""
+    import json
+
+    import pytest
+    from pydantic import ValidationError
+
+    from distillery.models import build_model, compute_params
+    from distillery.recipes.tuning import Tuning
+
+    step_flops = 6 * compute_params(build_model("tiny", 512, {"num_hidden_layers": 4})) * 4 * 32
+    tune = Tuning(lrs=[1e-4, 1e-3, 1e-2], warmups=[1, 3], seed=7)
+    cfg = _config(corpus, cache_dir, tmp_path, 8 * step_flops).model_copy(
+        update={
+            "arms": ["baseline"],
+            "continue_schedule": True,
+            "baseline_lrs": [],
+            "tune": tune,
+            "optimizer": ["carry"],
+        }
+    )
+    rows = distill_expand(cfg)["rows"]
+    assert list(rows) == ["baseline"]
+    dx = tmp_path / "dx"
+    for label, row in rows.items():
+        grid = row["tuning"]["grid"]
+        assert [(g["lr"], g["warmup_steps"]) for g in grid] == [
+            (lr, w) for lr in tune.lrs for w in tune.warmups
+        ]
+        best = min(grid, key=lambda g: g["val_loss"])
+        assert (row["lr"], row["warmup_steps"]) == (best["lr"], best["warmup_steps"])
+        setting = f"lr-{best['lr']:g}-warmup-{best['warmup_steps']}"
+        tuning_run = dx / "tune" / setting / "seed-7" / label
+        summary = json.loads((tuning_run / "summary.json").read_text())
+        assert summary["val_loss"] == best["val_loss"]  # the grid is the tuning runs' own loss
+        config = (dx / setting / "seed-0" / label / "config.yaml").read_text()
+        train = yaml.safe_load(config)["train"]
+        assert (train["lr"], train["warmup_steps"], train["seed"]) == (
+            best["lr"], best["warmup_steps"], 0,
+        )  # fmt: skip
+    table = (tmp_path / "results" / "distill-expand.md").read_text()
+    assert "Tuning (validation loss at B on seed 7" in table
+    assert table.count("**") >= 2 * len(rows)  # each row's chosen point in bold
+    with pytest.raises(ValidationError, match="replaces baseline_lrs"):
+        DistillExpandConfig.model_validate({**cfg.model_dump(), "baseline_lrs": [1e-3]})

@@ -57,6 +57,7 @@ from distillery.recipes.study import (
     run_or_reuse,
     write_study,
 )
+from distillery.recipes.tuning import Tuning, choose
 from distillery.report import read_metrics
 
 EXPAND_ARMS = ("baseline", "distill-expand", "shrink-expand", "stacking", "restart-only")
@@ -95,6 +96,9 @@ class DistillExpandConfig(SeededStudy):
     # The swept arms' learning rates (default: train.lr); rows and folders at another lr end
     # in ``-lrLR``, so each arm can be compared at its own best lr.
     swept_lrs: list[Annotated[float, Field(gt=0.0)]] | None = None
+    # Set: each row's lr and warmup chosen on validation (``recipes/tuning``) before its seeds
+    # run; each setting's runs in ``out/lr-LR-warmup-W`` (the tuning seed's in ``out/tune``).
+    tune: Tuning | None = None
     arms: list[
         Literal["baseline", "distill-expand", "shrink-expand", "stacking", "restart-only"]
     ] = Field(default_factory=lambda: list(EXPAND_ARMS[:4]), min_length=1)
@@ -107,6 +111,8 @@ class DistillExpandConfig(SeededStudy):
             raise ValueError("model: give the 2n-layer model as a preset (with overrides)")
         if layers < 2 or layers % 2:
             raise ValueError(f"model: needs an even number of layers (2n), not {layers}")
+        if self.tune is not None and (self.baseline_lrs or self.swept_lrs):
+            raise ValueError("tune: replaces baseline_lrs and swept_lrs; give one or the other")
         for f_train, f_distill in self.sweep:
             if f_train + f_distill >= 1.0:
                 raise ValueError(
@@ -236,6 +242,29 @@ def run_arm(
     return a
 
 
+def _at(cfg: DistillExpandConfig, lr: float, warmup: int, root: Path) -> DistillExpandConfig:
+    """``cfg`` at one (lr, warmup), its runs under ``root/lr-LR-warmup-W``."""
+    train = cfg.train.model_copy(update={"lr": lr, "warmup_steps": warmup})
+    return cfg.model_copy(update={"train": train, "out": root / f"lr-{lr:g}-warmup-{warmup}"})
+
+
+def _tuned(
+    cfg: DistillExpandConfig, arm: str, point: tuple[float, float], carry: bool
+) -> tuple[DistillExpandConfig, dict[str, Any] | None]:
+    """(``cfg`` at the arm's lr and warmup, the tuning record); untuned: ``cfg`` as given.
+    Phases shared between arms at one setting (the first 2n-layer phase) run once."""
+    if cfg.tune is None:
+        return cfg, None
+    tune, root = cfg.tune, Path(cfg.out)
+
+    def score(lr: float, warmup: int) -> float:
+        trial = run_arm(_at(cfg, lr, warmup, root / "tune"), arm, point, tune.seed, None, carry)
+        return float(trial.phases[-1]["val_loss"])
+
+    record = choose(tune, score)
+    return _at(cfg, record["lr"], record["warmup_steps"], root), record
+
+
 def arm_label(
     arm: str, point: tuple[float, float], lr: float | None = None, carry: bool = False
 ) -> str:
@@ -272,13 +301,16 @@ def distill_expand(cfg: DistillExpandConfig, *, overwrite: bool = False) -> dict
 
     rows: dict[str, Any] = {}
     for label, (arm, point, lr, carry) in plan.items():
-        seeds = [run_arm(cfg, arm, point, seed, lr, carry) for seed in cfg.seeds]
+        at, tuning = _tuned(cfg, arm, point, carry)
+        seeds = [run_arm(at, arm, point, seed, lr, carry) for seed in cfg.seeds]
         finals = [s.phases[-1] for s in seeds]
         loss = mean_std([f["val_loss"] for f in finals])
         ppl = mean_std([f["val_ppl"] for f in finals])
         rows[label] = {
             "arm": arm,
-            "lr": lr if lr is not None else cfg.train.lr,
+            "lr": lr if lr is not None else at.train.lr,
+            "warmup_steps": at.train.warmup_steps,
+            "tuning": tuning,
             "f_train": point[0] if arm in SWEPT else None,
             "f_distill": point[1] if arm in ("distill-expand", "restart-only") else None,
             "optimizer": "carry" if carry else "restart",

@@ -35,18 +35,24 @@ def expand_markdown(result: dict[str, Any]) -> str:
     """The table (final validation loss at budget B), the paired comparisons and the answer."""
     rows = result["rows"]
     n = len(result["seeds"])
+    tuned = any(row.get("tuning") for row in rows.values())
+    picked = (
+        "each row's lr and warmup tuned on a seed not reported (below)"
+        if tuned
+        else "lowest mean loss over its learning rates, picked on these seeds"
+    )
+    warmup = result["config"]["train"]["warmup_steps"]  # rows written before it was recorded
     lines = [
         f"# Distill-expand ({result['hardware']}, seeds {result['seeds']})",
         "",
         f"Every arm ends in a {result['layers']}-layer model after at most "
         f"B = {result['budget_flops']:.3g} FLOPs on the same data stream. Mean ± sample std "
-        f"over {n} seeds; Δ = arm − the best baseline (lowest mean loss over its learning "
-        "rates, picked on these seeds), paired by seed, with its 95% t-interval; the verdict "
-        "is read off the interval (lower loss is better).",
+        f"over {n} seeds; Δ = arm − the best baseline ({picked}), paired by seed, with its 95% "
+        "t-interval; the verdict is read off the interval (lower loss is better).",
         "",
-        "| arm | lr | f_train | f_distill | phases (layers × steps) | step cost vs 2n "
+        "| arm | lr | warmup | f_train | f_distill | phases (layers × steps) | step cost vs 2n "
         "| FLOPs / B | val loss | Δ loss vs best baseline [95% CI] | verdict | val ppl |",
-        "|---|---:|---:|---:|---|---|---:|---:|---|---|---:|",
+        "|---|---:|---:|---:|---:|---|---|---:|---:|---|---|---:|",
     ]
     plain = _plain_step(rows)
     base_name = best_baseline(rows)
@@ -62,13 +68,14 @@ def expand_markdown(result: dict[str, Any]) -> str:
         f_t = f"{row['f_train']:g}" if row["f_train"] is not None else "–"
         f_d = f"{row['f_distill']:g}" if row["f_distill"] is not None else "–"
         lines.append(
-            f"| {label} | {row['lr']:g} | {f_t} | {f_d} | {phases} | {cost} | "
+            f"| {label} | {row['lr']:g} | {row.get('warmup_steps', warmup)} | {f_t} | {f_d} "
+            f"| {phases} | {cost} | "
             f"{row['flops'] / result['budget_flops']:.3f} "
             f"| {loss['mean']:.3f} ± {loss['std']:.3f} | {delta} | {said} | "
             f"{ppl['mean']:.1f} ± {ppl['std']:.1f} |"
         )
     lines += _against_restarts(rows) + _carry_vs_restart(rows) + _against_grow_only(rows)
-    lines += _grid(rows, base)
+    lines += _grid(rows, base) + _tuning(rows)
     best = min(rows, key=lambda k: rows[k]["val_loss"]["mean"])
     if base and best != base_name:
         delta, said = _vs(rows[best]["runs"], base["runs"])
@@ -85,9 +92,43 @@ def expand_markdown(result: dict[str, Any]) -> str:
 _DONE = {"restart": "restarted", "carry": "carried"}
 
 
-def _point(row: dict[str, Any]) -> tuple[float, float, str, float]:
-    """Where a swept row sits: (f_train, f_distill, AdamW at boundaries, lr)."""
-    return (row["f_train"], row["f_distill"], row.get("optimizer", "restart"), row["lr"])
+def _point(row: dict[str, Any]) -> tuple[float, float, str, float | str]:
+    """Where a swept row sits: (f_train, f_distill, AdamW at boundaries, lr — "tuned" where
+    each row has its own, so rows pair across lrs)."""
+    lr = "tuned" if row.get("tuning") else row["lr"]
+    return (row["f_train"], row["f_distill"], row.get("optimizer", "restart"), lr)
+
+
+def _lr(lr: float | str) -> str:
+    return f"{lr:g}" if isinstance(lr, float) else lr
+
+
+def _tuning(rows: dict[str, Any]) -> list[str]:
+    """Each tuned row's grid: validation loss on the tuning seed at every (lr, warmup)."""
+    tuned = {label: row["tuning"] for label, row in rows.items() if row.get("tuning")}
+    if not tuned:
+        return []
+    first = next(iter(tuned.values()))
+    points = [(g["lr"], g["warmup_steps"]) for g in first["grid"]]
+    lines = [
+        "",
+        f"Tuning (validation loss at B on seed {first['seed']}, not a reported seed; **bold**: "
+        "chosen; † the chosen lr is at the grid's edge):",
+        "",
+        "| row | " + " | ".join(f"lr {lr:g}, warmup {w}" for lr, w in points) + " |",
+        "|---|" + "---:|" * len(points),
+    ]
+    for label, record in tuned.items():
+        cells = [
+            f"**{g['val_loss']:.3f}**"
+            if (g["lr"], g["warmup_steps"]) == (record["lr"], record["warmup_steps"])
+            else f"{g['val_loss']:.3f}"
+            for g in record["grid"]
+        ]
+        lines.append(
+            f"| {label}{' †' if record['lr_at_edge'] else ''} | " + " | ".join(cells) + " |"
+        )
+    return lines
 
 
 def _against_restarts(rows: dict[str, Any]) -> list[str]:
@@ -116,7 +157,7 @@ def _paired_rows(title: str, pairs: list[tuple[dict[str, Any], dict[str, Any]]])
     for row, control in pairs:
         delta, said = _vs(row["runs"], control["runs"])
         f_t, f_d, kind, lr = _point(row)
-        lines.append(f"| {f_t:g} | {f_d:g} | {kind} | {lr:g} | {delta} | {said} |")
+        lines.append(f"| {f_t:g} | {f_d:g} | {kind} | {_lr(lr)} | {delta} | {said} |")
     return lines
 
 
@@ -138,7 +179,7 @@ def _carry_vs_restart(rows: dict[str, Any]) -> list[str]:
     """Each swept arm with AdamW's moments carried − the same arm restarting them."""
 
     def key(r: dict[str, Any]) -> tuple[Any, ...]:
-        return (r["arm"], r["f_train"], r["f_distill"], r["lr"])
+        return (r["arm"], r["f_train"], r["f_distill"], _point(r)[3])
 
     restarted = {key(r): r for r in rows.values() if _point(r)[2] == "restart"}
     pairs = [(r, restarted.get(key(r))) for r in rows.values() if _point(r)[2] == "carry"]
@@ -157,7 +198,8 @@ def _carry_vs_restart(rows: dict[str, Any]) -> list[str]:
             delta, said = _vs(row["runs"], control["runs"])
             f_d = f"{row['f_distill']:g}" if row["f_distill"] is not None else "–"
             lines.append(
-                f"| {row['arm']} | {row['f_train']:g} | {f_d} | {row['lr']:g} | {delta} | {said} |"
+                f"| {row['arm']} | {row['f_train']:g} | {f_d} | {_lr(_point(row)[3])} | {delta} "
+                f"| {said} |"
             )
     return lines
 
@@ -176,7 +218,7 @@ def _grid(rows: dict[str, Any], base: dict[str, Any] | None) -> list[str]:
     distils = sorted({p[1] for p in cells})
     lines = [
         "",
-        f"The split (mean Δ loss of distill-expand at lr {lr:g}, AdamW's moments {_DONE[kind]} "
+        f"The split (mean Δ loss of distill-expand at lr {_lr(lr)}, AdamW's moments {_DONE[kind]} "
         "at phase boundaries, against the "
         "best baseline; – not run):",
         "",

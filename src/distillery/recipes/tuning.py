@@ -32,6 +32,20 @@ class Tuning(Strict):
         return self
 
 
+def choose(tuning: Tuning, score: Callable[[float, int], float]) -> dict[str, Any]:
+    """The grid's record: ``score(lr, warmup)`` (validation loss of the arm trained at those
+    settings on the tuning seed) for every point, and the point with the lowest."""
+    grid = [
+        {"lr": lr, "warmup_steps": warmup, "val_loss": score(lr, warmup)}
+        for lr in tuning.lrs
+        for warmup in tuning.warmups
+    ]
+    best = min(grid, key=lambda g: g["val_loss"])
+    edge = best["lr"] in (tuning.lrs[0], tuning.lrs[-1])
+    return {"grid": grid, "lr": best["lr"], "warmup_steps": best["warmup_steps"],
+            "lr_at_edge": edge, "seed": tuning.seed}  # fmt: skip
+
+
 def tuned(
     tuning: Tuning,
     train: TrainConfig,
@@ -43,16 +57,13 @@ def tuned(
 ) -> tuple[TrainConfig, dict[str, Any]]:
     """(the train settings with the chosen lr and warmup, the grid's record): ``build(train,
     out)`` is the arm's run for given settings; each grid point runs once into ``folder``."""
-    grid = []
-    for lr in tuning.lrs:
-        for warmup in tuning.warmups:
-            point = train.model_copy(update={"lr": lr, "warmup_steps": warmup, "seed": tuning.seed})
-            out = folder / f"lr-{lr:g}-warmup-{warmup}"
-            summary, _ = run_or_reuse(build(point, out), f"{name}/{out.name}", reuse=reuse)
-            grid.append({"lr": lr, "warmup_steps": warmup, "val_loss": summary["val_loss"]})
-    best = min(grid, key=lambda g: g["val_loss"])
-    edge = best["lr"] in (tuning.lrs[0], tuning.lrs[-1])
-    record = {"grid": grid, "lr": best["lr"], "warmup_steps": best["warmup_steps"],
-              "lr_at_edge": edge, "seed": tuning.seed}  # fmt: skip
-    chosen = train.model_copy(update={"lr": best["lr"], "warmup_steps": best["warmup_steps"]})
+
+    def score(lr: float, warmup: int) -> float:
+        point = train.model_copy(update={"lr": lr, "warmup_steps": warmup, "seed": tuning.seed})
+        out = folder / f"lr-{lr:g}-warmup-{warmup}"
+        summary, _ = run_or_reuse(build(point, out), f"{name}/{out.name}", reuse=reuse)
+        return float(summary["val_loss"])
+
+    record = choose(tuning, score)
+    chosen = train.model_copy(update={"lr": record["lr"], "warmup_steps": record["warmup_steps"]})
     return chosen, record
