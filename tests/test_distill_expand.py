@@ -228,6 +228,45 @@ def test_tuned_rows_each_run_at_their_own_best_grid_point(corpus, cache_dir, tmp
         )  # fmt: skip
     table = (tmp_path / "results" / "distill-expand.md").read_text()
     assert "Tuning (validation loss at B on seed 7" in table
-    assert table.count("**") >= 2 * len(rows)  # each row's chosen point in bold
+    chosen = [line for line in table.splitlines() if line.startswith("| baseline")][-1]
+    assert chosen.count("**") == 2 and f"**{best['val_loss']:.3f}**" in chosen  # tuning table
     with pytest.raises(ValidationError, match="replaces baseline_lrs"):
         DistillExpandConfig.model_validate({**cfg.model_dump(), "baseline_lrs": [1e-3]})
+    with pytest.raises(ValidationError, match="is a reported seed"):
+        DistillExpandConfig.model_validate({**cfg.model_dump(), "seeds": [0, 7]})
+    with pytest.raises(ValidationError, match="first 6 significant digits"):
+        Tuning(lrs=[1e-3, 1.0000001e-3, 2e-3], warmups=[1, 3])
+
+
+def test_tuned_rows_pair_across_their_own_lrs():
+    """The report pairs tuned rows whatever lr each chose: distill-expand against its
+    grow-only control and the best baseline, the lr column saying "tuned"."""
+    from distillery.recipes.distill_expand_report import expand_markdown
+
+    def row(arm, f_distill, lr, warmup, losses):
+        grid = [{"lr": lr, "warmup_steps": warmup, "val_loss": 3.0},
+                {"lr": 2 * lr, "warmup_steps": warmup, "val_loss": 3.1},
+                {"lr": 4 * lr, "warmup_steps": warmup, "val_loss": 3.2}]  # fmt: skip
+        mean = sum(losses) / len(losses)
+        return {
+            "arm": arm, "lr": lr, "warmup_steps": warmup, "optimizer": "carry",
+            "f_train": None if arm == "baseline" else 0.1, "f_distill": f_distill,
+            "val_loss": {"mean": mean, "std": 0.01}, "val_ppl": {"mean": 40.0, "std": 0.1},
+            "flops": 1.0, "phases": [{"layers": 4, "steps": 10, "flops_per_step": 0.1}],
+            "tuning": {"grid": grid, "lr": lr, "warmup_steps": warmup, "lr_at_edge": True,
+                       "seed": 1000},
+            "runs": [{"seed": s, "val_loss": v} for s, v in enumerate(losses)],
+        }  # fmt: skip
+
+    rows = {
+        "baseline": row("baseline", None, 4e-3, 300, [3.50, 3.52, 3.54]),
+        "distill-expand-0.1-0.15-carry": row("distill-expand", 0.15, 2e-3, 150, [3.40, 3.43, 3.43]),
+        "shrink-expand-0.1-carry": row("distill-expand", 0.0, 1e-3, 300, [3.45, 3.46, 3.49]),
+    }
+    result = {"hardware": "cpu", "seeds": [0, 1, 2], "budget_flops": 1.0, "layers": 4,
+              "rows": rows, "config": {"train": {"warmup_steps": 20}}}  # fmt: skip
+    table = expand_markdown(result)
+    # Δ to the grow-only control: −0.05, −0.03, −0.06 (mean −0.047), paired across lrs
+    assert "| 0.1 | 0.15 | carry | tuned | -0.047 [" in table
+    assert "| distill-expand-0.1-0.15-carry | 0.002 | 150 |" in table
+    assert "| baseline † | **3.000** | 3.100 | 3.200 |" in table

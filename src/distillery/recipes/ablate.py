@@ -91,6 +91,8 @@ class AblationConfig(TeacherStudentRecipe, SeededStudy):
             raise ValueError("objectives: each kind once (arms drop objectives by kind)")
         if self.compare_to is not None and self.compare_to not in self.arms:
             raise ValueError(f"compare_to: {self.compare_to!r} is not one of the arms")
+        if self.tune is not None:
+            self.tune.check_seed(self.seeds)
         for name, arm in self.arms.items():
             if not name or not all(c.isalnum() or c in "-_" for c in name):
                 raise ValueError(f"arms: name {name!r} must be letters, digits, '-' or '_'")

@@ -113,6 +113,8 @@ class DistillExpandConfig(SeededStudy):
             raise ValueError(f"model: needs an even number of layers (2n), not {layers}")
         if self.tune is not None and (self.baseline_lrs or self.swept_lrs):
             raise ValueError("tune: replaces baseline_lrs and swept_lrs; give one or the other")
+        if self.tune is not None:
+            self.tune.check_seed(self.seeds)
         for f_train, f_distill in self.sweep:
             if f_train + f_distill >= 1.0:
                 raise ValueError(

@@ -2,7 +2,8 @@
 
 Every comparison is paired by seed (``eval.stats`` through ``study.paired_interval``): each arm
 against the best baseline (the learning rate with the lowest mean loss, chosen on the same
-seeds, which favours the baseline), distill-expand against restart-only at the same phase
+seeds, which favours the baseline; or, with ``tune``, each row at its own lr and warmup chosen
+on a seed not reported), distill-expand against restart-only at the same phase
 boundaries (the distillation step itself), and, for the split question, the grid of
 f_train × f_distill with its best cell.
 """
@@ -37,7 +38,7 @@ def expand_markdown(result: dict[str, Any]) -> str:
     n = len(result["seeds"])
     tuned = any(row.get("tuning") for row in rows.values())
     picked = (
-        "each row's lr and warmup tuned on a seed not reported (below)"
+        "each row's lr and warmup tuned on a seed not reported, see below"
         if tuned
         else "lowest mean loss over its learning rates, picked on these seeds"
     )
@@ -100,7 +101,7 @@ def _point(row: dict[str, Any]) -> tuple[float, float, str, float | str]:
 
 
 def _lr(lr: float | str) -> str:
-    return f"{lr:g}" if isinstance(lr, float) else lr
+    return lr if isinstance(lr, str) else f"{lr:g}"
 
 
 def _tuning(rows: dict[str, Any]) -> list[str]:
@@ -138,7 +139,8 @@ def _against_restarts(rows: dict[str, Any]) -> list[str]:
              if r["arm"] == "distill-expand" and _point(r) in restarts]  # fmt: skip
     return _paired_rows(
         "Distill-expand against restart-only at the same phase boundaries, schedule, lr and "
-        "AdamW handling (the 2n layers throughout, no shrink), paired by seed:",
+        'AdamW handling (the 2n layers throughout, no shrink; lr "tuned": each row at its '
+        "own tuned lr and warmup), paired by seed:",
         pairs,
     )
 
@@ -163,14 +165,15 @@ def _paired_rows(title: str, pairs: list[tuple[dict[str, Any], dict[str, Any]]])
 
 def _against_grow_only(rows: dict[str, Any]) -> list[str]:
     """Distill-expand − f_distill = 0 (shrink and grow, no distillation) at the same f_train,
-    lr and AdamW handling: what the distillation phase adds."""
+    lr (or each its own tuned one) and AdamW handling: what the distillation phase adds."""
     swept = [r for r in rows.values() if r["arm"] == "distill-expand"]
     plain = {(r["f_train"], *_point(r)[2:]): r for r in swept if r["f_distill"] == 0.0}
     pairs = [(r, plain[(r["f_train"], *_point(r)[2:])]) for r in swept
              if r["f_distill"] > 0.0 and (r["f_train"], *_point(r)[2:]) in plain]  # fmt: skip
     return _paired_rows(
         "Distill-expand against growing without distilling (f_distill = 0: the kept layers "
-        "grown at once) at the same f_train, lr and AdamW handling, paired by seed:",
+        'grown at once) at the same f_train, lr and AdamW handling (lr "tuned": each row '
+        "at its own tuned lr and warmup), paired by seed:",
         pairs,
     )
 

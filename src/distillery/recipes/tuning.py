@@ -29,7 +29,14 @@ class Tuning(Strict):
     def _sorted(self) -> Tuning:
         if sorted(set(self.lrs)) != self.lrs or sorted(set(self.warmups)) != self.warmups:
             raise ValueError("tune: give lrs and warmups in increasing order, each once")
+        if len({f"{lr:g}" for lr in self.lrs}) < len(self.lrs):  # run folders are named so
+            raise ValueError("tune: lrs must differ in their first 6 significant digits")
         return self
+
+    def check_seed(self, seeds: list[int]) -> None:
+        """The tuning seed must not be a reported one (the choice is not fitted to them)."""
+        if self.seed in seeds:
+            raise ValueError(f"tune: seed {self.seed} is a reported seed; give another")
 
 
 def choose(tuning: Tuning, score: Callable[[float, int], float]) -> dict[str, Any]:
