@@ -57,7 +57,7 @@ from distillery.recipes.study import (
     run_or_reuse,
     write_study,
 )
-from distillery.recipes.tuning import Tuning, choose
+from distillery.recipes.tuning import Tuning, choose, setting
 from distillery.report import read_metrics
 
 EXPAND_ARMS = ("baseline", "distill-expand", "shrink-expand", "stacking", "restart-only")
@@ -111,9 +111,9 @@ class DistillExpandConfig(SeededStudy):
             raise ValueError("model: give the 2n-layer model as a preset (with overrides)")
         if layers < 2 or layers % 2:
             raise ValueError(f"model: needs an even number of layers (2n), not {layers}")
-        if self.tune is not None and (self.baseline_lrs or self.swept_lrs):
-            raise ValueError("tune: replaces baseline_lrs and swept_lrs; give one or the other")
         if self.tune is not None:
+            if self.baseline_lrs or self.swept_lrs:
+                raise ValueError("tune: replaces baseline_lrs and swept_lrs; give one or the other")
             self.tune.check_seed(self.seeds)
         for f_train, f_distill in self.sweep:
             if f_train + f_distill >= 1.0:
@@ -247,7 +247,7 @@ def run_arm(
 def _at(cfg: DistillExpandConfig, lr: float, warmup: int, root: Path) -> DistillExpandConfig:
     """``cfg`` at one (lr, warmup), its runs under ``root/lr-LR-warmup-W``."""
     train = cfg.train.model_copy(update={"lr": lr, "warmup_steps": warmup})
-    return cfg.model_copy(update={"train": train, "out": root / f"lr-{lr:g}-warmup-{warmup}"})
+    return cfg.model_copy(update={"train": train, "out": root / setting(lr, warmup)})
 
 
 def _tuned(

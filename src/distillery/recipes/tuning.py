@@ -39,6 +39,11 @@ class Tuning(Strict):
             raise ValueError(f"tune: seed {self.seed} is a reported seed; give another")
 
 
+def setting(lr: float, warmup: int) -> str:
+    """The folder name of one grid point (``Tuning`` keeps these distinct)."""
+    return f"lr-{lr:g}-warmup-{warmup}"
+
+
 def choose(tuning: Tuning, score: Callable[[float, int], float]) -> dict[str, Any]:
     """The grid's record: ``score(lr, warmup)`` (validation loss of the arm trained at those
     settings on the tuning seed) for every point, and the point with the lowest."""
@@ -67,7 +72,7 @@ def tuned(
 
     def score(lr: float, warmup: int) -> float:
         point = train.model_copy(update={"lr": lr, "warmup_steps": warmup, "seed": tuning.seed})
-        out = folder / f"lr-{lr:g}-warmup-{warmup}"
+        out = folder / setting(lr, warmup)
         summary, _ = run_or_reuse(build(point, out), f"{name}/{out.name}", reuse=reuse)
         return float(summary["val_loss"])
 
