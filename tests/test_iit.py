@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from distillery.config import RunConfig
 from distillery.data import PackedTokens, shift_labels
@@ -176,18 +177,16 @@ def test_iit_experiment_at_equal_flops(corpus: Path, cache_dir: Path, tmp_path: 
     assert "At equal FLOPs, adding IIT" in (tmp_path / "results" / "iit.md").read_text()
 
 
-def test_iit_study_reads_converged_teachers_and_checks_them(
-    corpus: Path, cache_dir: Path, stage_root: Path, tmp_path: Path
-):
+def _staged_study(corpus: Path, cache_dir: Path, stage_root: Path, tmp_path: Path, *extra: str):
     from distillery.config import build_config
-    from distillery.recipes.iit import IITStudyConfig, iit_study
+    from distillery.recipes.iit import IITStudyConfig
     from tests.conftest import tiny_recipe
 
     # no final-report extras; the teachers are those of tests/test_modes.py (the same stage)
     small = "{steps: 4, batch_size: 4, eval_batches: 1, tensorboard: false, checkpoint_every: 0, "
     small += "generation_tokens: 0, draft_prompts: 0}"
     stage = f"{{seeds: [0, 1], eval_every: 2, patience: 1, max_steps: 4, root: {stage_root}}}"
-    cfg = build_config(
+    return build_config(
         IITStudyConfig,
         overrides=[
             *tiny_recipe(corpus, cache_dir),
@@ -201,8 +200,17 @@ def test_iit_study_reads_converged_teachers_and_checks_them(
             "seeds=[0, 1]",
             f"out={tmp_path / 'runs'}",
             f"results={tmp_path / 'results'}",
+            *extra,
         ],
     )
+
+
+def test_iit_study_reads_converged_teachers_and_checks_them(
+    corpus: Path, cache_dir: Path, stage_root: Path, tmp_path: Path
+):
+    from distillery.recipes.iit import iit_study
+
+    cfg = _staged_study(corpus, cache_dir, stage_root, tmp_path)
     result = iit_study(cfg)
     teacher = result["teacher"]
     assert teacher["converged"] and [t["seed"] for t in teacher["teachers"]] == [0, 1]
@@ -220,3 +228,36 @@ def test_iit_study_reads_converged_teachers_and_checks_them(
     best = min(r["val_ppl"] for row in result["rows"].values() for r in row["runs"])
     assert ("the teacher is clearly better" in table) == (worst < best)
     assert ("**not clearly better" in table) == (worst >= best)
+
+
+def test_tuned_iit_arms_run_at_their_own_best_grid_point(
+    corpus: Path, cache_dir: Path, stage_root: Path, tmp_path: Path
+):
+    from distillery.recipes.iit import FOLDERS, iit_study
+
+    tune = "tune={lrs: [0.001, 0.01, 0.1], warmups: [0, 2], seed: 9}"
+    result = iit_study(_staged_study(corpus, cache_dir, stage_root, tmp_path, tune))
+    runs = tmp_path / "runs"
+    for arm, row in result["rows"].items():
+        record = result["tuning"][arm]
+        losses = {  # the chosen point is the grid's lowest validation loss, read back from disk
+            (g["lr"], g["warmup_steps"]): json.loads(
+                (runs / FOLDERS[arm] / "tune" / f"lr-{g['lr']:g}-warmup-{g['warmup_steps']}"
+                 / "summary.json").read_text()
+            )["val_loss"]
+            for g in record["grid"]
+        }  # fmt: skip
+        best = min(losses, key=losses.get)
+        assert (record["lr"], record["warmup_steps"]) == best == (row["lr"], row["warmup_steps"])
+        for seed in (0, 1):  # the reported seeds train at the arm's own chosen point
+            folder = runs / FOLDERS[arm] / f"lr-{best[0]:g}-warmup-{best[1]}" / f"seed-{seed}"
+            train = yaml.safe_load((folder / "config.yaml").read_text())["train"]
+            assert (train["lr"], train["warmup_steps"], train["seed"]) == (*best, seed)
+    # Equal FLOPs still holds on every reported seed.
+    rows = result["rows"]
+    standard = {r["seed"]: r["flops"] for r in rows["standard"]["runs"]}
+    for r in rows["standard + IIT"]["runs"]:
+        assert r["flops"] <= standard[r["seed"]] and r["steps"] < 4
+    assert "Tuning (validation loss on seed 9" in (tmp_path / "results" / "iit.md").read_text()
+    with pytest.raises(DistilleryError, match="seed 1 is a reported seed"):
+        _staged_study(corpus, cache_dir, stage_root, tmp_path, tune.replace("seed: 9", "seed: 1"))

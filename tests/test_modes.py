@@ -114,6 +114,45 @@ def test_two_step_fine_tunes_the_task_trained_student(corpus, cache_dir, tmp_pat
     _equal_compute(result, "two-step", "from-start")
 
 
+def test_tuned_arms_each_run_their_chain_at_their_own_best_grid_point(corpus, cache_dir, tmp_path):
+    tune = "tune={lrs: [0.001, 0.01, 0.1], warmups: [0, 2], seed: 7}"
+    cfg = _config(corpus, cache_dir, tmp_path, "two-step", tune, "seeds=[0, 1]")
+    result = compare_modes(cfg)
+    out = tmp_path / "two-step"
+    for arm, last in (("two-step", "soft-targets"), ("from-start", "distill")):
+        record = result["tuning"][arm]
+        # The chosen point is the grid's lowest final validation loss, read back from disk.
+        losses = {
+            (g["lr"], g["warmup_steps"]): json.loads(
+                (out / "tune" / arm / f"lr-{g['lr']:g}-warmup-{g['warmup_steps']}" / last
+                 / "seed-7" / "summary.json").read_text()
+            )["val_loss"]
+            for g in record["grid"]
+        }  # fmt: skip
+        assert len(losses) == 6
+        best = min(losses, key=losses.get)
+        assert (record["lr"], record["warmup_steps"]) == best
+        assert record["lr_at_edge"] == (best[0] in (0.001, 0.1))
+        # Every run of the arm's chain, for every reported seed, trains at the chosen point.
+        root = out / arm / f"lr-{best[0]:g}-warmup-{best[1]}"
+        for stage in result["arms"][arm]["stages"]:
+            assert (stage["lr"], stage["warmup_steps"]) == best
+            for seed in (0, 1):
+                train = _run_config(root / stage["name"] / f"seed-{seed}")["train"]
+                assert (train["lr"], train["warmup_steps"], train["seed"]) == (*best, seed)
+    # The fine-tune starts from the task run of its own setting; budgets still match.
+    chosen = result["tuning"]["two-step"]
+    root = out / "two-step" / f"lr-{chosen['lr']:g}-warmup-{chosen['warmup_steps']}"
+    assert _run_config(root / "soft-targets/seed-1")["model"]["path"] == str(
+        root / "task/seed-1/model"
+    )
+    _equal_compute(result, "two-step", "from-start")
+    table = (tmp_path / "results" / "two-step.md").read_text()
+    assert "Tuning (the arm's final validation loss on seed 7" in table
+    with pytest.raises(DistilleryError, match="seed 0 is a reported seed"):
+        _config(corpus, cache_dir, tmp_path, "two-step", tune.replace("seed: 7", "seed: 0"))
+
+
 def test_multi_teacher_trains_distinct_teachers_and_reuses_finished_runs(
     corpus, cache_dir, tmp_path, capsys
 ):

@@ -15,6 +15,7 @@ from typing import Any
 
 from distillery.eval.stats import verdict
 from distillery.recipes.study import paired_interval
+from distillery.recipes.tuning import grid_table
 from distillery.report import LOSS_UNIT, plot_seed_band
 
 
@@ -76,7 +77,8 @@ def expand_markdown(result: dict[str, Any]) -> str:
             f"{ppl['mean']:.1f} ± {ppl['std']:.1f} |"
         )
     lines += _against_restarts(rows) + _carry_vs_restart(rows) + _against_grow_only(rows)
-    lines += _grid(rows, base) + _tuning(rows)
+    tuned = {label: row["tuning"] for label, row in rows.items() if row.get("tuning")}
+    lines += _grid(rows, base) + grid_table(tuned, "validation loss at B")
     best = min(rows, key=lambda k: rows[k]["val_loss"]["mean"])
     if base and best != base_name:
         delta, said = _vs(rows[best]["runs"], base["runs"])
@@ -102,34 +104,6 @@ def _point(row: dict[str, Any]) -> tuple[float, float, str, float | str]:
 
 def _lr(lr: float | str) -> str:
     return lr if isinstance(lr, str) else f"{lr:g}"
-
-
-def _tuning(rows: dict[str, Any]) -> list[str]:
-    """Each tuned row's grid: validation loss on the tuning seed at every (lr, warmup)."""
-    tuned = {label: row["tuning"] for label, row in rows.items() if row.get("tuning")}
-    if not tuned:
-        return []
-    first = next(iter(tuned.values()))
-    points = [(g["lr"], g["warmup_steps"]) for g in first["grid"]]
-    lines = [
-        "",
-        f"Tuning (validation loss at B on seed {first['seed']}, not a reported seed; **bold**: "
-        "chosen; † the chosen lr is at the grid's edge):",
-        "",
-        "| row | " + " | ".join(f"lr {lr:g}, warmup {w}" for lr, w in points) + " |",
-        "|---|" + "---:|" * len(points),
-    ]
-    for label, record in tuned.items():
-        cells = [
-            f"**{g['val_loss']:.3f}**"
-            if (g["lr"], g["warmup_steps"]) == (record["lr"], record["warmup_steps"])
-            else f"{g['val_loss']:.3f}"
-            for g in record["grid"]
-        ]
-        lines.append(
-            f"| {label}{' †' if record['lr_at_edge'] else ''} | " + " | ".join(cells) + " |"
-        )
-    return lines
 
 
 def _against_restarts(rows: dict[str, Any]) -> list[str]:

@@ -16,6 +16,7 @@ Writes ``iit.{md,json}`` to the output folder and to ``results`` when set.
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -50,6 +51,7 @@ from distillery.recipes.study import (
     teacher_regime,
     write_study,
 )
+from distillery.recipes.tuning import Tuning, grid_table, setting, shown, tuned
 
 
 class IITStudyConfig(TeacherStudentRecipe, SeededStudy):
@@ -65,6 +67,7 @@ class IITStudyConfig(TeacherStudentRecipe, SeededStudy):
     )
     iit: InterchangeObjective = Field(default_factory=InterchangeObjective)
     eval_batches: int | None = Field(None, gt=0)  # held-out batches for interchange agreement
+    tune: Tuning | None = None  # set: each arm's lr and warmup chosen on validation first
     uses_teacher_stage: ClassVar[bool] = True
     out: Path = Path("runs/iit")
 
@@ -72,10 +75,13 @@ class IITStudyConfig(TeacherStudentRecipe, SeededStudy):
     def _no_iit_twice(self) -> IITStudyConfig:
         if any(o.kind == "iit" for o in self.objectives):
             raise ValueError("objectives: the iit term is set apart in 'iit', not in objectives")
+        if self.tune is not None:
+            self.tune.check_seed(self.seeds)
         return self
 
 
 ARMS = ("standard", "standard + IIT", "standard + IIT, same steps")
+FOLDERS = dict(zip(ARMS, ("standard", "iit-equal-flops", "iit-same-steps"), strict=True))
 METRICS = (
     "val_ppl",
     "agreement",
@@ -110,18 +116,11 @@ def _held_out_agreement(
     )
 
 
-def _arm(
-    cfg: IITStudyConfig,
-    teacher_dir: Path,
-    objectives: list[Any],
-    train: TrainConfig,
-    folder: str,
-    *,
-    reuse: bool,
-) -> dict[str, Any]:
-    """One arm's run for ``train.seed``, distilled from ``teacher_dir``; its kept metrics."""
-    seed = train.seed
-    run_cfg = RunConfig(
+def _run_config(
+    cfg: IITStudyConfig, teacher_dir: Path, objectives: list[Any], train: TrainConfig, out: Path
+) -> RunConfig:
+    """One arm's run: the half-depth student distilled from ``teacher_dir`` into ``out``."""
+    return RunConfig(
         data=cfg.data.model_copy(update={"tokenizer": teacher_dir}),
         model=ModelSpec(
             preset=cfg.teacher.preset,
@@ -131,35 +130,80 @@ def _arm(
         teacher=teacher_dir,
         objectives=objectives,
         train=train,
-        out=Path(cfg.out) / folder / f"seed-{seed}",
+        out=out,
     )
-    summary, _ = run_or_reuse(run_cfg, f"{folder}/seed-{seed}", reuse=reuse)
+
+
+def _arm(
+    cfg: IITStudyConfig,
+    teacher_dir: Path,
+    objectives: list[Any],
+    train: TrainConfig,
+    root: Path,
+    *,
+    reuse: bool,
+) -> dict[str, Any]:
+    """One arm's run for ``train.seed`` under ``root``, distilled from ``teacher_dir``; its
+    kept metrics."""
+    seed = train.seed
+    run_cfg = _run_config(cfg, teacher_dir, objectives, train, root / f"seed-{seed}")
+    name = f"{root.relative_to(cfg.out)}/seed-{seed}"
+    summary, _ = run_or_reuse(run_cfg, name, reuse=reuse)
     # Every arm measured on the same held-out interventions (the IIT runs' own summary has it
     # too, over the whole split).
     summary |= _held_out_agreement(cfg, run_cfg.out / "model", teacher_dir)
     return {"seed": seed, "teacher": str(teacher_dir), **{k: summary[k] for k in METRICS}}
 
 
+def _tune(
+    cfg: IITStudyConfig, teacher_dir: Path, objectives: dict[str, list[Any]], *, reuse: bool
+) -> tuple[dict[str, TrainConfig], dict[str, Path], dict[str, Any]]:
+    """(each arm's train settings at its chosen lr and warmup, the folder of its reported runs,
+    the grids), tuned on the tuning seed with ``teacher_dir``; the equal-FLOPs arm spends what
+    ``standard`` at its chosen point spent."""
+    assert cfg.tune is not None
+    out, trains, roots, records = Path(cfg.out), {}, {}, {}
+    for arm in ARMS:
+        train = cfg.student_train
+        if arm == "standard + IIT":
+            chosen = roots["standard"].parent / "tune" / roots["standard"].name
+            spent = json.loads((chosen / "summary.json").read_text(encoding="utf-8"))["flops"]
+            train = train.model_copy(update={"flops_budget": spent})
+        build = partial(_run_config, cfg, teacher_dir, objectives[arm])
+        folder = out / FOLDERS[arm]
+        trains[arm], records[arm] = tuned(
+            cfg.tune, train, build, folder / "tune", FOLDERS[arm], reuse=reuse
+        )
+        roots[arm] = folder / setting(trains[arm].lr, trains[arm].warmup_steps)
+    return trains, roots, records
+
+
 def iit_study(cfg: IITStudyConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """Run every arm × seed into ``cfg.out``; return the table's data. Seed i of every arm
-    learns from the same teacher (``study_teachers``), so arms are compared paired by seed."""
+    """Run every arm × seed into ``cfg.out`` (with ``tune``: each arm at its own lr and warmup,
+    chosen first); return the table's data. Seed i of every arm learns from the same teacher
+    (``study_teachers``), so arms are compared paired by seed."""
     out = Path(cfg.out)
     prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
     teachers = study_teachers(cfg, out, reuse=not overwrite)
     reuse = teachers.reused  # students of another teacher (retrained now) are never reused
-    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     with_iit = [*cfg.objectives, cfg.iit]
+    objectives = {arm: with_iit if "IIT" in arm else cfg.objectives for arm in ARMS}
+    trains = dict.fromkeys(ARMS, cfg.student_train)
+    roots, tuning = {arm: out / FOLDERS[arm] for arm in ARMS}, None
+    if cfg.tune is not None:
+        trains, roots, tuning = _tune(cfg, teachers.folders(0), objectives, reuse=reuse)
+    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     for index, seed in enumerate(cfg.seeds):
-        train = cfg.student_train.model_copy(update={"seed": seed})
         arm = partial(_arm, cfg, teachers.folders(index), reuse=reuse)
-        standard = arm(cfg.objectives, train, "standard")
-        budget = train.model_copy(update={"flops_budget": standard["flops"]})
-        runs["standard"].append(standard)
-        runs["standard + IIT"].append(arm(with_iit, budget, "iit-equal-flops"))
-        runs["standard + IIT, same steps"].append(arm(with_iit, train, "iit-same-steps"))
+        for name in ARMS:
+            train = trains[name].model_copy(update={"seed": seed})
+            if name == "standard + IIT":  # the FLOPs standard spent on this seed
+                train = train.model_copy(update={"flops_budget": runs["standard"][-1]["flops"]})
+            runs[name].append(arm(objectives[name], train, roots[name]))
     rows = {}
     for name, values in runs.items():
-        rows[name] = {"runs": values}
+        rows[name] = {"runs": values, "lr": trains[name].lr,
+                      "warmup_steps": trains[name].warmup_steps}  # fmt: skip
         for key in METRICS:
             mean, std = mean_std([float(v[key]) for v in values])
             rows[name][key] = {"mean": mean, "std": std}
@@ -171,6 +215,7 @@ def iit_study(cfg: IITStudyConfig, *, overwrite: bool = False) -> dict[str, Any]
         "student_layers": cfg.student_layers,
         "iit": cfg.iit.model_dump(mode="json"),
         "rows": rows,
+        "tuning": tuning,  # each arm's grid on the tuning seed, or None
         "config": cfg.model_dump(mode="json"),
     }
     write_study("iit", result, iit_markdown(result), [out, cfg.results])
@@ -196,13 +241,14 @@ def iit_markdown(result: dict[str, Any]) -> str:
         "ones / the positions whose teacher prediction the intervention changes, where "
         "agreeing is more than plain agreement). Mean ± sample std over seeds.",
         "",
-        "| arm | steps | FLOPs | val ppl | agreement | interchange agreement | (swapped) "
-        "| (changed) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| arm | lr, warmup | steps | FLOPs | val ppl | agreement | interchange agreement "
+        "| (swapped) | (changed) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in rows.items():
         lines.append(
-            f"| {name} | {row['steps']['mean']:.0f} | {row['flops']['mean']:.3g} | "
+            f"| {name} | {shown(row)} | {row['steps']['mean']:.0f} | "
+            f"{row['flops']['mean']:.3g} | "
             f"{row['val_ppl']['mean']:.1f} ± {row['val_ppl']['std']:.1f} | "
             f"{row['agreement']['mean']:.3f} ± {row['agreement']['std']:.3f} | "
             f"{row['interchange_agreement']['mean']:.3f} ± "
@@ -228,4 +274,5 @@ def iit_markdown(result: dict[str, Any]) -> str:
         f"agreement {ia}; on the {100 * share:.1f}% of positions the intervention changes the "
         f"teacher's prediction at, {changed}.",
     ]
+    lines += grid_table(result.get("tuning") or {}, "validation loss")
     return "\n".join(lines) + "\n"

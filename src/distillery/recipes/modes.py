@@ -50,17 +50,16 @@ from distillery.recipes.modes_config import (
     SelfDistillMode,
     TwoStepMode,
 )
+from distillery.recipes.modes_report import modes_markdown
 from distillery.recipes.quickstart import teacher_config
 from distillery.recipes.study import (
     hardware,
     mean_std,
-    paired_verdict,
     run_or_reuse,
     study_teachers,
-    teacher_check,
-    teacher_regime,
     write_study,
 )
+from distillery.recipes.tuning import choose, setting
 
 METRICS = ("val_ppl", "val_loss", "accuracy", "agreement")
 KEPT = (*METRICS, "steps", "flops", "train_seconds")
@@ -229,46 +228,94 @@ def _teachers(
     return teachers, info, all_reused
 
 
+@dataclass(frozen=True)
+class _Runner:
+    """Runs one arm's chain for one seed: the study's config, teachers and reuse rule."""
+
+    cfg: ModesConfig
+    teachers: list[dict[str, Any]]
+    reuse: bool
+
+    def arm(
+        self, arm: Arm, seed: int, mine: int, root: Path, totals: dict[str, float]
+    ) -> list[dict[str, Any]]:
+        """Each stage's record for ``seed`` learning from teacher ``mine``, runs under ``root``
+        (``totals``: the FLOPs each arm already run for this seed spent, for matched budgets);
+        the last record's ``arm_flops`` is the arm's total."""
+        paths = [Path(t["model"]) for t in self.teachers]
+        spent, previous = float(self.teachers[mine]["flops"]) if arm.charged else 0.0, None
+        records = []
+        for stage in arm.stages:
+            where = root / stage.name / f"seed-{seed}"
+            run_cfg = _stage_config(
+                self.cfg, stage, seed=seed, out=where, teachers=paths, own=paths[mine],
+                previous=previous, budget=totals[stage.match] - spent if stage.match else None,
+            )  # fmt: skip
+            label = f"{root.relative_to(self.cfg.out)}/{stage.name}/seed-{seed}"
+            summary, _ = run_or_reuse(run_cfg, label, reuse=self.reuse)
+            spent += float(summary["flops"])
+            previous = where / "model"
+            records.append({"seed": seed, **{k: summary[k] for k in KEPT}, "arm_flops": spent})
+        return records
+
+
+def _at(arm: Arm, lr: float, warmup: int) -> Arm:
+    """The arm with every run of its chain at this lr and warmup."""
+    update = {"lr": lr, "warmup_steps": warmup}
+    return replace(arm, stages=[replace(s, train=s.train.model_copy(update=update))
+                                for s in arm.stages])  # fmt: skip
+
+
+def _tune(
+    runner: _Runner, arms: dict[str, Arm], out: Path
+) -> tuple[dict[str, Arm], dict[str, Path], dict[str, Any]]:
+    """(each arm at its chosen lr and warmup, the folder its reported runs go to, the grids):
+    every grid point runs the whole chain on the tuning seed (learning from teacher 0), scored
+    by its last run's validation loss; matched arms spend what the chosen mode arm spent."""
+    tuning = runner.cfg.tune
+    assert tuning is not None
+    chosen, roots, records, totals = {}, {}, {}, {}
+    spent: dict[tuple[str, float, int], float] = {}  # each tuning chain's FLOPs
+    for name, arm in arms.items():
+
+        def score(lr: float, warmup: int, name: str = name, arm: Arm = arm) -> float:
+            root = out / "tune" / name / setting(lr, warmup)
+            last = runner.arm(_at(arm, lr, warmup), tuning.seed, 0, root, totals)[-1]
+            spent[name, lr, warmup] = float(last["arm_flops"])
+            return float(last["val_loss"])
+
+        record = records[name] = choose(tuning, score)
+        lr, warmup = record["lr"], record["warmup_steps"]
+        totals[name] = spent[name, lr, warmup]
+        chosen[name], roots[name] = _at(arm, lr, warmup), out / name / setting(lr, warmup)
+    return chosen, roots, records
+
+
 def compare_modes(cfg: ModesConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """Run the mode's arms for every seed into ``cfg.out``; write ``<mode>.md``/``.json`` there
-    (and to ``cfg.results``); return the table's data."""
+    """Run the mode's arms for every seed into ``cfg.out`` (with ``tune``: each arm at its own
+    lr and warmup, chosen first); write ``<mode>.md``/``.json`` there (and to ``cfg.results``);
+    return the table's data."""
     out = Path(cfg.out)
     prepare_out_dir(out, resume=False, overwrite=overwrite, resumable=False)
     teachers, info, reuse = _teachers(cfg, out, overwrite)  # students of retrained ones rerun
-    teacher_paths = [Path(t["model"]) for t in teachers]
     staged = cfg.teacher_stage is not None
     own = [i % len(teachers) if staged else 0 for i in range(len(cfg.seeds))]
-    arms = plan(cfg)
+    runner = _Runner(cfg, teachers, reuse)
+    arms, tuning = plan(cfg), None
+    roots = {name: out / name for name in arms}
+    if cfg.tune is not None:
+        arms, roots, tuning = _tune(runner, arms, out)
 
     runs: dict[str, list[list[dict[str, Any]]]] = {
         a: [[] for _ in arm.stages] for a, arm in arms.items()
     }
     for seed, mine in zip(cfg.seeds, own, strict=True):
         totals: dict[str, float] = {}
-        for arm_name, arm in arms.items():
-            spent, previous = float(teachers[mine]["flops"]) if arm.charged else 0.0, None
-            for i, stage in enumerate(arm.stages):
-                budget = totals[stage.match] - spent if stage.match else None
-                where = out / arm_name / stage.name / f"seed-{seed}"
-                run_cfg = _stage_config(
-                    cfg,
-                    stage,
-                    seed=seed,
-                    out=where,
-                    teachers=teacher_paths,
-                    own=teacher_paths[mine],
-                    previous=previous,
-                    budget=budget,
-                )
-                summary, _ = run_or_reuse(
-                    run_cfg, f"{arm_name}/{stage.name}/seed-{seed}", reuse=reuse
-                )
-                spent += float(summary["flops"])
-                previous = where / "model"
-                runs[arm_name][i].append(
-                    {"seed": seed, **{k: summary[k] for k in KEPT}, "arm_flops": spent}
-                )
-            totals[arm_name] = spent
+        for name, arm in arms.items():
+            records = runner.arm(arm, seed, mine, roots[name], totals)
+            for stage_runs, record in zip(runs[name], records, strict=True):
+                stage_runs.append(record)
+            totals[name] = float(records[-1]["arm_flops"])
 
     result = {
         "mode": cfg.mode.kind,
@@ -279,6 +326,7 @@ def compare_modes(cfg: ModesConfig, *, overwrite: bool = False) -> dict[str, Any
         "teachers": teachers,
         "seed_teachers": own,  # seed index i's own teacher (an index into teachers)
         "arms": _arm_tables(arms, runs),
+        "tuning": tuning,  # each arm's grid on the tuning seed, or None
         "config": cfg.model_dump(mode="json"),
     }
     write_study(cfg.mode.kind, result, modes_markdown(result), [out, cfg.results])
@@ -303,6 +351,8 @@ def _arm_tables(
                     "layers": stage.layers,
                     "init": stage.init,
                     "objectives": " + ".join(f"{o.weight:g}·{o.kind}" for o in stage.objectives),
+                    "lr": stage.train.lr,
+                    "warmup_steps": stage.train.warmup_steps,
                     "runs": stage_runs,
                     **{
                         k: _stats([r[k] for r in stage_runs])
@@ -319,72 +369,3 @@ def _arm_tables(
 def _stats(values: list[float]) -> dict[str, float]:
     mean, std = mean_std(values)
     return {"mean": mean, "std": std}
-
-
-def _teacher_line(result: dict[str, Any]) -> str:
-    """The teachers: depth, regime, perplexity, cost, which seed learns from which, and whether
-    they are clearly better than the arms' final models (``study.teacher_check``)."""
-    teachers, info, arms = result["teachers"], result["teacher"], result["arms"].values()
-    converged = info.get("converged")
-    ppl = ", ".join(f"{t['val_ppl']:.1f}" for t in teachers)
-    flops = ", ".join(f"{t['flops']:.3g}" for t in teachers)
-    line = (
-        f"Teacher{'s' if len(teachers) > 1 else ''}: {teachers[0]['layers']} layers, "
-        f"{teacher_regime(info)}, validation "
-        f"perplexity {ppl}, trained with {flops} FLOPs"
-    )
-    if converged:
-        line += f" (patience included); seed index i learns from teacher i mod {len(teachers)}"
-    elif len(teachers) > 1:
-        line += "; single-teacher runs learn from teacher 0"
-    no_teacher = [r for arm in arms if arm["no_teacher"] for r in arm["stages"][-1]["runs"]]
-    if no_teacher:  # e.g. self-distillation's plain arm: the teacher's size, task loss only
-        return f"{line}. {teacher_check(info, no_teacher)}"
-    finals = [r for arm in arms for r in arm["stages"][-1]["runs"]]
-    return f"{line}. {teacher_check(info, finals, against='distilled')}"
-
-
-def modes_markdown(result: dict[str, Any]) -> str:
-    """One row per stage of every arm (mean ± std over seeds) and the final comparison."""
-    lines = [
-        f"# Mode `{result['mode']}` ({result['hardware']}, seeds {result['seeds']})",
-        "",
-        _teacher_line(result),
-        "",
-        "Mean ± sample std over seeds; agreement is with each run's own teacher (top-1 next "
-        "token); arm FLOPs are cumulative along the arm.",
-        "",
-        "| arm | run | layers | init | objectives | steps | arm FLOPs | val ppl | top-1 acc "
-        "| agreement |",
-        "|---|---|---:|---|---|---:|---:|---:|---:|---:|",
-    ]
-    finals = {}
-    # generation 0 of a charged arm: each seed's own teacher
-    gen0 = [result["teachers"][i] for i in result["seed_teachers"]]
-    for name, arm in result["arms"].items():
-        if arm["charged_teacher"]:
-            ppl, acc = (_stats([float(t[k]) for t in gen0]) for k in ("val_ppl", "accuracy"))
-            lines.append(
-                f"| {name} | gen-0 (teacher) | {gen0[0]['layers']} | random | 1·ce | – | "
-                f"{_stats([float(t['flops']) for t in gen0])['mean']:.3g} | {ppl['mean']:.1f} ± "
-                f"{ppl['std']:.1f} | {acc['mean']:.3f} ± {acc['std']:.3f} | – |"
-            )
-        for stage in arm["stages"]:
-            ppl, acc, agree = stage["val_ppl"], stage["accuracy"], stage["agreement"]
-            lines.append(
-                f"| {name} | {stage['name']} | {stage['layers']} | {stage['init']} | "
-                f"{stage['objectives']} | {stage['steps']['mean']:.0f} | "
-                f"{stage['arm_flops']['mean']:.3g} | {ppl['mean']:.1f} ± {ppl['std']:.1f} | "
-                f"{acc['mean']:.3f} ± {acc['std']:.3f} | {agree['mean']:.3f} ± {agree['std']:.3f} |"
-            )
-        finals[name] = arm["stages"][-1]
-    (mode_arm, a), (base_arm, b) = list(finals.items())[:2]
-    said = paired_verdict(a["runs"], b["runs"], "val_ppl", lower_is_better=True)
-    pa, pb = a["val_ppl"], b["val_ppl"]
-    lines += [
-        "",
-        f"Final models at equal FLOPs: **{mode_arm}** {pa['mean']:.1f} ± {pa['std']:.1f} vs "
-        f"**{base_arm}** {pb['mean']:.1f} ± {pb['std']:.1f} validation perplexity; paired by "
-        f"seed: {said}.",
-    ]
-    return "\n".join(lines) + "\n"

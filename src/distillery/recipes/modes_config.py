@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from distillery.config import CrossEntropyObjective, ForwardKLObjective, ObjectiveConfig, Strict
 from distillery.recipes.study import SeededStudy, TeacherStudentRecipe
+from distillery.recipes.tuning import Tuning
 
 
 class MultiTeacherMode(Strict):
@@ -83,6 +84,8 @@ class ModesConfig(TeacherStudentRecipe, SeededStudy):
         ],
         min_length=1,
     )
+    # set: each arm's lr and warmup (every run of its chain) chosen on validation first
+    tune: Tuning | None = None
     uses_teacher_stage: ClassVar[bool] = True
     out: Path = Path("runs/modes")
 
@@ -90,6 +93,8 @@ class ModesConfig(TeacherStudentRecipe, SeededStudy):
     def _mode_fits(self) -> ModesConfig:
         if not any(o.kind != "ce" for o in self.objectives):
             raise ValueError("objectives: give at least one teacher objective (e.g. forward_kl)")
+        if self.tune is not None:
+            self.tune.check_seed(self.seeds)
         mode, stage = self.mode, self.teacher_stage
         if isinstance(mode, MultiTeacherMode) and stage and mode.teachers != len(stage.seeds):
             raise ValueError(

@@ -58,6 +58,39 @@ def choose(tuning: Tuning, score: Callable[[float, int], float]) -> dict[str, An
             "lr_at_edge": edge, "seed": tuning.seed}  # fmt: skip
 
 
+def shown(row: dict[str, Any]) -> str:
+    """``0.001, 10``: a table row's lr and warmup (``–`` in tables written before they were
+    kept)."""
+    return f"{row['lr']:g}, {row['warmup_steps']}" if "lr" in row else "–"
+
+
+def grid_table(records: dict[str, dict[str, Any]], what: str) -> list[str]:
+    """Markdown lines: each tuned row's grid (``choose``'s records, by label), its ``what``
+    (e.g. "validation loss") on the tuning seed at every (lr, warmup); none: no lines."""
+    if not records:
+        return []
+    first = next(iter(records.values()))
+    points = [(g["lr"], g["warmup_steps"]) for g in first["grid"]]
+    lines = [
+        "",
+        f"Tuning ({what} on seed {first['seed']}, not a reported seed; **bold**: chosen; "
+        "† the chosen lr is at the grid's edge):",
+        "",
+        "| row | " + " | ".join(f"lr {lr:g}, warmup {w}" for lr, w in points) + " |",
+        "|---|" + "---:|" * len(points),
+    ]
+    for label, record in records.items():
+        chosen = (record["lr"], record["warmup_steps"])
+        cells = [
+            f"**{g['val_loss']:.3f}**" if (g["lr"], g["warmup_steps"]) == chosen
+            else f"{g['val_loss']:.3f}"
+            for g in record["grid"]
+        ]  # fmt: skip
+        edge = " †" if record["lr_at_edge"] else ""
+        lines.append(f"| {label}{edge} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def tuned(
     tuning: Tuning,
     train: TrainConfig,
