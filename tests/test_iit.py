@@ -253,7 +253,15 @@ def test_tuned_iit_arms_run_at_their_own_best_grid_point(
         folder = runs / FOLDERS[arm] / f"lr-{best[0]:g}-warmup-{best[1]}" / "seed-0"
         train = yaml.safe_load((folder / "config.yaml").read_text())["train"]
         assert (train["lr"], train["warmup_steps"], train["seed"]) == (*best, 0)
-    # Equal FLOPs still holds.
+    # Equal FLOPs still holds: on the tuning seed (every grid point of the equal-FLOPs arm spends
+    # what standard spent at its chosen point) and on the reported one.
+    chosen = result["tuning"]["standard"]
+    point = f"lr-{chosen['lr']:g}-warmup-{chosen['warmup_steps']}"
+    spent = json.loads((runs / "standard/tune" / point / "summary.json").read_text())["flops"]
+    for arm, budget in (("iit-equal-flops", spent), ("iit-same-steps", None)):
+        for folder in (runs / arm / "tune").iterdir():
+            train = yaml.safe_load((folder / "config.yaml").read_text())["train"]
+            assert train["flops_budget"] == budget
     rows = result["rows"]
     standard = {r["seed"]: r["flops"] for r in rows["standard"]["runs"]}
     for r in rows["standard + IIT"]["runs"]:

@@ -139,13 +139,24 @@ def test_tuned_arms_each_run_their_chain_at_their_own_best_grid_point(corpus, ca
             assert (stage["lr"], stage["warmup_steps"]) == best
             train = _run_config(root / stage["name"] / "seed-0")["train"]
             assert (train["lr"], train["warmup_steps"], train["seed"]) == (*best, 0)
-    # The fine-tune starts from the task run of its own setting; budgets still match.
+    # The fine-tune starts from the task run of its own setting; budgets still match, on the
+    # reported seed and, for every grid point of from-start, the chosen two-step chain's FLOPs
+    # on the tuning seed.
     chosen = result["tuning"]["two-step"]
-    root = out / "two-step" / f"lr-{chosen['lr']:g}-warmup-{chosen['warmup_steps']}"
-    assert _run_config(root / "soft-targets/seed-1")["model"]["path"] == str(
-        root / "task/seed-1/model"
-    )
+    point = f"lr-{chosen['lr']:g}-warmup-{chosen['warmup_steps']}"
+    root = out / "two-step" / point
+    fine_tune = _run_config(root / "soft-targets/seed-0")
+    assert fine_tune["model"]["path"] == str(root / "task/seed-0/model")
     _equal_compute(result, "two-step", "from-start")
+    spent = sum(
+        json.loads((out / "tune/two-step" / point / stage / "seed-7/summary.json").read_text())[
+            "flops"
+        ]
+        for stage in ("task", "soft-targets")
+    )
+    for folder in (out / "tune/from-start").iterdir():
+        budget = _run_config(folder / "distill/seed-7")["train"]["flops_budget"]
+        assert budget == pytest.approx(spent)
     table = (tmp_path / "results" / "two-step.md").read_text()
     assert "Tuning (the arm's final validation loss on seed 7" in table
     with pytest.raises(DistilleryError, match="seed 0 is a reported seed"):

@@ -40,7 +40,7 @@ from distillery.recipes.study import (
     teacher_regime,
     write_study,
 )
-from distillery.recipes.tuning import Tuning, tuned
+from distillery.recipes.tuning import Tuning, grid_table, shown, tuned
 
 
 class AblationArm(Strict):
@@ -225,13 +225,10 @@ def _ci(vs: dict[str, Any], digits: int) -> str:
 
 def _setting(arm: dict[str, Any]) -> str:
     """``2e-3, 20`` (the arm's lr and warmup; tuned ones say so, an lr at the grid's edge too)."""
-    if "lr" not in arm:
-        return "–"
-    tuning = arm.get("tuning")
-    note = ""
+    tuning, note = arm.get("tuning"), ""
     if tuning is not None:
         note = " (tuned, at the grid's edge)" if tuning["lr_at_edge"] else " (tuned)"
-    return f"{arm['lr']:g}, {arm['warmup_steps']}{note}"
+    return shown(arm) + note
 
 
 def ablation_markdown(result: dict[str, Any]) -> str:
@@ -270,4 +267,6 @@ def ablation_markdown(result: dict[str, Any]) -> str:
             f"{'–' if name == comparison else vs['verdict']} | "
             f"{agree['mean']:.3f} ± {agree['std']:.3f} | {kl['mean']:.3f} ± {kl['std']:.3f} |"
         )
+    tuned = {name: arm["tuning"] for name, arm in arms.items() if arm.get("tuning")}
+    lines += grid_table(tuned, "validation loss")
     return "\n".join(lines) + "\n"

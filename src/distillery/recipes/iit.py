@@ -166,8 +166,9 @@ def _tune(
     for arm in ARMS:
         train = cfg.student_train
         if arm == "standard + IIT":
-            chosen = roots["standard"].parent / "tune" / roots["standard"].name
-            spent = json.loads((chosen / "summary.json").read_text(encoding="utf-8"))["flops"]
+            point = setting(trains["standard"].lr, trains["standard"].warmup_steps)
+            chosen = out / FOLDERS["standard"] / "tune" / point / "summary.json"
+            spent = json.loads(chosen.read_text(encoding="utf-8"))["flops"]
             train = train.model_copy(update={"flops_budget": spent})
         build = partial(_run_config, cfg, teacher_dir, objectives[arm])
         folder = out / FOLDERS[arm]

@@ -23,6 +23,12 @@ study_teachers``): seed index i's own teacher is stage teacher i mod n, and a ch
 costs what its stage spent (``flops_trained``, patience included). Without, the mode trains its
 own for ``teacher_train`` steps and teacher 0 is every seed's own. Finished runs of an unchanged
 config are reused (never those of a teacher retrained now), so an interrupted call continues.
+
+With ``tune`` (``recipes.tuning``) each arm's lr and warmup are chosen first: every grid point
+runs the arm's whole chain on the tuning seed (learning from teacher 0) under ``out/tune/ARM/
+lr-LR-warmup-W``, scored by its last run's validation loss, and the reported runs go under
+``out/ARM/lr-LR-warmup-W``; a matched arm's grid spends what the mode arm spent at its chosen
+point.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from distillery.recipes.modes_config import (
     SelfDistillMode,
     TwoStepMode,
 )
-from distillery.recipes.modes_report import modes_markdown
+from distillery.recipes.modes_report import mean_and_std, modes_markdown
 from distillery.recipes.quickstart import teacher_config
 from distillery.recipes.study import (
     hardware,
@@ -355,7 +361,7 @@ def _arm_tables(
                     "warmup_steps": stage.train.warmup_steps,
                     "runs": stage_runs,
                     **{
-                        k: _stats([r[k] for r in stage_runs])
+                        k: mean_and_std([r[k] for r in stage_runs])
                         for k in (*METRICS, "arm_flops", "steps")
                     },
                 }
@@ -364,8 +370,3 @@ def _arm_tables(
         }
         for name, arm in arms.items()
     }
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    mean, std = mean_std(values)
-    return {"mean": mean, "std": std}

@@ -8,7 +8,8 @@ from distillery.recipes.study import mean_std, paired_verdict, teacher_check, te
 from distillery.recipes.tuning import grid_table, shown
 
 
-def _stats(values: list[float]) -> dict[str, float]:
+def mean_and_std(values: list[float]) -> dict[str, float]:
+    """``{"mean": ..., "std": ...}`` (sample std) of ``values``."""
     mean, std = mean_std(values)
     return {"mean": mean, "std": std}
 
@@ -55,10 +56,12 @@ def modes_markdown(result: dict[str, Any]) -> str:
     gen0 = [result["teachers"][i] for i in result["seed_teachers"]]
     for name, arm in result["arms"].items():
         if arm["charged_teacher"]:
-            ppl, acc = (_stats([float(t[k]) for t in gen0]) for k in ("val_ppl", "accuracy"))
+            ppl, acc, flops = (
+                mean_and_std([float(t[k]) for t in gen0]) for k in ("val_ppl", "accuracy", "flops")
+            )
             lines.append(
                 f"| {name} | gen-0 (teacher) | {gen0[0]['layers']} | random | 1·ce | – | – | "
-                f"{_stats([float(t['flops']) for t in gen0])['mean']:.3g} | {ppl['mean']:.1f} ± "
+                f"{flops['mean']:.3g} | {ppl['mean']:.1f} ± "
                 f"{ppl['std']:.1f} | {acc['mean']:.3f} ± {acc['std']:.3f} | – |"
             )
         for stage in arm["stages"]:

@@ -106,7 +106,7 @@ def tuned(
     def score(lr: float, warmup: int) -> float:
         point = train.model_copy(update={"lr": lr, "warmup_steps": warmup, "seed": tuning.seed})
         out = folder / setting(lr, warmup)
-        summary, _ = run_or_reuse(build(point, out), f"{name}/{out.name}", reuse=reuse)
+        summary, _ = run_or_reuse(build(point, out), f"{name}/tune/{out.name}", reuse=reuse)
         return float(summary["val_loss"])
 
     record = choose(tuning, score)
