@@ -29,7 +29,8 @@ def _config(corpus, cache_dir, tmp_path, budget: float) -> DistillExpandConfig:
             "sweep=[[0.25, 0.25]]",
             "seeds=[0]",
             "baseline_lrs=[0.001]",
-            "arms=[baseline, distill-expand, shrink-expand, stacking, restart-only]",
+            "arms=[baseline, distill-expand, shrink-expand, stacking, restart-only,"
+            " reset-in-place]",
             f"out={tmp_path / 'dx'}",
             f"results={tmp_path / 'results'}",
         ],
@@ -50,6 +51,7 @@ def test_every_arm_spends_the_budget_on_one_data_stream(corpus, cache_dir, tmp_p
         "shrink-expand-0.25",
         "stacking",
         "restart-only-0.25-0.25",
+        "reset-in-place-0.25",
     ]
     assert (rows["baseline"]["lr"], rows["baseline-lr0.001"]["lr"]) == (0.003, 0.001)
     assert rows["baseline"]["val_loss"] != rows["baseline-lr0.001"]["val_loss"]
@@ -89,6 +91,11 @@ def test_every_arm_spends_the_budget_on_one_data_stream(corpus, cache_dir, tmp_p
     shrink = yaml.safe_load((dx / "shrink-expand-0.25" / "train-2n" / "config.yaml").read_text())
     assert shrink["teacher"]["path"] == str(dx / "train-2n-0.25" / "model")
     assert shrink["model"]["grow"] == {"kind": "top", "layers": 2, "identity": True}
+    # Its control re-initialises the dropped layers in place: kept 0, 2 with new ones between.
+    reset = yaml.safe_load((dx / "reset-in-place-0.25" / "train-2n" / "config.yaml").read_text())
+    assert reset["model"]["grow"] == {"kind": "interleave", "layers": 2, "identity": True}
+    assert reset["model"]["init_from_teacher"] == shrink["model"]["init_from_teacher"]
+    assert [p["layers"] for p in rows["reset-in-place-0.25"]["phases"]] == [4, 4]
     curve = rows["baseline"]["runs"][0]["curve"]
     assert [round(x / step_flops) for x, _ in curve] == [2, 4, 6, 8, 10, 12]
     for name in ("distill-expand.md", "distill-expand.json", "final_loss.png", "loss_vs_flops.png"):
@@ -262,6 +269,7 @@ def test_tuned_rows_pair_across_their_own_lrs():
         "baseline": row("baseline", None, 4e-3, 300, [3.50, 3.52, 3.54]),
         "distill-expand-0.1-0.15-carry": row("distill-expand", 0.15, 2e-3, 150, [3.40, 3.43, 3.43]),
         "shrink-expand-0.1-carry": row("distill-expand", 0.0, 1e-3, 300, [3.45, 3.46, 3.49]),
+        "reset-in-place-0.1-carry": row("reset-in-place", None, 4e-3, 150, [3.47, 3.50, 3.50]),
     }
     result = {"hardware": "cpu", "seeds": [0, 1, 2], "budget_flops": 1.0, "layers": 4,
               "rows": rows, "config": {"train": {"warmup_steps": 20}}}  # fmt: skip
@@ -269,4 +277,7 @@ def test_tuned_rows_pair_across_their_own_lrs():
     # Δ to the grow-only control: −0.05, −0.03, −0.06 (mean −0.047), paired across lrs
     assert "| 0.1 | 0.15 | carry | tuned | -0.047 [" in table
     assert "| distill-expand-0.1-0.15-carry | 0.002 | 150 |" in table
+    # Grown on top − reset in place: −0.02, −0.04, −0.01 (mean −0.023), paired across lrs
+    on_top = table.split("re-initialised in place")[1]
+    assert "| 0.1 | 0 | carry | tuned | -0.023 [" in on_top
     assert "| baseline † | **3.000** | 3.100 | 3.200 |" in table

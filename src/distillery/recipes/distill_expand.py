@@ -14,6 +14,10 @@ stream (each phase starts where the previous one stopped, ``train.data_offset``)
 5. ``restart-only`` (f_train, f_distill): the 2n-layer model with 2's phase boundaries and no
    shrink — each phase restarts warmup, cosine decay and AdamW as 2's do, so 2 against 5 is
    the distillation step itself, not the restarts.
+6. ``reset-in-place`` (f_train): 3's control — after f_train·B the layers shrink drops (every
+   odd one) are re-initialised where they are, as identity blocks (n kept, n new interleaved),
+   and the 2n layers trained with the rest: 3 against 6 is where the new layers go, not that
+   half the layers start afresh.
 
 ``continue_schedule``: every phase takes its slice of one warmup + cosine schedule over B
 (``train.schedule_slice``) instead of warming up and decaying again. ``optimizer``: each swept arm
@@ -60,8 +64,10 @@ from distillery.recipes.study import (
 from distillery.recipes.tuning import Tuning, choose, setting
 from distillery.report import read_metrics
 
-EXPAND_ARMS = ("baseline", "distill-expand", "shrink-expand", "stacking", "restart-only")
-SWEPT = ("distill-expand", "shrink-expand", "restart-only")  # arms run at each sweep point
+EXPAND_ARMS = ("baseline", "distill-expand", "shrink-expand", "stacking", "restart-only",
+               "reset-in-place")  # fmt: skip
+# arms run at each sweep point
+SWEPT = ("distill-expand", "shrink-expand", "restart-only", "reset-in-place")
 
 
 class DistillExpandConfig(SeededStudy):
@@ -100,7 +106,14 @@ class DistillExpandConfig(SeededStudy):
     # run; each setting's runs in ``out/lr-LR-warmup-W`` (the tuning seed's in ``out/tune``).
     tune: Tuning | None = None
     arms: list[
-        Literal["baseline", "distill-expand", "shrink-expand", "stacking", "restart-only"]
+        Literal[
+            "baseline",
+            "distill-expand",
+            "shrink-expand",
+            "stacking",
+            "restart-only",
+            "reset-in-place",
+        ]
     ] = Field(default_factory=lambda: list(EXPAND_ARMS[:4]), min_length=1)
     out: Path = Path("runs/distill-expand")
 
@@ -238,7 +251,9 @@ def run_arm(
                 ModelSpec(path=small, preset=None, grow=grow),
                 None,
             )
-        else:  # the n layers taken from the teacher as they are, then grown
+        else:  # the n layers taken from the teacher as they are, then grown (in place)
+            if arm == "reset-in-place":  # kept blocks at 0, 2, …; the fresh ones between them
+                grow = GrowSpec(kind="interleave", layers=n)
             shrunk = a.spec(n, init_from_teacher="every_other", grow=grow)
             a.phase("grow-train-2n", where / "train-2n", shrunk, None, teacher=big)
     return a
@@ -282,6 +297,8 @@ def arm_label(
         return f"shrink-expand-{point[0]:g}{tail}"
     if arm == "restart-only":
         return f"restart-only-{point[0]:g}-{point[1]:g}{tail}"
+    if arm == "reset-in-place":
+        return f"reset-in-place-{point[0]:g}{tail}"
     return arm
 
 

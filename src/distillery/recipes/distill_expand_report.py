@@ -77,6 +77,7 @@ def expand_markdown(result: dict[str, Any]) -> str:
             f"{ppl['mean']:.1f} ± {ppl['std']:.1f} |"
         )
     lines += _against_restarts(rows) + _carry_vs_restart(rows) + _against_grow_only(rows)
+    lines += _against_reset(rows)
     tuned = {label: row["tuning"] for label, row in rows.items() if row.get("tuning")}
     lines += _grid(rows, base) + grid_table(tuned, "validation loss at B")
     best = min(rows, key=lambda k: rows[k]["val_loss"]["mean"])
@@ -133,7 +134,8 @@ def _paired_rows(title: str, pairs: list[tuple[dict[str, Any], dict[str, Any]]])
     for row, control in pairs:
         delta, said = _vs(row["runs"], control["runs"])
         f_t, f_d, kind, lr = _point(row)
-        lines.append(f"| {f_t:g} | {f_d:g} | {kind} | {_lr(lr)} | {delta} | {said} |")
+        f_d = "–" if f_d is None else f"{f_d:g}"  # shrink-expand: no distillation phase
+        lines.append(f"| {f_t:g} | {f_d} | {kind} | {_lr(lr)} | {delta} | {said} |")
     return lines
 
 
@@ -148,6 +150,22 @@ def _against_grow_only(rows: dict[str, Any]) -> list[str]:
         "Distill-expand against growing without distilling (f_distill = 0: the kept layers "
         'grown at once) at the same f_train, lr and AdamW handling (lr "tuned": each row '
         "at its own tuned lr and warmup), paired by seed:",
+        pairs,
+    )
+
+
+def _against_reset(rows: dict[str, Any]) -> list[str]:
+    """Growing on top (f_distill = 0) − re-initialising the dropped layers in place, at the
+    same f_train, lr (or each its own tuned one) and AdamW handling: where new layers go."""
+    resets = {(r["f_train"], *_point(r)[2:]): r for r in rows.values()
+              if r["arm"] == "reset-in-place"}  # fmt: skip
+    pairs = [(r, resets[(r["f_train"], *_point(r)[2:])]) for r in rows.values()
+             if r["arm"] in ("distill-expand", "shrink-expand") and r["f_distill"] in (0.0, None)
+             and (r["f_train"], *_point(r)[2:]) in resets]  # fmt: skip
+    return _paired_rows(
+        "Grown on top (the kept layers 0, 2, … then the new ones) against the same layers "
+        "re-initialised in place (new ones between the kept), at the same f_train, lr and AdamW "
+        'handling (lr "tuned": each row at its own tuned lr and warmup), paired by seed:',
         pairs,
     )
 
