@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from distillery.config import ModelSpec, TrainConfig
 from distillery.engine import lr_factor
-from distillery.errors import DistilleryError
+from distillery.errors import DistilleryError, Diverged
 from distillery.models import compute_params, load_pretrained
 from distillery.recipes.run import run
+from distillery.recipes.tuning import Tuning, choose, grid_table, tuned
 from tests.conftest import tiny_run
 
 # `distillery` under torchrun with two local processes.
@@ -312,6 +313,36 @@ def test_divergence_stops_with_one_line_and_keeps_checkpoints(corpus, cache_dir,
     with pytest.raises(DistilleryError, match="not finite"):
         run(cfg)
     assert not (tmp_path / "nan" / "summary.json").exists()
+
+
+def test_a_diverged_grid_point_is_left_out_of_the_choice_and_not_retrained(
+    corpus, cache_dir, tmp_path, capsys
+):
+    base = tiny_run(corpus, cache_dir, tmp_path / "unused", steps=6)
+    base.train.grad_clip = None
+
+    def build(train: TrainConfig, out: Path):
+        return base.model_copy(update={"train": train, "out": out})
+
+    grid = Tuning(lrs=[1e-3, 3e-3, 1e6], warmups=[0, 1], seed=7)
+    chosen, record = tuned(grid, base.train, build, tmp_path / "tune", "arm", reuse=True)
+    losses = {(g["lr"], g["warmup_steps"]): g["val_loss"] for g in record["grid"]}
+    assert [p for p, v in losses.items() if v is None] == [(1e6, 0), (1e6, 1)]
+    best = min((v, p) for p, v in losses.items() if v is not None)[1]
+    assert (chosen.lr, chosen.warmup_steps) == (record["lr"], record["warmup_steps"]) == best
+    assert (tmp_path / "tune" / "lr-1e+06-warmup-0" / "diverged.txt").is_file()
+    assert "diverged" in grid_table({"arm": record}, "validation loss")[-1]
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "tune").rglob("config.yaml")}
+    capsys.readouterr()
+    assert tuned(grid, base.train, build, tmp_path / "tune", "arm", reuse=True)[1] == record
+    assert {p: p.stat().st_mtime_ns for p in written} == written  # nothing trained again
+    assert capsys.readouterr().out.count("diverged before") == 2
+
+    def never(lr: float, warmup: int) -> float:
+        raise Diverged("not finite")
+
+    with pytest.raises(DistilleryError, match="every grid point diverged"):
+        choose(grid, never)
 
 
 def test_resume_refuses_a_changed_config_and_logs_each_step_once(corpus, cache_dir, tmp_path):

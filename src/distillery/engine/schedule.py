@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from distillery.config import TrainConfig
-from distillery.errors import DistilleryError
+from distillery.errors import DistilleryError, Diverged
 
 
 def seed_everything(seed: int) -> None:
@@ -92,7 +92,7 @@ def check_finite(step: int, loss: float, grad_norm: float | None, lr: float) -> 
     if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
         return
     what = "loss" if not math.isfinite(loss) else f"gradient norm ({grad_norm})"
-    raise DistilleryError(
+    raise Diverged(
         f"the {what} is not finite at step {step + 1} (diverged, at lr {lr:.3g}); the weights "
         "were not updated and the last checkpoint is intact: lower train.lr or raise "
         "train.warmup_steps (or set a lower train.grad_clip), then --resume (the new settings "

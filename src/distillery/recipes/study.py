@@ -28,7 +28,7 @@ from distillery.config import (
     TrainConfig,
 )
 from distillery.distributed import is_main_process
-from distillery.errors import DistilleryError
+from distillery.errors import DistilleryError, Diverged
 from distillery.eval.stats import Interval, paired_t, t_interval, verdict
 from distillery.files import atomic_write_text, write_json
 from distillery.recipes.teacher_stage import (
@@ -187,13 +187,18 @@ class SeededStudy(Strict):
         return self
 
 
+DIVERGED = "diverged.txt"  # a run's record that it diverged (its message)
+
+
 def run_or_reuse(cfg: RunConfig, name: str, *, reuse: bool = True) -> tuple[dict[str, Any], bool]:
     """(summary, reused): ``run(cfg)``, unless ``cfg.out`` holds a finished run of exactly this
-    config. The summary is read back from disk, so every rank of a torchrun job has it."""
+    config. The summary is read back from disk, so every rank of a torchrun job has it. A run
+    that diverged leaves ``diverged.txt`` beside its config: with ``reuse`` the same config
+    raises ``Diverged`` again without training (a tuning grid's point is not retrained)."""
     from distillery.recipes.run import run  # run builds on this module
 
     out = Path(cfg.out)
-    saved, summary = out / "config.yaml", out / "summary.json"
+    saved, summary, diverged = out / "config.yaml", out / "summary.json", out / DIVERGED
 
     def finished() -> dict[str, Any] | None:
         if not summary.is_file():
@@ -213,7 +218,16 @@ def run_or_reuse(cfg: RunConfig, name: str, *, reuse: bool = True) -> tuple[dict
         if is_main_process():
             print(f"[distillery] {name}: finished before, reusing {out}", flush=True)
         return result, True
-    run(cfg, overwrite=True, name=name)
+    if reuse and same and diverged.is_file():
+        raise Diverged(
+            f"{name}: diverged before ({diverged}): " + diverged.read_text(encoding="utf-8").strip()
+        )
+    try:
+        run(cfg, overwrite=True, name=name)
+    except Diverged as err:
+        if is_main_process():
+            atomic_write_text(diverged, f"{err}\n")
+        raise
     result = finished()
     if result is None:
         raise DistilleryError(f"{name}: the run in {out} did not finish")

@@ -3,7 +3,8 @@
 Every (lr, warmup) of the grid trains the arm once on the tuning seed (a seed the study does
 not report, so the choice is not fitted to the reported runs' noise); the one with the lowest
 validation loss is the arm's setting for every reported seed. A best lr at the grid's edge is
-flagged: the grid did not bracket the best.
+flagged: the grid did not bracket the best. A point whose training diverged is recorded as
+such (``val_loss`` null) and left out of the choice.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Annotated, Any
 from pydantic import Field, model_validator
 
 from distillery.config import RunConfig, Strict, TrainConfig
+from distillery.errors import DistilleryError, Diverged
 from distillery.recipes.study import run_or_reuse
 
 
@@ -46,13 +48,26 @@ def setting(lr: float, warmup: int) -> str:
 
 def choose(tuning: Tuning, score: Callable[[float, int], float]) -> dict[str, Any]:
     """The grid's record: ``score(lr, warmup)`` (validation loss of the arm trained at those
-    settings on the tuning seed) for every point, and the point with the lowest."""
+    settings on the tuning seed) for every point, ``None`` where it raised ``Diverged``, and
+    the point with the lowest."""
+
+    def loss(lr: float, warmup: int) -> float | None:
+        try:
+            return score(lr, warmup)
+        except Diverged as err:
+            print(f"[distillery] tune: lr {lr:g}, warmup {warmup} diverged ({err}); "
+                  "left out of the choice", flush=True)  # fmt: skip
+            return None
+
     grid = [
-        {"lr": lr, "warmup_steps": warmup, "val_loss": score(lr, warmup)}
+        {"lr": lr, "warmup_steps": warmup, "val_loss": loss(lr, warmup)}
         for lr in tuning.lrs
         for warmup in tuning.warmups
     ]
-    best = min(grid, key=lambda g: g["val_loss"])
+    finite = [g for g in grid if g["val_loss"] is not None]
+    if not finite:
+        raise DistilleryError("tune: every grid point diverged; give lower tune.lrs")
+    best = min(finite, key=lambda g: g["val_loss"])
     edge = best["lr"] in (tuning.lrs[0], tuning.lrs[-1])
     return {"grid": grid, "lr": best["lr"], "warmup_steps": best["warmup_steps"],
             "lr_at_edge": edge, "seed": tuning.seed}  # fmt: skip
@@ -82,7 +97,8 @@ def grid_table(records: dict[str, dict[str, Any]], what: str) -> list[str]:
     for label, record in records.items():
         chosen = (record["lr"], record["warmup_steps"])
         cells = [
-            f"**{g['val_loss']:.3f}**" if (g["lr"], g["warmup_steps"]) == chosen
+            "diverged" if g["val_loss"] is None
+            else f"**{g['val_loss']:.3f}**" if (g["lr"], g["warmup_steps"]) == chosen
             else f"{g['val_loss']:.3f}"
             for g in record["grid"]
         ]  # fmt: skip
