@@ -338,11 +338,20 @@ def test_a_diverged_grid_point_is_left_out_of_the_choice_and_not_retrained(
     assert {p: p.stat().st_mtime_ns for p in written} == written  # nothing trained again
     assert capsys.readouterr().out.count("diverged before") == 2
 
+    folder = tmp_path / "tune" / "lr-1e+06-warmup-0"  # the folder trained anew: the mark goes
+    run(build(base.train.model_copy(update={"lr": 1e-3}), folder), overwrite=True)
+    assert not (folder / "diverged.txt").exists() and (folder / "summary.json").is_file()
+
     def never(lr: float, warmup: int) -> float:
         raise Diverged("not finite")
 
+    def broken(lr: float, warmup: int) -> float:
+        raise DistilleryError("no teacher")
+
     with pytest.raises(DistilleryError, match="every grid point diverged"):
         choose(grid, never)
+    with pytest.raises(DistilleryError, match="no teacher"):  # only divergence is skipped
+        choose(grid, broken)
 
 
 def test_resume_refuses_a_changed_config_and_logs_each_step_once(corpus, cache_dir, tmp_path):

@@ -33,7 +33,10 @@ from distillery.files import publish_folder, temp_folder_next_to
 
 # What a run leaves; the first three are worth keeping (resumable or finished).
 KEPT_ITEMS = ("checkpoints", "model", "summary.json")
-RUN_ITEMS = (*KEPT_ITEMS, "metrics.jsonl", "tensorboard", "report.html", MOMENTS_FILE)
+DIVERGED = "diverged.txt"  # a run that diverged: its message (a tuning grid skips the point)
+RUN_ITEMS = (
+    *KEPT_ITEMS, "metrics.jsonl", "tensorboard", "report.html", MOMENTS_FILE, DIVERGED
+)  # fmt: skip
 T = TypeVar("T")
 
 

@@ -18,6 +18,7 @@ from distillery.data import PackedTokens, global_batch_indices
 from distillery.distributed import DistEnv, init_distributed, resolve_device, shutdown_distributed
 from distillery.engine import Engine, seed_everything, steps_for_budget
 from distillery.engine.moments import carry_run_moments, moments_file, save_moments
+from distillery.errors import Diverged
 from distillery.eval import evaluate_model, folder_size, generation_speed, interchange_agreement
 from distillery.eval.drafts import draft_metrics
 from distillery.files import atomic_write_text, write_json
@@ -37,6 +38,7 @@ from distillery.models.generation import Sampling
 from distillery.models.growth import grow_layers, stack_layers
 from distillery.models.heads import check_plain_head
 from distillery.recipes.common import (
+    DIVERGED,
     check_inputs_outside,
     clear_out_dir,
     export_model,
@@ -371,11 +373,17 @@ def run(
             if not written:
                 if env.is_main:
                     atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
+                    (out / DIVERGED).unlink(missing_ok=True)  # a resume's new settings
                 written.append(True)
             if policy is not None:
                 policy(step)
 
-        progress = engine.fit(resume=resume, stop_after=stop_after, before_step=before_step)
+        try:
+            progress = engine.fit(resume=resume, stop_after=stop_after, before_step=before_step)
+        except Diverged as err:  # recorded before the ranks part: a resumed study skips it
+            if env.is_main:
+                atomic_write_text(out / DIVERGED, f"{err}\n")
+            raise
         summary: dict[str, Any] = {"step": progress.step, "finished": False}
         if progress.step == engine.cfg.steps and env.is_main:
             summary = _finish(cfg, parts, engine, env, device, name)

@@ -31,6 +31,7 @@ from distillery.distributed import is_main_process
 from distillery.errors import DistilleryError, Diverged
 from distillery.eval.stats import Interval, paired_t, t_interval, verdict
 from distillery.files import atomic_write_text, write_json
+from distillery.recipes.common import DIVERGED
 from distillery.recipes.teacher_stage import (
     TeacherStage,
     stage_finished,
@@ -187,14 +188,12 @@ class SeededStudy(Strict):
         return self
 
 
-DIVERGED = "diverged.txt"  # a run's record that it diverged (its message)
-
-
 def run_or_reuse(cfg: RunConfig, name: str, *, reuse: bool = True) -> tuple[dict[str, Any], bool]:
     """(summary, reused): ``run(cfg)``, unless ``cfg.out`` holds a finished run of exactly this
     config. The summary is read back from disk, so every rank of a torchrun job has it. A run
-    that diverged leaves ``diverged.txt`` beside its config: with ``reuse`` the same config
-    raises ``Diverged`` again without training (a tuning grid's point is not retrained)."""
+    that diverged left ``diverged.txt`` beside its config (``run`` writes it; a fresh start
+    clears it): with ``reuse`` the same config raises ``Diverged`` again without training (a
+    tuning grid's point is not retrained)."""
     from distillery.recipes.run import run  # run builds on this module
 
     out = Path(cfg.out)
@@ -222,12 +221,7 @@ def run_or_reuse(cfg: RunConfig, name: str, *, reuse: bool = True) -> tuple[dict
         raise Diverged(
             f"{name}: diverged before ({diverged}): " + diverged.read_text(encoding="utf-8").strip()
         )
-    try:
-        run(cfg, overwrite=True, name=name)
-    except Diverged as err:
-        if is_main_process():
-            atomic_write_text(diverged, f"{err}\n")
-        raise
+    run(cfg, overwrite=True, name=name)
     result = finished()
     if result is None:
         raise DistilleryError(f"{name}: the run in {out} did not finish")

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from pydantic import Field, model_validator
 
 from distillery.config import RunConfig, Strict, TrainConfig
+from distillery.distributed import is_main_process
 from distillery.errors import DistilleryError, Diverged
 from distillery.recipes.study import run_or_reuse
 
@@ -55,8 +56,9 @@ def choose(tuning: Tuning, score: Callable[[float, int], float]) -> dict[str, An
         try:
             return score(lr, warmup)
         except Diverged as err:
-            print(f"[distillery] tune: lr {lr:g}, warmup {warmup} diverged ({err}); "
-                  "left out of the choice", flush=True)  # fmt: skip
+            if is_main_process():
+                print(f"[distillery] tune: lr {lr:g}, warmup {warmup} diverged ({err}); "
+                      "left out of the choice", flush=True)  # fmt: skip
             return None
 
     grid = [
