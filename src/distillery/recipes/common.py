@@ -227,3 +227,13 @@ def export_model(model: PreTrainedModel, tokenizer: Any, dest: Path) -> Path:
         raise
     publish_folder(tmp, dest, replace=True)
     return dest
+
+
+def say_truncated(env: DistEnv, data: Any, seq_len: int) -> None:
+    """Tell how many labelled training texts are cut to ``seq_len`` tokens."""
+    if env.is_main and getattr(data, "classes", None) is not None and data.truncated:
+        print(
+            f"[distillery] {data.truncated} of {data.num_blocks} training texts are longer than "
+            f"data.seq_len={seq_len} tokens: each is cut to its first tokens",
+            flush=True,
+        )

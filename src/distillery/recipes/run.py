@@ -45,6 +45,7 @@ from distillery.recipes.common import (
     once_per_job,
     prepare_data,
     prepare_out_dir,
+    say_truncated,
 )
 from distillery.recipes.generate import prepare_prompts, stop_ids
 from distillery.report import write_run_report
@@ -362,7 +363,7 @@ def run(
         engine = _engine(cfg, parts, env, device, name)
         if cfg.train.moments_from is not None and not resume:  # a resume has its own state
             carry_run_moments(cfg, engine.optimizer, engine.model)
-        _say_truncated(env, parts.train, cfg)
+        say_truncated(env, parts.train, cfg.data.seq_len)
         written: list[bool] = []
         policy = _on_policy_hook(cfg, parts, engine) if cfg.on_policy is not None else None
 
@@ -395,13 +396,3 @@ def run(
 
 def _cache_of(cfg: RunConfig) -> Path | None:
     return getattr(cfg.teacher, "cache", None)
-
-
-def _say_truncated(env: DistEnv, data: Any, cfg: RunConfig) -> None:
-    """Tell how many labelled training texts are cut to ``data.seq_len`` tokens."""
-    if env.is_main and getattr(data, "classes", None) is not None and data.truncated:
-        print(
-            f"[distillery] {data.truncated} of {data.num_blocks} training texts are longer than "
-            f"data.seq_len={cfg.data.seq_len} tokens: each is cut to its first tokens",
-            flush=True,
-        )
